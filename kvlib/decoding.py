@@ -1,0 +1,295 @@
+"""One batched decoding loop on a live KV cache, with a seam for text injection.
+
+Why our own loop instead of ``model.generate``: the experiments need (1) per-token output statistics
+(max probability, entropy) without keeping ``batch x steps x vocab`` scores in memory, (2) every
+per-item quantity cut at that item's own end of sequence, (3) the cache position of every generated
+token so that KV trajectories can be read back from the cache afterwards, and (4) the ability to
+inject control text into one sequence of a batch mid-generation and keep decoding on the same cache
+(fast/slow switching). ``generate`` offers none of these cleanly. With no controller, greedy
+decoding here is token-for-token equal to greedy ``generate`` (tested).
+
+Batching uses left padding. Injected text is fed as a chunk: each row's pending tokens are
+right-aligned and the unused columns are masked out (attention mask 0), so a row that injects
+nothing simply gets masked filler positions that no query ever attends to. Positions ids count
+only real tokens, so every row sees exactly the positions it would see on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+from transformers import DynamicCache
+
+from .cache import cache_kwargs, output_cache
+
+__all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "decode", "prefill_positions"]
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Settings of one decoding run.
+
+    Attributes:
+        max_new_tokens: budget per item, counting every token appended after the prompt (injected
+            control text included).
+        do_sample: sample instead of greedy argmax.
+        temperature, top_p: sampling settings (ignored when greedy).
+        stop_token_ids: token ids that end an item; ``None`` uses the model's ``eos_token_id``(s).
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+
+
+@dataclass
+class DecodeState:
+    """The live state a :class:`Controller` sees after each step.
+
+    Attributes:
+        model: the model being decoded.
+        cache: the live ``DynamicCache`` (prompt + everything fed so far).
+        attention_mask: ``[batch, cache_len]``, 1 where a cache slot holds a real token.
+        step: index of the step that just sampled ``tokens[i][-1]``.
+        tokens: per item, every token appended after the prompt so far (sampled and injected).
+        slots: per item, the cache slot of each token in ``tokens`` that has been fed to the model.
+        done: per item, whether it has finished.
+        prompt_lengths: per item, the number of real prompt tokens.
+    """
+
+    model: torch.nn.Module
+    cache: DynamicCache
+    attention_mask: torch.Tensor
+    step: int
+    tokens: list[list[int]]
+    slots: list[list[int]]
+    done: list[bool]
+    prompt_lengths: list[int]
+    switches: list[list[tuple[int, str]]] = field(default_factory=list)
+
+
+class Controller(Protocol):
+    """Decides, after each sampled token, whether to inject token ids into some rows.
+
+    Returns a mapping ``row -> (token ids, label)`` for rows to inject into (empty for none). The label
+    is recorded with the position of the switch.
+    """
+
+    def __call__(self, state: DecodeState) -> dict[int, tuple[list[int], str]]: ...
+
+
+@dataclass
+class DecodeResult:
+    """Per-item outputs of :func:`decode` (lists of length ``batch``).
+
+    Attributes:
+        tokens: every appended token id (sampled and injected), EOS included when reached.
+        max_prob: max softmax probability of each sampled step (injected tokens have no entry).
+        entropy: base-2 entropy of each sampled step's next-token distribution.
+        sampled_mask: per appended token, True when the model chose it, False when injected.
+        finish_reason: ``"stop"`` (a stop token) or ``"length"`` (budget spent).
+        switches: ``(number of tokens before the switch, label)`` for each injection.
+        state: the final :class:`DecodeState` (cache and slots) for reading KV features.
+    """
+
+    tokens: list[list[int]]
+    max_prob: list[list[float]]
+    entropy: list[list[float]]
+    sampled_mask: list[list[bool]]
+    finish_reason: list[str]
+    switches: list[list[tuple[int, str]]]
+    state: DecodeState
+
+
+def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a left-padded batch: ``cumsum(mask) - 1``, pads clamped to 0. ``[batch, seq]``."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _stop_ids(model, config: DecodeConfig) -> set[int]:
+    if config.stop_token_ids is not None:
+        return set(config.stop_token_ids)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("the model defines no eos_token_id: pass DecodeConfig(stop_token_ids=...)")
+    return set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+
+def _check_context(model, total: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and total > limit:
+        raise ValueError(
+            f"prompt + max_new_tokens = {total} positions exceeds the model's context of {limit}: "
+            "shorten the prompt or lower max_new_tokens"
+        )
+
+
+def _pick(logits: torch.Tensor, config: DecodeConfig, generators) -> torch.Tensor:
+    """Next token per row from ``[batch, vocab]`` logits."""
+    if not config.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < config.top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+        probs = probs / probs.sum(-1, keepdim=True)
+    # one generator per row, so an item's sample does not depend on its batch neighbours
+    return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
+
+
+@torch.inference_mode()
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: DecodeConfig = DecodeConfig(),
+    controller: Controller | None = None,
+    seeds: list[int] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> DecodeResult:
+    """Decode a left-padded batch on one live cache.
+
+    Args:
+        model: a causal LM.
+        input_ids: ``[batch, prompt_len]`` left-padded prompt ids.
+        attention_mask: ``[batch, prompt_len]`` with 0 on padding.
+        config: budget and sampling settings.
+        controller: optional injector called after every sampled token (see :class:`Controller`).
+        seeds: one seed per row for sampling (default: 0 for every row).
+        on_step: called with the number of rows still running after each step (progress bars).
+    """
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError("input_ids and attention_mask must both be [batch, seq]")
+    if attention_mask[:, -1].min() == 0:
+        raise ValueError("the batch must be left-padded (tokenizer.padding_side = 'left')")
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).long()
+    batch, prompt_len = input_ids.shape
+    _check_context(model, prompt_len + config.max_new_tokens)
+    stop = _stop_ids(model, config)
+    generators = None
+    if config.do_sample:
+        seeds = seeds or [0] * batch
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=prefill_positions(attention_mask),
+        use_cache=True,
+        logits_to_keep=1,
+        **cache_kwargs(model, cache),
+    )
+    cache = output_cache(out)
+    next_pos = attention_mask.sum(-1)  # [batch] next position id of each row
+    state = DecodeState(
+        model=model,
+        cache=cache,
+        attention_mask=attention_mask,
+        step=-1,
+        tokens=[[] for _ in range(batch)],
+        slots=[[] for _ in range(batch)],
+        done=[False] * batch,
+        prompt_lengths=next_pos.tolist(),
+        switches=[[] for _ in range(batch)],
+    )
+    max_prob = [[] for _ in range(batch)]
+    entropy = [[] for _ in range(batch)]
+    sampled = [[] for _ in range(batch)]
+    finish = ["length"] * batch
+    logits = out.logits[:, -1, :].float()
+
+    for step in range(config.max_new_tokens):  # every running row gains >= 1 token per step
+        logp = torch.log_softmax(logits, dim=-1)
+        mp = logp.max(-1).values.exp().tolist()
+        ent = (-(logp.exp() * logp).sum(-1) / LN2).tolist()
+        picked = _pick(logits, config, generators).tolist()
+        state.step = step
+        pending: list[list[int]] = [[] for _ in range(batch)]
+        for i in range(batch):
+            if state.done[i]:
+                continue
+            state.tokens[i].append(picked[i])
+            sampled[i].append(True)
+            max_prob[i].append(mp[i])
+            entropy[i].append(ent[i])
+            pending[i].append(picked[i])
+            if picked[i] in stop:
+                state.done[i], finish[i] = True, "stop"
+            elif len(state.tokens[i]) >= config.max_new_tokens:
+                state.done[i] = True
+        if controller is not None:
+            for i, (ids, label) in controller(state).items():
+                if state.done[i] or not ids:
+                    continue
+                room = config.max_new_tokens - len(state.tokens[i])
+                ids = list(ids)[:room]
+                state.switches[i].append((len(state.tokens[i]), label))
+                state.tokens[i].extend(ids)
+                sampled[i].extend([False] * len(ids))
+                pending[i].extend(ids)
+                if len(state.tokens[i]) >= config.max_new_tokens:
+                    state.done[i] = True
+        if on_step is not None:
+            on_step(sum(not d for d in state.done))
+        if all(state.done):
+            break
+        # A finished row is never fed again (masked filler), so its last token has no cache slot,
+        # exactly as when it is decoded alone.
+        for i in range(batch):
+            if state.done[i]:
+                pending[i] = []
+        width = max(len(p) for p in pending)
+        chunk = torch.zeros((batch, width), dtype=torch.long, device=device)
+        chunk_mask = torch.zeros((batch, width), dtype=torch.long, device=device)
+        positions = next_pos.unsqueeze(1).expand(batch, width).clone()
+        base = attention_mask.shape[1]
+        for i, p in enumerate(pending):
+            if not p:
+                continue
+            n = len(p)
+            chunk[i, width - n :] = torch.tensor(p, device=device)
+            chunk_mask[i, width - n :] = 1
+            positions[i, width - n :] = next_pos[i] + torch.arange(n, device=device)
+            state.slots[i].extend(range(base + width - n, base + width))
+        next_pos = next_pos + chunk_mask.sum(-1)
+        attention_mask = torch.cat([attention_mask, chunk_mask], dim=1)
+        state.attention_mask = attention_mask
+        out = model(
+            input_ids=chunk,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(model, cache),
+        )
+        cache = output_cache(out)
+        state.cache = cache
+        logits = out.logits[:, -1, :].float()
+
+    return DecodeResult(
+        tokens=state.tokens,
+        max_prob=max_prob,
+        entropy=entropy,
+        sampled_mask=sampled,
+        finish_reason=finish,
+        switches=state.switches,
+        state=state,
+    )

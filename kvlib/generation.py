@@ -1,0 +1,166 @@
+"""Batched, resumable generation over a data set, one stored record per finished item.
+
+:func:`generate` renders nothing itself: it takes ready prompt strings (see :mod:`kvlib.thinking`),
+batches them by length with left padding, decodes each batch with :func:`kvlib.decoding.decode`,
+runs the requested *extractors* on the live cache while it still exists (KV trajectories, pooled
+features, a hidden-state re-forward...), and appends one record per item to a
+:class:`~kvlib.store.ResultStore`. Items already in the store are skipped, so a killed run resumes
+where it stopped. Results never depend on batch composition (tested: batched == one at a time).
+
+A record holds: ``item_id``, ``prompt``, ``output`` (decoded text), ``token_ids``, ``n_tokens``,
+``finish_reason`` (``stop`` | ``length``), per sampled token ``max_prob`` and ``entropy`` (base 2),
+``switches`` and, per extractor, its arrays (base64 ``.npy``; read them with :func:`record_array`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .decoding import Controller, DecodeConfig, DecodeResult, decode
+from .store import ResultStore, decode_array, encode_array
+
+__all__ = ["Prompt", "GenerationSettings", "Extractor", "generate", "open_store", "record_array", "decode_config"]
+
+# An extractor reads per-row arrays from a finished batch while its cache is alive:
+# (model, result, input_ids, attention_mask) -> one dict of numpy arrays per row.
+Extractor = Callable[[torch.nn.Module, DecodeResult, torch.Tensor, torch.Tensor], list[dict[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One item to generate for: a stable id and the fully rendered prompt text."""
+
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that changes what is generated (hashed into the store's run identity).
+
+    ``batch_size`` is not part of the identity: results do not depend on it.
+    """
+
+    max_new_tokens: int = 384
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def identity(self, extractors: Sequence[str] = ()) -> dict:
+        return {**asdict(self), "extractors": sorted(extractors)}
+
+
+def decode_config(settings: GenerationSettings, stop_token_ids=None) -> DecodeConfig:
+    return DecodeConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        stop_token_ids=stop_token_ids,
+    )
+
+
+def record_array(record: Mapping, name: str) -> np.ndarray:
+    """An array stored by an extractor in ``record`` (``KeyError`` naming what is there otherwise)."""
+    arrays = record.get("arrays", {})
+    if name not in arrays:
+        raise KeyError(f"record {record.get('item_id')!r} has no array {name!r}; it has {sorted(arrays)}")
+    return decode_array(arrays[name])
+
+
+def _item_seed(seed: int, item_id: str) -> int:
+    return (seed * 1_000_003 + int.from_bytes(item_id.encode()[-8:].rjust(8, b"\0"), "little")) % (2**63)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    store: ResultStore,
+    settings: GenerationSettings = GenerationSettings(),
+    batch_size: int = 16,
+    extractors: Mapping[str, Extractor] | None = None,
+    controller_factory: Callable[[list[Prompt]], Controller] | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> list[dict]:
+    """Generate for every prompt not yet in ``store``; return all records in the order of ``prompts``.
+
+    Args:
+        store: must have been opened with ``settings.identity(extractors)`` (see :func:`open_store`).
+        extractors: name -> function run on each finished batch (its arrays go into the record).
+        controller_factory: builds a decoding controller for a batch (adaptive generation).
+        progress: show a tqdm bar counting finished items and generated tokens.
+    """
+    extractors = dict(extractors or {})
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise ValueError("prompt ids must be unique")
+    todo = [p for p in prompts if p.id not in store]
+    if todo:
+        if tokenizer.padding_side != "left":
+            tokenizer.padding_side = "left"
+        lengths = {p.id: len(tokenizer(p.text, add_special_tokens=False).input_ids) for p in todo}
+        todo.sort(key=lambda p: lengths[p.id])  # similar lengths share a batch: less padding
+        config = decode_config(settings)
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc or store.dataset,
+                   unit="item", disable=not progress, dynamic_ncols=True)
+        n_tok, t0 = 0, time.perf_counter()
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            enc = tokenizer([p.text for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            seeds = [_item_seed(settings.seed, p.id) for p in chunk]
+            controller = controller_factory(chunk) if controller_factory else None
+            t_batch = time.perf_counter()
+            result = decode(model, enc.input_ids, enc.attention_mask, config, controller=controller, seeds=seeds)
+            gen_seconds = time.perf_counter() - t_batch
+            per_row = [dict() for _ in chunk]
+            extract_seconds = {}
+            for name, fn in extractors.items():
+                t_ex = time.perf_counter()
+                for row, arrays in enumerate(fn(model, result, enc.input_ids, enc.attention_mask)):
+                    per_row[row].update(arrays)
+                extract_seconds[name] = (time.perf_counter() - t_ex) / len(chunk)
+            store.add([_record(tokenizer, p, result, row, per_row[row], gen_seconds / len(chunk), extract_seconds)
+                       for row, p in enumerate(chunk)])
+            n_tok += sum(len(t) for t in result.tokens)
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
+            del result
+        bar.close()
+    return store.records(ids)
+
+
+def _record(tokenizer, prompt: Prompt, result: DecodeResult, row: int, arrays: dict, seconds: float,
+            extract_seconds: dict) -> dict:
+    tokens = result.tokens[row]
+    rec = {
+        "item_id": prompt.id,
+        "prompt": prompt.text,
+        "output": tokenizer.decode(tokens, skip_special_tokens=True),
+        "token_ids": tokens,
+        "n_tokens": len(tokens),
+        "finish_reason": result.finish_reason[row],
+        "max_prob": [round(x, 6) for x in result.max_prob[row]],
+        "entropy": [round(x, 6) for x in result.entropy[row]],
+        "switches": result.switches[row],
+        "seconds": round(seconds, 4),
+        "extract_seconds": {k: round(v, 5) for k, v in extract_seconds.items()},
+        "arrays": {k: encode_array(np.asarray(v)) for k, v in arrays.items()},
+    }
+    if not all(result.sampled_mask[row]):
+        rec["sampled_mask"] = result.sampled_mask[row]
+    return rec
+
+
+def open_store(root, model_name: str, dataset: str, settings: GenerationSettings,
+               extractors: Sequence[str] = (), kind: str = "generation") -> ResultStore:
+    """The store of one generation run; its identity is ``settings`` plus the extractor names."""
+    return ResultStore(root, model_name, dataset, settings.identity(extractors), kind=kind)
