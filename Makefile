@@ -1,11 +1,12 @@
 # kvlib: one command to set up and reproduce everything, one to test.
-#   make reproduce [PROFILE=small|full] [MODEL=qwen2.5-0.5b|Qwen/Qwen3-8B|/path/to/model]
+#   make reproduce [PROFILE=small|full] [MODEL=qwen2.5-0.5b|Qwen/Qwen3-8B|/path/to/model] [DATA_DIR=/path]
 #   make test
 #   make lab
 PYTHON   ?= python3
 VENV     ?= .venv
 PROFILE  ?= small
 MODEL    ?=
+DATA_DIR ?=
 TORCH    ?= torch==2.13.0
 PY       := $(VENV)/bin/python
 PIP      := $(PY) -m pip
@@ -33,7 +34,7 @@ venv: $(VENV)/.base
 venv-test: $(VENV)/.test
 
 reproduce: $(VENV)/.base
-	$(PY) -m kvlib.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),)
+	$(PY) -m kvlib.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q

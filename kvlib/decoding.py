@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from .cache import cache_kwargs, output_cache
 
-__all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "decode", "prefill_positions"]
+__all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "decode", "prefill", "prefill_positions"]
 
 LN2 = math.log(2.0)
 
@@ -117,6 +117,27 @@ class DecodeResult:
 def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids for a left-padded batch: ``cumsum(mask) - 1``, pads clamped to 0. ``[batch, seq]``."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """One forward over a left-padded batch with position ids that count real tokens only.
+
+    A plain ``model(input_ids, attention_mask)`` numbers positions from the first column, padding
+    included, which shifts RoPE for every padded row: pooled features would then depend on the batch.
+
+    Args:
+        input_ids, attention_mask: ``[batch, seq]``, left-padded.
+        kwargs: passed to the model (e.g. ``output_hidden_states=True``, ``logits_to_keep=1``).
+
+    Returns:
+        The model output; its cache via :func:`kvlib.cache.output_cache`.
+    """
+    device = next(model.parameters()).device
+    attention_mask = attention_mask.to(device)
+    kwargs.setdefault("use_cache", True)
+    return model(input_ids=input_ids.to(device), attention_mask=attention_mask,
+                 position_ids=prefill_positions(attention_mask), **kwargs)
 
 
 def _stop_ids(model, config: DecodeConfig) -> set[int]:

@@ -1,0 +1,106 @@
+"""The decoding loop: equality with greedy generate, batch independence, budgets, injection."""
+
+import pytest
+import torch
+
+from kvlib import TINY_ARCHS, tiny_model
+from kvlib.decoding import DecodeConfig, decode
+
+PROMPTS = ["hello there, what is 3+4?", "hi", "a much longer prompt with many characters in it, really"]
+
+
+def _reference(model, tok, text, n):
+    enc = tok([text], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=n, do_sample=False)[0, enc.input_ids.shape[1]:].tolist()
+    eos = tok.eos_token_id
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_greedy_equals_generate_and_batched_equals_single(arch):
+    model, tok = tiny_model(arch, seed=1)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    batched = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=16))
+    for i, text in enumerate(PROMPTS):
+        assert batched.tokens[i] == _reference(model, tok, text, 16)
+        one = tok([text], return_tensors="pt")
+        single = decode(model, one.input_ids, one.attention_mask, DecodeConfig(max_new_tokens=16))
+        assert single.tokens[0] == batched.tokens[i]
+        assert single.state.slots[0] != [] and len(single.state.slots[0]) == len(single.tokens[0]) - 1
+        assert torch.allclose(torch.tensor(single.max_prob[0]), torch.tensor(batched.max_prob[i]), atol=1e-5)
+        assert torch.allclose(torch.tensor(single.entropy[0]), torch.tensor(batched.entropy[i]), atol=1e-4)
+
+
+def test_stats_are_probabilities_and_entropies():
+    model, tok = tiny_model("llama")
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    res = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=8))
+    vocab_bits = torch.log2(torch.tensor(float(model.config.vocab_size)))
+    for mp, ent in zip(res.max_prob, res.entropy):
+        assert all(0 < p <= 1 for p in mp)
+        assert all(0 <= h <= vocab_bits + 1e-4 for h in ent)
+        assert len(mp) == len(ent) == 8
+
+
+def test_stop_token_ends_an_item_and_cuts_its_statistics():
+    model, tok = tiny_model("llama")
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    free = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=10))
+    stop_tok = free.tokens[0][3]
+    res = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=10, stop_token_ids=(stop_tok,)))
+    k = free.tokens[0].index(stop_tok)
+    assert res.tokens[0] == free.tokens[0][: k + 1]
+    assert res.finish_reason == ["stop"] and len(res.max_prob[0]) == k + 1
+    assert free.finish_reason == ["length"]
+
+
+def test_sampling_is_seeded_per_item():
+    model, tok = tiny_model("qwen2")
+    cfg = DecodeConfig(max_new_tokens=12, do_sample=True, temperature=1.5)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    a = decode(model, enc.input_ids, enc.attention_mask, cfg, seeds=[1, 2, 3])
+    one = tok([PROMPTS[1]], return_tensors="pt")
+    b = decode(model, one.input_ids, one.attention_mask, cfg, seeds=[2])
+    c = decode(model, one.input_ids, one.attention_mask, cfg, seeds=[7])
+    assert a.tokens[1] == b.tokens[0]
+    assert a.tokens[1] != c.tokens[0]
+
+
+def test_injection_continues_on_the_same_cache_and_counts_tokens():
+    """Injecting text into one row equals decoding that row alone with the text appended by hand."""
+    model, tok = tiny_model("qwen3", seed=2)
+    inject = tok("</think>", add_special_tokens=False).input_ids + tok("ok", add_special_tokens=False).input_ids
+
+    def controller(state):
+        return {0: (inject, "to_fast")} if state.step == 3 else {}
+
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    res = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=14), controller=controller)
+    assert res.switches[0] == [(4, "to_fast")] and res.switches[1] == []
+    assert res.tokens[0][4 : 4 + len(inject)] == inject
+    assert res.sampled_mask[0].count(False) == len(inject)
+    assert len(res.tokens[0]) == 14  # the budget counts injected tokens
+    # row 1 is unaffected by row 0's injection
+    plain = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=14))
+    assert res.tokens[1] == plain.tokens[1]
+    # row 0 equals a fresh decode of prompt + its first 4 tokens + injected text
+    prefix = plain.tokens[0][:4] + inject
+    ids = torch.cat([tok([PROMPTS[0]], return_tensors="pt").input_ids, torch.tensor([prefix])], dim=1)
+    fresh = decode(model, ids, torch.ones_like(ids), DecodeConfig(max_new_tokens=14 - len(prefix)))
+    assert res.tokens[0][len(prefix):] == fresh.tokens[0]
+    # the cache grew in place: every fed token of row 0 has a distinct increasing slot
+    slots = res.state.slots[0]
+    assert slots == sorted(set(slots)) and len(slots) == len(res.tokens[0]) - 1
+
+
+def test_clear_errors():
+    model, tok = tiny_model("llama")
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=10_000))
+    tok.padding_side = "right"
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="left-padded"):
+        decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        DecodeConfig(max_new_tokens=0)
