@@ -52,6 +52,7 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    ignore_eos: bool = False  # benchmarks: always decode max_new_tokens
 
     def identity(self, extractors: Sequence[str] = ()) -> dict:
         return {**asdict(self), "extractors": sorted(extractors)}
@@ -63,7 +64,7 @@ def decode_config(settings: GenerationSettings, stop_token_ids=None) -> DecodeCo
         do_sample=settings.do_sample,
         temperature=settings.temperature,
         top_p=settings.top_p,
-        stop_token_ids=stop_token_ids,
+        stop_token_ids=() if settings.ignore_eos else stop_token_ids,
     )
 
 
