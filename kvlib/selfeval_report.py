@@ -1,0 +1,143 @@
+"""The self-evaluation experiment of notebook 03: data sets, graded answers, scores, figures, saved outputs.
+
+The notebook stays a list of calls: :func:`selfeval_sets` picks each profile set's seeded test subset
+(TheoremQA only when its file is in ``data_dir``), :func:`collect_scores` reads the graded slow answers
+(generated once and shared with the switching notebooks through :func:`kvlib.answers.answer_records`) and
+scores them with :func:`kvlib.selfeval.score_records`, and the plotting functions draw ROC curves and score
+distributions for the main scores. Sets are labelled as in the paper (``GSM8K``, ``MATH-500`` ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .metrics import MIN_CLASS
+from .selfeval import score_records
+
+__all__ = ["SET_LABELS", "MAIN_SCORES", "selfeval_sets", "collect_scores", "caption", "roc_figure",
+           "score_figure", "save_table", "save_figure"]
+
+SET_LABELS = {"gsm8k": "GSM8K", "svamp": "SVAMP", "math500": "MATH-500", "math": "MATH", "theoremqa": "TheoremQA",
+              "asdiv": "ASDiv", "mawps": "MAWPS"}
+MAIN_SCORES = ["MaxProb", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-probe"]
+THEOREMQA_FILE = "theoremqa_test.json"
+
+
+def selfeval_sets(sizes: Mapping[str, int], data_dir: str | Path | None = None, seed: int = 0) -> dict[str, list]:
+    """``{dataset: items}``: the seeded test subset of each set in ``sizes`` (``{name: n}``).
+
+    TheoremQA is read from ``data_dir/theoremqa_test.json`` and skipped (with a note) when that file is absent.
+    """
+    from .data import load_math
+
+    out = {}
+    for name, n in sizes.items():
+        path = None
+        if name == "theoremqa":
+            path = Path(data_dir) / THEOREMQA_FILE if data_dir else None
+            if path is None or not path.is_file():
+                print(f"skipping TheoremQA: no {THEOREMQA_FILE} in DATA_DIR={str(data_dir or '')!r}")
+                continue
+        out[name] = load_math(name, "test", n=n, seed=seed, path=path)
+    return out
+
+
+def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequence], max_new_tokens: int,
+                   batch_size: int = 16, root=None, seed: int = 0) -> dict[str, pd.DataFrame]:
+    """``{label: score_records(...)}`` for the graded slow answers of every set (generated if not stored)."""
+    from .answers import answer_records
+
+    scores = {}
+    for name, items in sets.items():
+        records = answer_records(model, tokenizer, model_name, name, items, mode="slow",
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size, root=root)
+        scores[SET_LABELS.get(name, name)] = score_records(records, seed=seed)
+    return scores
+
+
+def caption(model_name: str, profile: str, scores_by_set: Mapping[str, pd.DataFrame], max_new_tokens: int) -> str:
+    """One line saying which model, profile, sets, sizes and budget produced a table."""
+    sets = ", ".join(f"{k} n={len(v)} ({int(v['correct'].sum())} correct)" for k, v in scores_by_set.items())
+    return (f"Model {model_name}, profile {profile}; greedy slow answers up to {max_new_tokens} new tokens; "
+            f"sets: {sets}. AUROC/FPR95/AUPR x100, correct = positive class, 95% stratified bootstrap CI; "
+            f"CoE rows use the reference (original CoE) form, [paper] rows the seed's equations.")
+
+
+def _small(df: pd.DataFrame, min_class: int) -> bool:
+    n_ok = int(df["correct"].sum())
+    return min(n_ok, len(df) - n_ok) < min_class
+
+
+def roc_figure(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] = MAIN_SCORES,
+               min_class: int = MIN_CLASS):
+    """One ROC panel per set (TPR = share of correct answers accepted, FPR = share of wrong ones)."""
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    n = len(scores_by_set)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.2), squeeze=False, sharey=True)
+    for ax, (name, df) in zip(axes[0], scores_by_set.items()):
+        n_ok = int(df["correct"].sum())
+        ax.set_title(f"{name} ({n_ok} correct / {len(df) - n_ok} wrong)")
+        ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
+        ax.set_xlabel("false-positive rate (wrong answers accepted)")
+        if _small(df, min_class):
+            ax.text(0.5, 0.5, f"fewer than {min_class} answers\nin one class: no curve", ha="center", va="center")
+            continue
+        for m in methods:
+            if m not in df:
+                continue
+            ok = df[m].notna()
+            y, s = df.loc[ok, "correct"].to_numpy(), df.loc[ok, m].to_numpy()
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, lw=1.6, label=f"{m} ({100 * roc_auc_score(y, s):.1f})")
+        ax.legend(fontsize=8, loc="lower right", title="score (AUROC)", title_fontsize=8)
+    axes[0][0].set_ylabel("true-positive rate (correct answers accepted)")
+    fig.tight_layout()
+    return fig
+
+
+def score_figure(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] = MAIN_SCORES):
+    """Histograms of each main score for correct vs wrong answers: one row per set, one column per score."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
+
+    methods = [m for m in methods if any(m in df for df in scores_by_set.values())]
+    rows, cols = len(scores_by_set), len(methods)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.4 * rows), squeeze=False)
+    for r, (name, df) in enumerate(scores_by_set.items()):
+        for c, m in enumerate(methods):
+            ax = axes[r][c]
+            data = df.assign(answer=np.where(df["correct"], "correct", "wrong"))
+            if m in data and data[m].notna().any():
+                sns.histplot(data=data, x=m, hue="answer", hue_order=["correct", "wrong"], stat="density",
+                             common_norm=False, element="step", bins=20, ax=ax, legend=(r == 0 and c == 0))
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.set_xlabel("score (larger = judged correct)" if r == rows - 1 else "")
+            ax.set_ylabel(f"{name}\ndensity" if c == 0 else "")
+            if r == 0:
+                ax.set_title(m)
+    fig.tight_layout()
+    return fig
+
+
+def save_table(df: pd.DataFrame, stem: str | Path, caption_line: str, markdown: str | None = None) -> None:
+    """``stem.csv`` (the data frame) and ``stem.md`` (``markdown`` or the frame as Markdown, after the caption)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(stem.with_suffix(".csv"), index=False)
+    md = markdown if markdown is not None else f"{caption_line}\n\n{df.to_markdown(index=False)}\n"
+    stem.with_suffix(".md").write_text(md)
+
+
+def save_figure(fig, stem: str | Path, dpi: int = 150) -> None:
+    """``stem.png`` and ``stem.pdf``."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for ext in (".png", ".pdf"):
+        fig.savefig(stem.with_suffix(ext), dpi=dpi, bbox_inches="tight")

@@ -1,0 +1,148 @@
+"""Scores from answer records, their orientation, the KV probe's grouping and the Table 2 assembly."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kvlib import record_array
+from kvlib.coe import coe_scores
+from kvlib.metrics import auroc
+from kvlib.selfeval import (HEADLINE, coe_cost, grouped_folds, kv_probe_scores, output_scores, score_records, table2,
+                            table2_markdown)
+from kvlib.store import encode_array
+
+D = 6
+
+
+def _rec(item_id, correct, max_prob, entropy, values, keys, hidden=None):
+    arrays = {"traj_values": values.astype(np.float16), "traj_keys": keys.astype(np.float16)}
+    if hidden is not None:
+        arrays["hidden_traj"] = hidden.astype(np.float32)
+        arrays["hidden_bytes"] = np.array([1000], dtype=np.int64)
+    return {"item_id": item_id, "correct": correct, "n_tokens": len(values) + 1, "finish_reason": "stop",
+            "max_prob": list(max_prob), "entropy": list(entropy), "seconds": 1.0,
+            "extract_seconds": {"kv": 0.001, "hidden_coe": 0.01},
+            "arrays": {k: encode_array(v) for k, v in arrays.items()}}
+
+
+def _walk(rng, n, step):
+    """A random walk of n points from a fixed offset, with steps of scale ``step``."""
+    return 3.0 + np.cumsum(step * rng.normal(size=(n, D)), axis=0)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """60 answers; correct ones are confident (high max prob, low entropy), take small smooth KV steps and
+    have a shifted mean value vector (what the probe can learn)."""
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(60):
+        ok = i % 2 == 0
+        n = 8 + i % 5
+        mp = np.clip(rng.normal(0.8 if ok else 0.6, 0.05, n), 0.01, 1.0)
+        ent = np.clip(rng.normal(0.5 if ok else 1.5, 0.2, n), 0.0, None)
+        values = _walk(rng, n - 1, 0.1) + (1.0 if ok else 0.0)
+        keys = _walk(rng, n - 1, 0.1)
+        hidden = _walk(rng, 5, 1.0)
+        recs.append(_rec(f"q{i}", ok, mp, ent, values, keys, hidden))
+    return recs
+
+
+def test_output_scores_values():
+    r = _rec("a", True, [0.5, 0.25], [1.0, 3.0], np.ones((3, D)), np.ones((3, D)))
+    s = output_scores(r)
+    assert s["MaxProb"] == pytest.approx(0.375)
+    assert s["PPL"] == pytest.approx(math.sqrt(0.125))  # 1/PPL = exp(mean log maxprob)
+    assert s["Entropy"] == pytest.approx(-2.0)
+    assert all(math.isnan(v) for v in output_scores({"max_prob": [], "entropy": []}).values())
+
+
+def test_every_output_score_is_oriented_larger_is_correct(synthetic):
+    df = score_records(synthetic, probe=False)
+    for m in ("MaxProb", "PPL", "Entropy"):
+        assert auroc(df["correct"], df[m]) > 90, m
+
+
+def test_coe_scores_are_used_as_is(synthetic):
+    df = score_records(synthetic, probe=False)
+    rec, row = synthetic[3], df.iloc[3]
+    values = record_array(rec, "traj_values").astype(np.float64)
+    keys = record_array(rec, "traj_keys").astype(np.float64)
+    for form, suffix in (("reference", ""), ("paper", " [paper]")):
+        sv, skv = coe_scores(values, form=form), coe_scores(np.concatenate([keys, values], 1), form=form)
+        assert row[f"KV-CoE-R (V){suffix}"] == pytest.approx(sv["R"])
+        assert row[f"KV-CoE-C (V){suffix}"] == pytest.approx(sv["C"])
+        assert row[f"KV-CoE-R (KV){suffix}"] == pytest.approx(skv["R"])
+        sh = coe_scores(record_array(rec, "hidden_traj"), form=form)
+        assert row[f"CoE-C{suffix}"] == pytest.approx(sh["C"])
+    # larger paper-form R (bigger steps) must give larger score: no sign flip anywhere
+    rng = np.random.default_rng(5)
+    small = _rec("s", True, [0.9] * 9, [0.1] * 9, _walk(rng, 8, 0.1), _walk(rng, 8, 0.1))
+    big = _rec("b", False, [0.9] * 9, [0.1] * 9, _walk(rng, 8, 1.0), _walk(rng, 8, 1.0))
+    d = score_records([small, big], probe=False)
+    assert d.loc[0, "KV-CoE-R (V) [paper]"] < d.loc[1, "KV-CoE-R (V) [paper]"]
+
+
+def test_probe_learns_and_folds_respect_questions(synthetic):
+    p = kv_probe_scores(synthetic)
+    y = [r["correct"] for r in synthetic]
+    assert np.isfinite(p).all() and auroc(y, p) > 90
+    # several answers per question: no question may be on both sides of a split
+    y_rep, g = np.repeat([0, 1] * 10, 3), np.repeat(np.arange(20), 3)
+    folds = grouped_folds(y_rep, g, 5, seed=0)
+    assert len(folds) == 5
+    for train, test in folds:
+        assert not set(g[train]) & set(g[test])
+    assert sorted(np.concatenate([t for _, t in folds]).tolist()) == list(range(60))
+    assert grouped_folds(np.array([1, 0, 0]), np.array([0, 1, 2]), 5) == []  # one correct question: no folds
+    assert np.isnan(kv_probe_scores(synthetic[:1] + [r for r in synthetic if not r["correct"]][:5])).all()
+
+
+def test_score_records_columns_and_errors(synthetic):
+    df = score_records(synthetic)
+    assert len(df) == 60 and df["item_id"].tolist() == [r["item_id"] for r in synthetic]
+    assert set(HEADLINE) <= set(df.columns)
+    assert {"kv_seconds", "hidden_seconds", "kv_bytes", "hidden_bytes"} <= set(df.columns)
+    assert df["kv_bytes"].iloc[0] == 2 * 4 * 7 * D  # keys + values, float32, [T_fed, D]
+    with pytest.raises(KeyError, match="not graded"):
+        score_records([{k: v for k, v in synthetic[0].items() if k != "correct"}])
+    short = _rec("t", True, [0.9], [0.1], np.ones((1, D)), np.ones((1, D)))  # one fed token: CoE undefined
+    row = score_records([short], probe=False).iloc[0]
+    assert math.isnan(row["KV-CoE-R (V)"]) and row["MaxProb"] == pytest.approx(0.9)
+
+
+def test_table2_layout_and_small_sets(synthetic):
+    big = score_records(synthetic)
+    small = big[big["correct"] | (np.arange(60) < 10)]  # 30 correct, 5 wrong
+    tab = table2({"A": big, "B": small}, min_class=10, n_boot=200)
+    assert tab.index.tolist()[:5] == ["MaxProb", "PPL", "Entropy", "CoE-R", "CoE-C"]
+    assert "KV-probe" in tab.index and "KV-CoE-C (KV) [paper]" in tab.index
+    assert tab.loc["MaxProb", "A AUROC"] == pytest.approx(auroc(big["correct"], big["MaxProb"]))
+    assert tab.loc["MaxProb", "A AUROC lo"] <= tab.loc["MaxProb", "A AUROC"] <= tab.loc["MaxProb", "A AUROC hi"]
+    assert (tab["B n correct"] == 30).all() and (tab["B n wrong"] == 5).all()
+    assert tab["B AUROC"].isna().all() and tab["A AUROC"].notna().all()
+    md = table2_markdown(tab, ["A", "B"], caption="Model m, sets A/B.")
+    assert md.startswith("Model m") and "B (30✓/5✗) AUROC [95% CI]" in md and "| –" in md
+
+
+def test_coe_cost(synthetic):
+    cost = coe_cost({"A": score_records(synthetic, probe=False)})
+    row = cost.iloc[0]
+    assert row["seconds_ratio"] == pytest.approx(10.0)
+    assert row["hidden_coe_bytes"] == 1000 and row["n"] == 60
+    assert isinstance(cost, pd.DataFrame)
+
+
+def test_auroc_differences(synthetic):
+    from kvlib.selfeval import auroc_differences
+
+    df = score_records(synthetic)
+    diffs = auroc_differences({"A": df}, pairs=[("MaxProb", "KV-CoE-C (V)"), ("MaxProb", "missing")], n_boot=200)
+    assert len(diffs) == 1
+    row = diffs.iloc[0]
+    assert row["AUROC difference"] == pytest.approx(auroc(df["correct"], df["MaxProb"]) -
+                                                    auroc(df["correct"], df["KV-CoE-C (V)"]))
+    assert row["lo"] <= row["AUROC difference"] <= row["hi"]
+    assert auroc_differences({"A": df.iloc[:12]}, pairs=[("MaxProb", "PPL")])["AUROC difference"].isna().all()
