@@ -5,7 +5,7 @@ that inference already holds. Every public name is re-exported here.
 """
 
 from .cache import LayerKV, cache_layers, cache_length, kv_layers, masked_mean, masked_sum, output_cache
-from .coe import coe_scores, hidden_coe_extractor
+from .coe import coe_scores, hidden_coe_extractor, hidden_coe_pass
 from .data import MathItem, answer_type, load_math
 from .decoding import DecodeConfig, DecodeResult, DecodeState, decode
 from .generation import GenerationSettings, Prompt, generate, open_store, record_array
@@ -21,7 +21,7 @@ from .tiny import TINY_ARCHS, tiny_model
 
 __all__ = [
     "LayerKV", "cache_layers", "cache_length", "kv_layers", "masked_mean", "masked_sum", "output_cache",
-    "coe_scores", "hidden_coe_extractor",
+    "coe_scores", "hidden_coe_extractor", "hidden_coe_pass",
     "measure_cache_bytes", "memory_estimate", "parameter_count", "prefill_peak", "shipped_configs", "vram_curve",
     "aupr", "auroc", "bootstrap_auroc_ci", "evaluate_score", "fpr_at_tpr", "paired_auroc_difference",
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "ModelFileError", "load_model",

@@ -6,8 +6,11 @@ difficulty features of every prompt. :func:`answer_records` generates each ``(mo
 once through the resumable store, with every extractor any experiment reads:
 
 * ``kv``: per generated token, layer-averaged cached keys and values (``traj_keys``, ``traj_values``);
-* ``hidden_coe``: the original CoE trajectory over layers (a re-forward; its cost is recorded);
 * ``prompt_kv``: pooled prompt KV sums for the difficulty classifier.
+
+Both read the cache generation already holds. The original (hidden-state) CoE needs a re-forward; it
+is a separate pass over the answers that need it (:func:`kvlib.coe.hidden_coe_pass`), so training
+answers never pay for it.
 
 Grading happens when records are read (never stored), so a grading fix needs no regeneration.
 """
@@ -28,11 +31,10 @@ Mode = Literal["fast", "slow"]
 
 def answer_extractors() -> dict:
     """The extractors stored with every answer (imported lazily: they live with their experiments)."""
-    from .coe import hidden_coe_extractor
     from .difficulty import prompt_kv_extractor
     from .pooling import kv_trajectory_extractor
 
-    return {"kv": kv_trajectory_extractor(), "hidden_coe": hidden_coe_extractor(), "prompt_kv": prompt_kv_extractor()}
+    return {"kv": kv_trajectory_extractor(), "prompt_kv": prompt_kv_extractor()}
 
 
 def answer_settings(mode: Mode, max_new_tokens: int) -> GenerationSettings:

@@ -50,11 +50,14 @@ def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequenc
                    batch_size: int = 16, root=None, seed: int = 0) -> dict[str, pd.DataFrame]:
     """``{label: score_records(...)}`` for the graded slow answers of every set (generated if not stored)."""
     from .answers import answer_records
+    from .coe import hidden_coe_pass
 
     scores = {}
     for name, items in sets.items():
         records = answer_records(model, tokenizer, model_name, name, items, mode="slow",
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, root=root)
+        records = hidden_coe_pass(model, tokenizer, model_name, name, records, batch_size=max(1, batch_size // 2),
+                                  root=root)
         scores[SET_LABELS.get(name, name)] = score_records(records, seed=seed)
     return scores
 

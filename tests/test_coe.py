@@ -182,3 +182,19 @@ def test_hidden_coe_extractor_equals_direct_computation(arch, tmp_path):
         np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-5)
         assert record_array(rec, "hidden_bytes")[0] == (n_layers + 1) * len(ids) * hidden * 4
         assert np.isfinite(list(coe_scores(got).values())).all()
+
+
+def test_hidden_coe_pass_equals_the_extractor_and_is_computed_once(tmp_path, monkeypatch):
+    """The separate re-forward pass over stored answers gives the extractor's hidden_traj, and a second call
+    reads its store instead of re-forwarding."""
+    from kvlib import coe
+
+    model, tok, recs = _records("qwen2", tmp_path / "a", {"hidden_coe": hidden_coe_extractor()})
+    _, _, plain = _records("qwen2", tmp_path / "b", {})
+    got = coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=2, root=tmp_path / "h", progress=False)
+    for a, b in zip(recs, got):
+        np.testing.assert_allclose(record_array(b, "hidden_traj"), record_array(a, "hidden_traj"), rtol=1e-4, atol=1e-5)
+        assert b["extract_seconds"]["hidden_coe"] >= 0
+    monkeypatch.setattr(coe, "hidden_trajectories", lambda *a, **k: pytest.fail("recomputed a stored pass"))
+    again = coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=2, root=tmp_path / "h", progress=False)
+    assert [r["item_id"] for r in again] == [r["item_id"] for r in plain]
