@@ -8,14 +8,18 @@ from .cache import LayerKV, cache_layers, cache_length, kv_layers, masked_mean, 
 from .coe import coe_scores, hidden_coe_extractor, hidden_coe_pass
 from .data import MathItem, answer_type, load_math
 from .decoding import DecodeConfig, DecodeResult, DecodeState, decode
+from .embedding import (Embedder, HiddenStateEmbedder, KVEmbedder, KVPooling, PrefillConfig, RandomEmbedder,
+                        SentenceTransformerEmbedder, embed_all)
 from .generation import GenerationSettings, Prompt, generate, open_store, record_array
 from .grading import extract_answer, is_correct
 from .memory import measure_cache_bytes, memory_estimate, parameter_count, prefill_peak, shipped_configs, vram_curve
 from .metrics import aupr, auroc, bootstrap_auroc_ci, evaluate_score, fpr_at_tpr, paired_auroc_difference
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelFileError, load_model
 from .pooling import kv_trajectory_extractor, select_layers, token_trajectory
+from .probe import ProbeConfig, classification_scores, layer_sweep, run_probe_table
 from .selfeval import auroc_differences, coe_cost, kv_probe_scores, score_records, table2, table2_markdown
 from .store import CorruptStoreError, ResultStore
+from .textsets import TextSet, load_textsets
 from .thinking import ThinkingProtocol, protocol_for, render_prompt
 from .tiny import TINY_ARCHS, tiny_model
 
@@ -28,6 +32,9 @@ __all__ = [
     "auroc_differences", "coe_cost", "kv_probe_scores", "score_records", "table2", "table2_markdown",
     "MathItem", "answer_type", "load_math", "extract_answer", "is_correct",
     "DecodeConfig", "DecodeResult", "DecodeState", "decode",
+    "Embedder", "HiddenStateEmbedder", "KVEmbedder", "KVPooling", "PrefillConfig", "RandomEmbedder",
+    "SentenceTransformerEmbedder", "embed_all",
+    "ProbeConfig", "classification_scores", "layer_sweep", "run_probe_table", "TextSet", "load_textsets",
     "GenerationSettings", "Prompt", "generate", "open_store", "record_array",
     "kv_trajectory_extractor", "select_layers", "token_trajectory",
     "CorruptStoreError", "ResultStore",
