@@ -4,9 +4,13 @@ Embeddings, Chain-of-Embedding self-evaluation and fast/slow thinking switches r
 that inference already holds. Every public name is re-exported here.
 """
 
-from .cache import LayerKV, cache_layers, cache_length, kv_layers, masked_mean, masked_sum, output_cache
+from .adaptive import SwitchConfig, adaptive_generate
+from .cache import LayerKV, cache_layers, cache_length, crop_cache, kv_layers, masked_mean, masked_sum, output_cache
 from .coe import coe_scores, hidden_coe_extractor, hidden_coe_pass
 from .data import MathItem, answer_type, load_math
+from .difficulty import (DifficultyClassifier, FeatureSpec, TrainConfig, difficulty_label, live_features,
+                         prompt_kv_extractor, split_by_question, train_classifier)
+from .early_exit import EarlyExitConfig, budget_generate, early_exit_generate
 from .decoding import DecodeConfig, DecodeResult, DecodeState, decode
 from .embedding import (Embedder, HiddenStateEmbedder, KVEmbedder, KVPooling, PrefillConfig, RandomEmbedder,
                         SentenceTransformerEmbedder, embed_all)
@@ -18,12 +22,18 @@ from .models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelFileError, load_model
 from .pooling import kv_trajectory_extractor, select_layers, token_trajectory
 from .probe import ProbeConfig, classification_scores, layer_sweep, run_probe_table
 from .selfeval import auroc_differences, coe_cost, kv_probe_scores, score_records, table2, table2_markdown
+from .switching import SwitchingPlan
+from .profiles import Profile, get_profile
 from .store import CorruptStoreError, ResultStore
 from .textsets import TextSet, load_textsets
 from .thinking import ThinkingProtocol, protocol_for, render_prompt
 from .tiny import TINY_ARCHS, tiny_model
 
 __all__ = [
+    "SwitchConfig", "adaptive_generate", "crop_cache",
+    "DifficultyClassifier", "FeatureSpec", "TrainConfig", "difficulty_label", "live_features", "prompt_kv_extractor",
+    "split_by_question", "train_classifier", "EarlyExitConfig", "budget_generate", "early_exit_generate",
+    "SwitchingPlan", "get_profile", "Profile",
     "LayerKV", "cache_layers", "cache_length", "kv_layers", "masked_mean", "masked_sum", "output_cache",
     "coe_scores", "hidden_coe_extractor", "hidden_coe_pass",
     "measure_cache_bytes", "memory_estimate", "parameter_count", "prefill_peak", "shipped_configs", "vram_curve",

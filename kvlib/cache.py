@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerKV", "output_cache", "cache_kwargs", "cache_layers", "kv_layers", "cache_length", "masked_mean", "masked_sum"]
+__all__ = ["LayerKV", "output_cache", "cache_kwargs", "cache_layers", "kv_layers", "cache_length", "crop_cache",
+           "masked_mean", "masked_sum"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,23 @@ def cache_length(cache) -> int:
     """Number of positions seen by the cache (the longest full-attention layer)."""
     layers = cache_layers(cache)
     return max(layer.first_position + layer.keys.shape[-2] for layer in layers)
+
+
+def crop_cache(cache, length: int) -> None:
+    """Cut ``cache`` back to its first ``length`` positions, in place (roll back a trial continuation).
+
+    Uses ``cache.crop(-n_removed)``, which every transformers release since 4.56 reads as "remove n"
+    (5.x refuses a positive length). Sliding-window layers cannot be rolled back once their window is
+    full, so a cache with any is refused.
+    """
+    layers = cache_layers(cache)
+    if any(layer.sliding_window is not None for layer in layers):
+        raise ValueError("crop_cache cannot roll back sliding-window layers; use a full-attention model")
+    current = cache_length(cache)
+    if not 0 <= length <= current:
+        raise ValueError(f"cannot crop a cache of {current} positions to {length}")
+    if length < current:
+        cache.crop(length - current)
 
 
 def _expand_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,9 @@ class Profile:
         probe_train / probe_test: caps on texts per set for the embedding probe (02).
         probe_models: models compared in the probe's model-size column.
         taus: thresholds swept for the Pareto figure.
+        live_items: cap on evaluation items per set for the live switching methods (``None``: no cap).
+        generative_sweep: ``(tau, tau_fast, tau_slow)`` points of the live KV-Generative sweep.
+        budgets: fixed token budgets of the budget baseline (live).
     """
 
     name: str
@@ -47,6 +50,10 @@ class Profile:
     probe_test: int = 500
     probe_models: tuple[str, ...] = ()
     taus: tuple[float, ...] = (40.0, 50.0, 60.0)
+    live_items: int | None = None
+    generative_sweep: tuple[tuple[float, float, float], ...] = ((50.0, 20.0, 70.0), (50.0, 30.0, 70.0),
+                                                                (50.0, 45.0, 70.0))
+    budgets: tuple[int, ...] = (64, 128)
 
     def __post_init__(self):
         if self.fast_tokens < 1 or self.slow_tokens < self.fast_tokens:
@@ -67,12 +74,15 @@ PROFILES: dict[str, Profile] = {
         fast_tokens=64,
         slow_tokens=384,
         batch_size=16,
-        coe_sets={"gsm8k": 64, "svamp": 96, "math500": 32, "theoremqa": 32},
-        switch_test_sets={"gsm8k": 64, "svamp": 96, "math500": 32},
-        switch_train_sets={"svamp": 64, "asdiv": 64, "mawps": 64, "gsm8k": 32},
-        probe_train=1000,
-        probe_test=500,
+        coe_sets={"svamp": 64, "gsm8k": 48, "math500": 24, "theoremqa": 24},
+        switch_test_sets={"svamp": 64, "gsm8k": 48, "math500": 24},
+        switch_train_sets={"svamp": 40, "asdiv": 40, "mawps": 40},
+        probe_train=300,
+        probe_test=150,
         probe_models=("qwen2.5-0.5b", "qwen2.5-1.5b"),
+        live_items=24,
+        generative_sweep=((50.0, 30.0, 70.0), (50.0, 45.0, 70.0)),
+        budgets=(128,),
     ),
     "full": Profile(
         name="full",
@@ -101,6 +111,9 @@ PROFILES: dict[str, Profile] = {
         probe_test=40,
         probe_models=("smollm2-135m",),
         taus=(50.0,),
+        live_items=4,
+        generative_sweep=((50.0, 30.0, 70.0),),
+        budgets=(16,),
     ),
 }
 

@@ -1,0 +1,310 @@
+"""The fast/slow switching experiment (Tables 3 and 4): training data, classifier, every method on the same items.
+
+Flow (notebooks 04 and 05 call these in order):
+
+1. :func:`answer_pairs`: graded fast and slow answers of each set (:func:`kvlib.answers.answer_records`, stored
+   once and shared with notebook 03); each slow record carries the pooled prompt KV sums.
+2. :func:`label_frame`: one row per question with the paper's label (:func:`kvlib.difficulty.difficulty_label`)
+   and the prompt features of the decision prompt (the slow prompt, see :mod:`kvlib.adaptive`).
+3. :func:`fit_classifiers`: one MLP per ``(N, L)`` grid point, train / validation split by question text, every
+   evaluation question excluded from training (asserted); the point with the lowest validation RMSE is used.
+4. :func:`evaluate_methods`: every method on the same evaluation items. Rows that are pure routing between
+   the stored fast and slow answers (fast, slow, KV-Classification, random at the same slow rate, oracle) are
+   computed from those records: greedy decoding does not depend on batch composition, so a live
+   KV-Classification run would reproduce them token for token (tested on a tiny model). KV-Generative,
+   DEER-style early exit and token budgets change the text mid-answer and run live.
+
+Tokens are generated tokens per item, injected switch text included; prefill compute (the decision prompt)
+and DEER's trial answers are overhead columns, never mixed into the token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .adaptive import SwitchConfig, adaptive_generate
+from .difficulty import (PAPER_GRID, DifficultyClassifier, FeatureSpec, TrainConfig, difficulty_label, question_key,
+                         record_features, split_by_question, train_classifier)
+from .early_exit import EarlyExitConfig, budget_generate, early_exit_generate
+from .generation import GenerationSettings
+
+__all__ = ["SwitchingPlan", "answer_pairs", "label_frame", "fit_classifiers", "route", "method_row",
+           "evaluate_methods", "classifier_quality", "grade", "best_spec", "budget_grid", "switching_items"]
+
+
+
+
+@dataclass(frozen=True)
+class SwitchingPlan:
+    """Every size and threshold of the switching experiment.
+
+    Attributes:
+        train_sets / test_sets: data set -> items (training split / evaluation split).
+        fast_tokens / slow_tokens: answer budgets; live runs use ``slow_tokens``.
+        grid: ``(N tokens, L layers)`` points to train; ``spec``: force one instead of choosing on validation.
+        tau, tau_fast, tau_slow, check_every: the paper's switch settings (table rows; chosen a priori).
+        class_taus: thresholds of the KV-Classification sweep (from stored records: free).
+        generative_sweep: ``(tau, tau_fast, tau_slow)`` points of the live KV-Generative sweep.
+        budgets: token budgets (live); early_exit: DEER-style settings (live).
+        random_seeds: draws averaged for random routing.
+    """
+
+    train_sets: Mapping[str, int]
+    test_sets: Mapping[str, int]
+    fast_tokens: int = 64
+    slow_tokens: int = 384
+    batch_size: int = 16
+    grid: tuple[tuple[int, int], ...] = PAPER_GRID
+    spec: tuple[int, int] | None = None
+    tau: float = 50.0
+    tau_fast: float = 30.0
+    tau_slow: float = 70.0
+    check_every: int = 32
+    class_taus: tuple[float, ...] = tuple(float(t) for t in range(0, 101, 5))
+    generative_sweep: tuple[tuple[float, float, float], ...] = ((50.0, 20.0, 70.0), (50.0, 30.0, 70.0),
+                                                                (50.0, 45.0, 70.0))
+    budgets: tuple[int, ...] = (64, 128)
+    early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val_fraction: float = 0.2
+    random_seeds: int = 200
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.train_sets or not self.test_sets:
+            raise ValueError("need at least one training and one evaluation set")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("val_fraction must be in (0, 1)")
+
+    @classmethod
+    def from_profile(cls, profile, max_items: int | None = -1, **overrides) -> "SwitchingPlan":
+        """Sizes from a :class:`kvlib.profiles.Profile` (its switch sets and budgets), then ``overrides``.
+
+        ``max_items`` caps every evaluation set (the first items of its seeded subset, whose fast and slow
+        answers are therefore already stored by notebook 03); the default ``-1`` takes ``profile.live_items`` (the live methods cost up to a slow answer per item and sweep point), ``None`` no cap.
+        """
+        cap = profile.live_items if max_items == -1 else max_items
+        tests = {k: (min(v, cap) if cap else v) for k, v in profile.switch_test_sets.items()}
+        base = dict(train_sets=dict(profile.switch_train_sets), test_sets=tests,
+                    fast_tokens=profile.fast_tokens, slow_tokens=profile.slow_tokens, batch_size=profile.batch_size,
+                    generative_sweep=tuple(profile.generative_sweep), budgets=tuple(profile.budgets))
+        return cls(**{**base, **overrides})
+
+    def with_sizes(self, **kw) -> "SwitchingPlan":
+        return replace(self, **kw)
+
+    def generation(self) -> GenerationSettings:
+        return GenerationSettings(max_new_tokens=self.slow_tokens)
+
+
+def grade(record: Mapping, item) -> bool:
+    """Whether a live record answers ``item`` (unfinished = wrong), with :func:`kvlib.grading.is_correct`."""
+    from .grading import is_correct
+
+    return bool(is_correct(record["output"], item.answer, item.dataset, finished=record["finish_reason"] == "stop"))
+
+
+def answer_pairs(model, tokenizer, model_name: str, items_by_set: Mapping[str, Sequence], plan: SwitchingPlan,
+                 root=None, progress: bool = True) -> dict[str, tuple[list[dict], list[dict]]]:
+    """``{set: (fast records, slow records)}`` in item order (generated once, then read from the store)."""
+    from .answers import answer_records
+
+    out = {}
+    for name, items in items_by_set.items():
+        fast, slow = (answer_records(model, tokenizer, model_name, name, items, mode=mode, max_new_tokens=budget,
+                                     root=root, batch_size=plan.batch_size, progress=progress)
+                      for mode, budget in (("fast", plan.fast_tokens), ("slow", plan.slow_tokens)))
+        out[name] = (fast, slow)
+    return out
+
+
+def label_frame(pairs: Mapping[str, tuple[list[dict], list[dict]]], short: int = 128
+                ) -> tuple[pd.DataFrame, list[dict]]:
+    """One row per question: ``set, item_id, question, fast_correct, fast_tokens, slow_correct, slow_tokens, label``;
+    and the matching slow records (whose prompt features the classifier reads)."""
+    rows, feats = [], []
+    for name, (fast, slow) in pairs.items():
+        for f, s in zip(fast, slow):
+            if f["item_id"] != s["item_id"]:
+                raise ValueError(f"fast and slow records of {name} are not aligned ({f['item_id']} vs {s['item_id']})")
+            rows.append({"set": name, "item_id": s["item_id"], "question": s["question"],
+                         "fast_correct": bool(f["correct"]), "fast_tokens": f["n_tokens"],
+                         "slow_correct": bool(s["correct"]), "slow_tokens": s["n_tokens"],
+                         "label": difficulty_label(f["correct"], f["n_tokens"], s["correct"], short)})
+            feats.append(s)
+    return pd.DataFrame(rows), feats
+
+
+def fit_classifiers(frame: pd.DataFrame, records: Sequence[dict], plan: SwitchingPlan,
+                    exclude_questions: Sequence[str]) -> dict[tuple[int, int], DifficultyClassifier]:
+    """One classifier per grid point (or ``plan.spec``), split by question; evaluation questions never enter.
+
+    Each classifier's ``info`` holds the split sizes, validation RMSE and training sets.
+    """
+    banned = {question_key(q) for q in exclude_questions}
+    splits = split_by_question(frame["question"].tolist(), {"train": 1 - plan.val_fraction, "val": plan.val_fraction},
+                               seed=plan.seed, exclude=exclude_questions)
+    tr, va = splits["train"], splits["val"]
+    seen = {question_key(q) for q in frame["question"].iloc[np.concatenate([tr, va])]}
+    if seen & banned:
+        raise AssertionError("an evaluation question reached the training data")
+    y = frame["label"].to_numpy(np.float32)
+    out = {}
+    for n, l in [plan.spec] if plan.spec else plan.grid:
+        spec = FeatureSpec(n, l)
+        x = record_features(records, spec)
+        info = {"decision_prompt": "slow", "train_sets": sorted(frame["set"].unique()),
+                "label_counts": {int(k): int(v) for k, v in frame["label"].iloc[tr].value_counts().items()}}
+        out[(n, l)] = train_classifier(x[tr], y[tr], x[va], y[va], spec, plan.train, info)
+    return out
+
+
+def best_spec(classifiers: Mapping[tuple[int, int], DifficultyClassifier]) -> tuple[int, int]:
+    """The grid point with the lowest validation RMSE."""
+    return min(classifiers, key=lambda k: classifiers[k].info["val_rmse"])
+
+
+def classifier_quality(classifier: DifficultyClassifier, frame: pd.DataFrame, records: Sequence[dict]) -> dict:
+    """On evaluation items: RMSE to the label, Spearman rho, and AUROC of d for "the fast answer is wrong"."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    d = classifier.predict(record_features(records, classifier.spec))
+    y = frame["label"].to_numpy(float)
+    hard = ~frame["fast_correct"].to_numpy(bool)
+    return {"n": len(y), "rmse": float(np.sqrt(np.mean((d - y) ** 2))),
+            "spearman": float(spearmanr(d, y).statistic) if np.std(y) > 0 and np.std(d) > 0 else float("nan"),
+            "auroc_fast_wrong": float(roc_auc_score(hard, d)) if 0 < hard.sum() < len(hard) else float("nan"),
+            "mean_d": float(d.mean())}
+
+
+def route(fast: Sequence[dict], slow: Sequence[dict], to_slow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Correctness and tokens per item when item ``i`` takes its slow answer iff ``to_slow[i]``."""
+    to_slow = np.asarray(to_slow, bool)
+    correct = np.where(to_slow, [s["correct"] for s in slow], [f["correct"] for f in fast]).astype(bool)
+    tokens = np.where(to_slow, [s["n_tokens"] for s in slow], [f["n_tokens"] for f in fast]).astype(float)
+    return correct, tokens
+
+
+def method_row(method: str, name: str, correct, tokens, slow_tokens: float, **extra) -> dict:
+    """One table row: accuracy, mean generated tokens and their change vs always-slow (percent)."""
+    tokens = np.asarray(tokens, float)
+    mean = float(tokens.mean())
+    return {"method": method, "set": name, "n": len(tokens), "accuracy": float(np.mean(correct)),
+            "mean_tokens": mean, "token_change_vs_slow_pct": 100.0 * (mean / slow_tokens - 1.0), **extra}
+
+
+def _live(rows: list, method: str, name: str, items, records, slow_mean: float, **extra) -> list:
+    correct = [grade(r, it) for r, it in zip(records, items)]
+    switched = float(np.mean([bool(r["switches"]) for r in records]))
+    rows.append(method_row(method, name, correct, [r["n_tokens"] for r in records], slow_mean,
+                           switched_share=switched, **extra))
+    return rows
+
+
+def _sweep(plan: SwitchingPlan) -> list[tuple[float, float, float]]:
+    main = (plan.tau, plan.tau_fast, plan.tau_slow)
+    return sorted(set(plan.generative_sweep) | {main}, key=lambda p: (p != main, p))
+
+
+def evaluate_methods(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],
+                     pairs: Mapping[str, tuple[list[dict], list[dict]]], classifier: DifficultyClassifier,
+                     plan: SwitchingPlan, root=None, live: bool = True, progress: bool = True
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table 3 rows and Pareto points for every method on the same evaluation items.
+
+    Returns ``(table, pareto)``: ``table`` has one row per (method, set) at the a-priori settings;
+    ``pareto`` every swept point (``method, set, param, accuracy, mean_tokens``). ``live=False`` skips
+    the live methods (KV-Generative, DEER, budgets).
+    """
+    rows, points = [], []
+    settings = plan.generation()
+    common = dict(model_name=model_name, settings=settings, root=root, batch_size=plan.batch_size, progress=progress)
+    for name, items in test_items.items():
+        fast, slow = pairs[name]
+        slow_mean = float(np.mean([s["n_tokens"] for s in slow]))
+        prefill = float(np.mean([len(tokenizer(s["prompt"], add_special_tokens=False).input_ids) for s in slow]))
+        d0 = classifier.predict(record_features(slow, classifier.spec))
+        n = len(items)
+        for method, to_slow in (("fast", np.zeros(n)), ("slow", np.ones(n))):
+            rows.append(method_row(method, name, *route(fast, slow, to_slow), slow_mean, slow_share=to_slow.mean()))
+        for tau in sorted(set(plan.class_taus) | {plan.tau}):
+            c, t = route(fast, slow, d0 > tau)
+            points.append({"method": "KV-Classification", "set": name, "param": f"tau={tau:g}",
+                           "accuracy": c.mean(), "mean_tokens": t.mean()})
+        rate_slow = d0 > plan.tau
+        rows.append(method_row("KV-Classification", name, *route(fast, slow, rate_slow), slow_mean,
+                               slow_share=rate_slow.mean(), decision_prefill_tokens=prefill, tau=plan.tau))
+        rng = np.random.default_rng(plan.seed)
+        k = int(rate_slow.sum())
+        draws = []
+        for _ in range(plan.random_seeds):
+            pick = np.zeros(n, bool)
+            pick[rng.choice(n, size=k, replace=False)] = True
+            draws.append([x.mean() for x in route(fast, slow, pick)])
+        acc, tok = np.mean(draws, axis=0)
+        rows.append({**method_row("random (same slow share)", name, [acc], [tok], slow_mean), "n": n,
+                     "slow_share": k / n, "accuracy_sd": float(np.std([d[0] for d in draws]))})
+        oracle = ~np.array([f["correct"] for f in fast], bool)
+        rows.append(method_row("oracle (fast if fast is right)", name, *route(fast, slow, oracle), slow_mean,
+                               slow_share=oracle.mean()))
+        if not live:
+            continue
+        for tau, tf, ts in _sweep(plan):
+            cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.fast_tokens)
+            recs = adaptive_generate(model, tokenizer, items, classifier, cfg, dataset=name, **common)
+            probe = _live([], "KV-Generative", name, items, recs, slow_mean)[0]
+            points.append({"method": "KV-Generative", "set": name, "param": f"tau={tau:g},{tf:g},{ts:g}",
+                           "accuracy": probe["accuracy"], "mean_tokens": probe["mean_tokens"]})
+            if (tau, tf, ts) == (plan.tau, plan.tau_fast, plan.tau_slow):
+                rows.append({**probe, "slow_share": float(np.mean([r["start_mode"] == "slow" for r in recs])),
+                             "decision_prefill_tokens": prefill, "tau": tau, "tau_fast": tf, "tau_slow": ts})
+        recs = early_exit_generate(model, tokenizer, items, plan.early_exit, dataset=name, **common)
+        _live(rows, "DEER-style early exit", name, items, recs, slow_mean,
+              trial_tokens=float(np.mean([r["trial_tokens"] for r in recs])), threshold=plan.early_exit.threshold)
+        points.append({**{k: rows[-1][k] for k in ("method", "set", "accuracy", "mean_tokens")},
+                       "param": f"p>={plan.early_exit.threshold:g}"})
+        for b in plan.budgets:
+            recs = budget_generate(model, tokenizer, items, b, dataset=name, **common)
+            _live(rows, f"budget {b}", name, items, recs, slow_mean, budget=b)
+            points.append({"method": "token budget", "set": name, "param": f"B={b}",
+                           "accuracy": rows[-1]["accuracy"], "mean_tokens": rows[-1]["mean_tokens"]})
+    for r in rows:
+        if r["method"] in ("fast", "slow", "oracle (fast if fast is right)", "random (same slow share)"):
+            points.append({"method": r["method"], "set": r["set"], "param": "", "accuracy": r["accuracy"],
+                           "mean_tokens": r["mean_tokens"]})
+    return pd.DataFrame(rows), pd.DataFrame(points)
+
+
+def switching_items(sizes: Mapping[str, int], split: str, seed: int = 0) -> dict[str, list]:
+    """``{set: items}``: the seeded subset of each set's ``split`` (MATH-500 has only ``test``)."""
+    from .data import load_math
+
+    return {name: load_math(name, "test" if name == "math500" else split, n=n, seed=seed) for name, n in sizes.items()}
+
+
+def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],
+                pairs: Mapping[str, tuple[list[dict], list[dict]]],
+                classifiers: Mapping[tuple[int, int], DifficultyClassifier], plan: SwitchingPlan, root=None,
+                live: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Table 4: KV-Classification and KV-Generative (the a-priori thresholds) for each ``(N, L)`` classifier."""
+    rows = []
+    cfg = SwitchConfig.generative(plan.tau, plan.tau_fast, plan.tau_slow, plan.check_every,
+                                  fast_tokens=plan.fast_tokens)
+    for (n, l), clf in classifiers.items():
+        for name, items in test_items.items():
+            fast, slow = pairs[name]
+            slow_mean = float(np.mean([s["n_tokens"] for s in slow]))
+            d0 = clf.predict(record_features(slow, clf.spec))
+            grid = {"layers": l, "tokens": n, "val_rmse": clf.info["val_rmse"]}
+            rows.append({**method_row("KV-Classification", name, *route(fast, slow, d0 > plan.tau), slow_mean), **grid})
+            if live:
+                recs = adaptive_generate(model, tokenizer, items, clf, cfg, model_name=model_name, dataset=name,
+                                         settings=plan.generation(), root=root, batch_size=plan.batch_size,
+                                         progress=progress)
+                rows.append({**_live([], "KV-Generative", name, items, recs, slow_mean)[0], **grid})
+    return pd.DataFrame(rows)

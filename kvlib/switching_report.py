@@ -1,0 +1,134 @@
+"""Tables and figures of the switching experiment (notebooks 04 and 05), in the paper's layout.
+
+Table 3 cells read ``accuracy / mean tokens (change vs slow)`` as in the paper; the CSV keeps one row per
+(method, set) with every number. The Pareto figure puts every method on one accuracy-vs-tokens plot per
+set: the KV-Classification threshold sweep, the KV-Generative sweep, token budgets, DEER-style early exit,
+and the fixed points (fast, slow, oracle); random routing lies on the dashed fast-slow line in expectation.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["SET_LABELS", "caption", "table3_markdown", "table4_markdown", "pareto_figure", "classifier_table",
+           "headline"]
+
+SET_LABELS = {"gsm8k": "GSM8K", "math500": "MATH-500", "svamp": "SVAMP", "math": "MATH", "asdiv": "ASDiv",
+              "mawps": "MAWPS"}
+_ORDER = ["fast", "slow", "KV-Classification", "KV-Generative", "random (same slow share)",
+          "oracle (fast if fast is right)", "DEER-style early exit"]
+
+
+def _label(name: str) -> str:
+    return SET_LABELS.get(name, name)
+
+
+def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier, what: str) -> str:
+    """One line: model, profile, sets and sizes, budgets, classifier settings, what the table shows."""
+    sets = ", ".join(f"{_label(k)} n={len(v)}" for k, v in test_items.items())
+    train = ", ".join(f"{k} {v}" for k, v in plan.train_sets.items())
+    spec = classifier.spec
+    return (f"Model {model_name}, profile {profile}; greedy; fast answers <= {plan.fast_tokens} and slow/adaptive "
+            f"<= {plan.slow_tokens} new tokens; evaluation sets: {sets}; classifier trained on the train splits "
+            f"of {train} (split by question, evaluation questions excluded), features: last {spec.n_tokens} "
+            f"tokens x last {spec.n_layers} layers; tau={plan.tau:g}, tau_fast={plan.tau_fast:g}, "
+            f"tau_slow={plan.tau_slow:g}, check every {plan.check_every} tokens. {what}")
+
+
+def _order(methods) -> list[str]:
+    known = [m for m in _ORDER if m in set(methods)]
+    rest = set(methods) - set(known)
+    budget = lambda m: int(m.split()[-1]) if m.startswith("budget ") and m.split()[-1].isdigit() else 0  # noqa: E731
+    return known + sorted(rest, key=lambda m: (not m.startswith("budget "), budget(m), m))
+
+
+def table3_markdown(table: pd.DataFrame, caption_line: str) -> str:
+    """``accuracy / tokens (change vs slow)`` per method (rows) and set (columns), plus overhead notes."""
+    sets = list(dict.fromkeys(table["set"]))
+    out = pd.DataFrame(index=_order(table["method"].unique()), columns=[_label(s) for s in sets], dtype=object)
+    for _, r in table.iterrows():
+        change = "" if r["method"] == "slow" else f" ({r['token_change_vs_slow_pct']:+.1f}%)"
+        cell = f"{r['accuracy']:.3f} / {r['mean_tokens']:.0f}{change}"
+        if pd.notna(r.get("trial_tokens", np.nan)):
+            cell += f" [+{r['trial_tokens']:.0f} trial]"
+        out.loc[r["method"], _label(r["set"])] = cell
+    out.index.name = "method"
+    notes = ("Cells: accuracy / mean generated tokens per item (injected switch text included) and the change vs "
+             "always-slow. [+k trial]: mean tokens per item that DEER-style trial answers spent (overhead, rolled "
+             "back). KV methods also prefill the decision prompt once more per item (see the CSV).")
+    return f"{caption_line}\n\n{out.fillna('').to_markdown()}\n\n{notes}\n"
+
+
+def table4_markdown(grid: pd.DataFrame, caption_line: str) -> str:
+    """Appendix B layout: rows (set, method), columns ``L x N``; cells ``accuracy / tokens``."""
+    grid = grid.assign(col=[f"{l}L x {n}" for l, n in zip(grid["layers"], grid["tokens"])],
+                       cell=[f"{a:.3f} / {t:.0f}" for a, t in zip(grid["accuracy"], grid["mean_tokens"])])
+    cols = list(dict.fromkeys(grid["col"]))
+    wide = grid.pivot_table(index=["set", "method"], columns="col", values="cell", aggfunc="first")[cols]
+    wide.index = [f"{_label(s)} · {m}" for s, m in wide.index]
+    rmse = grid.groupby("col")["val_rmse"].first()[cols]
+    note = "Validation RMSE of each classifier (difficulty points): " + ", ".join(
+        f"{c}: {v:.1f}" for c, v in rmse.items())
+    return f"{caption_line}\n\n{wide.to_markdown()}\n\n{note}\n"
+
+
+def classifier_table(classifiers: Mapping, qualities: Mapping) -> pd.DataFrame:
+    """One row per grid point: validation RMSE, epochs, and evaluation-set quality."""
+    rows = []
+    for key, clf in classifiers.items():
+        row = {"tokens": key[0], "layers": key[1], "train_rows": clf.info["train_rows"],
+               "val_rows": clf.info["val_rows"], "val_rmse": clf.info["val_rmse"], "epochs": clf.info["best_epoch"]}
+        for name, q in qualities.get(key, {}).items():
+            row.update({f"{_label(name)} {k}": v for k, v in q.items() if k != "n"})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pareto_figure(points: pd.DataFrame):
+    """Accuracy vs mean generated tokens, one panel per set, every method on it."""
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(points["set"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.4), squeeze=False)
+    style = {"KV-Classification": ("C0", "o", "-"), "KV-Generative": ("C3", "s", "-"),
+             "token budget": ("C2", "^", "-"), "DEER-style early exit": ("C4", "D", ""),
+             "fast": ("k", "<", ""), "slow": ("k", ">", ""), "oracle (fast if fast is right)": ("C1", "*", ""),
+             "random (same slow share)": ("grey", "x", "")}
+    for ax, name in zip(axes[0], sets):
+        df = points[points["set"] == name]
+        ends = df[df["method"].isin(["fast", "slow"])].sort_values("mean_tokens")
+        ax.plot(ends["mean_tokens"], ends["accuracy"], ls="--", c="grey", lw=1,
+                label="random routing (expected)")
+        for method, sub in df.groupby("method", sort=False):
+            c, m, ls = style.get(method, ("C5", "v", "-"))
+            sub = sub.sort_values("mean_tokens")
+            ax.plot(sub["mean_tokens"], sub["accuracy"], marker=m, ls=ls or "none", c=c, label=method,
+                    ms=9 if m == "*" else 6, lw=1.5)
+        ax.set_title(_label(name))
+        ax.set_xlabel("mean generated tokens per item")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def headline(table: pd.DataFrame,
+             methods=("KV-Generative", "KV-Classification", "DEER-style early exit")) -> pd.DataFrame:
+    """Per set and method: times fewer tokens than always-slow and the accuracy change in points (x100)."""
+    rows = []
+    for name, df in table.groupby("set", sort=False):
+        slow = df[df["method"] == "slow"].iloc[0]
+        for m in methods:
+            hit = df[df["method"] == m]
+            if hit.empty:
+                continue
+            r = hit.iloc[0]
+            rows.append({"set": _label(name), "method": m, "slow accuracy": slow["accuracy"], "accuracy": r["accuracy"],
+                         "accuracy change (points)": 100 * (r["accuracy"] - slow["accuracy"]),
+                         "slow tokens": slow["mean_tokens"], "tokens": r["mean_tokens"],
+                         "x fewer tokens": slow["mean_tokens"] / max(r["mean_tokens"], 1e-9)})
+    return pd.DataFrame(rows)

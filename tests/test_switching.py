@@ -1,0 +1,180 @@
+"""Baselines (DEER-style early exit, budgets, routing) and the switching experiment end to end on a tiny model."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kvlib import tiny_model
+from kvlib.cache import cache_length, crop_cache, kv_layers
+from kvlib.data import MathItem
+from kvlib.decoding import DecodeConfig, decode
+from kvlib.difficulty import prompt_kv_extractor, question_key
+from kvlib.early_exit import EarlyExitConfig, EarlyExitController, budget_generate, early_exit_generate
+from kvlib.generation import GenerationSettings, Prompt, generate, open_store
+from kvlib.switching import (SwitchingPlan, best_spec, budget_grid, evaluate_methods, fit_classifiers, label_frame,
+                             method_row, route)
+from kvlib.switching_report import pareto_figure, table3_markdown, table4_markdown
+from kvlib.thinking import protocol_for, render_prompt
+
+QS = [(f"q{i}", f"What is {i} + {3 * i}?" + " Think." * (i % 3)) for i in range(4)]
+S = GenerationSettings(max_new_tokens=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("qwen2", seed=4)
+
+
+def _slow(model, tok, root):
+    prompts = [Prompt(i, render_prompt(tok, q, "slow")) for i, q in QS]
+    return generate(model, tok, prompts, open_store(root, "m", "slow", S), S, batch_size=3, progress=False)
+
+
+def test_crop_cache_rolls_back(tiny):
+    model, tok = tiny
+    enc = tok(["abc", "abcdef"], return_tensors="pt", padding=True, add_special_tokens=False)
+    res = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=4))
+    cache = res.state.cache
+    before = [k.clone() for k, _ in kv_layers(cache)]
+    n = cache_length(cache)
+    crop_cache(cache, n - 2)
+    assert cache_length(cache) == n - 2
+    assert all(torch.equal(k, b[:, :, : n - 2]) for (k, _), b in zip(kv_layers(cache), before))
+    with pytest.raises(ValueError):
+        crop_cache(cache, n)
+
+
+def test_early_exit_that_never_fires_changes_nothing(tiny, tmp_path):
+    model, tok = tiny
+    never = EarlyExitConfig(threshold=1.0, pause="", min_gap=3)  # a trial at every token after the gap, rolled back
+    recs = early_exit_generate(model, tok, QS, never, settings=S, root=tmp_path, batch_size=3, progress=False)
+    plain = _slow(model, tok, tmp_path)
+    assert [r["token_ids"] for r in recs] == [r["token_ids"] for r in plain]
+    assert all(r["switches"] == [] for r in recs)
+    assert all(len(r["early_exit_trials"]) == 5 and r["trial_tokens"] > 0 for r in recs)
+    assert [t[0] for t in recs[0]["early_exit_trials"]] == [3, 6, 9, 12, 15]  # every 3 tokens until done at 16
+
+
+def test_early_exit_switches_at_a_confident_pause(tiny, tmp_path):
+    model, tok = tiny
+    always = EarlyExitConfig(threshold=1e-9, pause="", min_gap=5, trial_tokens=3)
+    long = GenerationSettings(max_new_tokens=48)
+    recs = early_exit_generate(model, tok, QS, always, settings=long, root=tmp_path, batch_size=4, progress=False)
+    to_fast = tok(protocol_for(tok).to_fast, add_special_tokens=False).input_ids
+    for r in recs:
+        assert [tuple(s) for s in r["switches"]] == [(5, "early_exit")]
+        assert r["token_ids"][5 : 5 + len(to_fast)] == to_fast
+        assert len(r["early_exit_trials"]) == 1
+        assert r["trial_tokens"] == 1 + len(to_fast) + 3 - 1  # pending token + switch text + answer tokens fed
+
+
+def test_early_exit_controller_restores_the_cache(tiny):
+    model, tok = tiny
+    enc = tok([render_prompt(tok, q, "slow") for _, q in QS[:3]], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    ctl = EarlyExitController(tok, protocol_for(tok), EarlyExitConfig(threshold=1.0, pause="", min_gap=2), 3, {-1})
+    seen = []
+
+    def watch(state):
+        n = cache_length(state.cache)
+        out = ctl(state)
+        seen.append((n, cache_length(state.cache), state.attention_mask.shape[1]))
+        return out
+
+    decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=8, stop_token_ids=(-1,)),
+           controller=watch)
+    assert all(a == b == c for a, b, c in seen)
+
+
+def test_budget_forces_the_answer(tiny, tmp_path):
+    model, tok = tiny
+    to_fast = tok(protocol_for(tok).to_fast, add_special_tokens=False).input_ids
+    settings = GenerationSettings(max_new_tokens=64)
+    recs = budget_generate(model, tok, QS, budget=6, answer_tokens=3, settings=settings, root=tmp_path, batch_size=4,
+                           progress=False)
+    for r in recs:
+        assert [tuple(s) for s in r["switches"]] == [(6, "budget_6")]
+        assert r["token_ids"][6 : 6 + len(to_fast)] == to_fast
+        assert r["n_tokens"] <= 6 + len(to_fast) + 3
+
+
+def _records(n, correct, tokens):
+    return [{"item_id": f"i{k}", "correct": c, "n_tokens": t} for k, c, t in zip(range(n), correct, tokens)]
+
+
+def test_routing_rows():
+    fast = _records(4, [True, False, False, True], [5, 5, 5, 5])
+    slow = _records(4, [True, True, False, False], [100, 80, 120, 100])
+    c, t = route(fast, slow, np.array([0, 1, 1, 0]))
+    assert c.tolist() == [True, True, False, True] and t.tolist() == [5, 80, 120, 5]
+    row = method_row("x", "set", c, t, slow_tokens=100.0)
+    assert row["accuracy"] == 0.75 and row["mean_tokens"] == 52.5 and row["token_change_vs_slow_pct"] == -47.5
+
+
+def _items(prefix, n, seed):
+    rng = np.random.default_rng(seed)
+    return [MathItem(f"{prefix}/{k}", f"Tom has {a} apples and gets {b} more. How many apples?", str(a + b), "svamp")
+            for k, (a, b) in enumerate(rng.integers(1, 50, size=(n, 2)))]
+
+
+def _pairs(model, tok, items_by_set, root, plan):
+    """Fast/slow records with prompt KV sums and a scripted grade (stands in for kvlib.answers.answer_records)."""
+    ex = {"prompt_kv": prompt_kv_extractor((4, 8), keep_layers=3)}
+    out = {}
+    for name, items in items_by_set.items():
+        pair = []
+        for mode, budget in (("fast", plan.fast_tokens), ("slow", plan.slow_tokens)):
+            settings = GenerationSettings(max_new_tokens=budget)
+            prompts = [Prompt(it.id, render_prompt(tok, it.question, mode)) for it in items]
+            recs = generate(model, tok, prompts, open_store(root, "m", f"{name}-{mode}", settings, ex), settings,
+                            batch_size=8, extractors=ex, progress=False)
+            pair.append([{**r, "question": it.question, "correct": (k % (2 if mode == "fast" else 3)) != 0}
+                         for k, (r, it) in enumerate(zip(recs, items))])
+        out[name] = tuple(pair)
+    return out
+
+
+def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
+    model, tok = tiny
+    train = {"svamp": _items("svamp/train", 24, 0)}
+    test = {"svamp": _items("svamp/test", 4, 1) + [train["svamp"][0]]}  # one test question also in training
+    plan = SwitchingPlan(train_sets={"svamp": 24}, test_sets={"svamp": 5}, fast_tokens=4, slow_tokens=12,
+                         batch_size=8, grid=((4, 3), (8, 1)), budgets=(3,), check_every=4,
+                         generative_sweep=((50.0, 30.0, 70.0),), random_seeds=20,
+                         early_exit=EarlyExitConfig(min_gap=4, trial_tokens=2))
+    frame, recs = label_frame(_pairs(model, tok, train, tmp_path, plan))
+    test_pairs = _pairs(model, tok, test, tmp_path, plan)
+    test_frame, _ = label_frame(test_pairs)
+    assert set(frame["label"]) <= {0, 25, 75, 100}
+    clfs = fit_classifiers(frame, recs, plan, exclude_questions=test_frame["question"].tolist())
+    assert set(clfs) == {(4, 3), (8, 1)}
+    clf = clfs[best_spec(clfs)]
+    used = clf.info["train_rows"] + clf.info["val_rows"]
+    leaked = train["svamp"][0].question
+    assert used == len(frame) - sum(question_key(q) == question_key(leaked) for q in frame["question"])
+    table, points = evaluate_methods(model, tok, "m", test, test_pairs, clf, plan, root=tmp_path, progress=False)
+    methods = set(table["method"])
+    assert {"fast", "slow", "KV-Classification", "KV-Generative", "random (same slow share)",
+            "oracle (fast if fast is right)", "DEER-style early exit", "budget 3"} <= methods
+    by = table.set_index("method")
+    fast, slow = test_pairs["svamp"]
+    assert by.loc["slow", "mean_tokens"] == np.mean([r["n_tokens"] for r in slow])
+    assert by.loc["oracle (fast if fast is right)", "accuracy"] >= max(by.loc["fast", "accuracy"],
+                                                                       by.loc["slow", "accuracy"])
+    assert by.loc["budget 3", "mean_tokens"] <= 12
+    assert {"KV-Classification", "KV-Generative", "token budget"} <= set(points["method"])
+    md = table3_markdown(table, "caption")
+    assert "KV-Generative" in md and "SVAMP" in md
+    grid = budget_grid(model, tok, "m", test, test_pairs, clfs, plan, root=tmp_path, progress=False)
+    assert len(grid) == 2 * 2 and "2L" not in table4_markdown(grid, "c") and "3L x 4" in table4_markdown(grid, "c")
+    fig = pareto_figure(points)
+    assert len(fig.axes) == 1
