@@ -10,11 +10,12 @@ A failing cell stops the run with a non-zero exit naming the notebook and the ce
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["notebooks", "run_notebook", "main"]
+__all__ = ["notebooks", "run_notebook", "update_readme", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,27 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str =
     return out
 
 
+_TABLE = re.compile(r"(<!-- table: *(?P<name>[\w.-]+) *-->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def update_readme(root: Path = ROOT) -> list[str]:
+    """Copy each generated ``tables/NAME.md`` into README.md between ``<!-- table: NAME -->`` and
+    ``<!-- /table -->``, so the README never holds a typed number. Returns the names filled in."""
+    readme = root / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    filled = []
+
+    def fill(m: re.Match) -> str:
+        path = root / "tables" / f"{m['name']}.md"
+        if not path.exists():
+            return m.group(0)
+        filled.append(m["name"])
+        return m.group(1) + path.read_text(encoding="utf-8").strip() + "\n" + m.group(4)
+
+    readme.write_text(_TABLE.sub(fill, text), encoding="utf-8")
+    return filled
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="small")
@@ -69,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"<== {path.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"all {len(todo)} notebooks done in {(time.perf_counter() - t_all) / 60:.1f} min")
+    print("README tables refreshed:", ", ".join(update_readme()) or "none")
     return 0
 
 

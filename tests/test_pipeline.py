@@ -28,3 +28,14 @@ def test_failing_cell_is_named(tmp_path, monkeypatch, capsys):
     assert pipeline.main(["--out", str(tmp_path / "out")]) == 1
     assert "FAILED: 02_bad.ipynb" in capsys.readouterr().err
     assert (tmp_path / "out" / "01_ok.ipynb").exists()
+
+
+def test_readme_tables_are_copied_from_generated_files(tmp_path):
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t1.md").write_text("caption\n\n| a |\n|---|\n| 1 |\n")
+    (tmp_path / "README.md").write_text("x\n<!-- table: t1 -->\nold\n<!-- /table -->\n<!-- table: missing -->\nkeep\n<!-- /table -->\n")
+    assert pipeline.update_readme(tmp_path) == ["t1"]
+    text = (tmp_path / "README.md").read_text()
+    assert "| 1 |" in text and "old" not in text and "keep" in text
+    pipeline.update_readme(tmp_path)
+    assert (tmp_path / "README.md").read_text() == text  # idempotent
