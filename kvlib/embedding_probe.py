@@ -56,24 +56,11 @@ class ProbeRun:
     size_models: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _have_model_loader() -> bool:
-    try:
-        from .models import load_model  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 def probe_run(profile, model: str = "", seed: int = 0, max_train: int = 0, max_test: int = 0) -> ProbeRun:
-    """The run for a :class:`kvlib.profiles.Profile` (``model``/``max_*`` override it when non-empty/non-zero).
-
-    The smoke profile falls back to the in-process ``tiny-qwen2`` model when ``kvlib.models`` is absent.
-    """
+    """The run for a :class:`kvlib.profiles.Profile` (``model``/``max_*`` override it when non-empty/non-zero)."""
     smoke = profile.name == "smoke"
     name = model or profile.model
-    if smoke and not model and not _have_model_loader():
-        print(f"kvlib.models is not available: the smoke run uses tiny-qwen2 instead of {name}")
-        name = "tiny-qwen2"
     config = ProbeConfig(n_experiments=3, samples_per_label=4, seed=42 + seed) if smoke else ProbeConfig(seed=42 + seed)
     return ProbeRun(
         profile=profile.name, model=name, max_train=max_train or profile.probe_train, max_test=max_test or profile.probe_test,

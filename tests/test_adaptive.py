@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from kvlib import tiny_model
 from kvlib.adaptive import KVSwitchController, SwitchConfig, adaptive_generate, initial_difficulty
@@ -13,15 +12,6 @@ from kvlib.thinking import protocol_for, render_prompt
 
 QS = [(f"q{i}", f"What is {i} + {3 * i}?" + " Think." * (i % 3)) for i in range(5)]
 S = GenerationSettings(max_new_tokens=20)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~15x faster on one thread than on two busy cores (thread spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

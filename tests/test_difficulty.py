@@ -13,15 +13,6 @@ from kvlib.difficulty import (DifficultyClassifier, FeatureSpec, TrainConfig, di
 GRID = (4, 16, 500)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~15x faster on one thread than on two busy cores (thread spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model("qwen2", seed=5)

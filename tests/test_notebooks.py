@@ -4,7 +4,6 @@ Outputs go to build/smoke/ (never over the committed tables and figures); the ge
 temporary folder. Each notebook must run top to bottom and write at least one table and one figure.
 """
 
-import os
 import time
 from pathlib import Path
 

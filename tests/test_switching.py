@@ -1,7 +1,6 @@
 """Baselines (DEER-style early exit, budgets, routing) and the switching experiment end to end on a tiny model."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -19,14 +18,6 @@ from kvlib.thinking import protocol_for, render_prompt
 
 QS = [(f"q{i}", f"What is {i} + {3 * i}?" + " Think." * (i % 3)) for i in range(4)]
 S = GenerationSettings(max_new_tokens=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
