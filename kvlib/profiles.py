@@ -81,7 +81,7 @@ PROFILES: dict[str, Profile] = {
         probe_test=150,
         # add "qwen2.5-1.5b" for the model-size column: ~15 more minutes of prefill on 2 cores
         probe_models=("qwen2.5-0.5b",),
-        live_items=16,
+        live_items=12,
         generative_sweep=((50.0, 30.0, 70.0), (50.0, 45.0, 70.0)),
         budgets=(128,),
     ),

@@ -47,7 +47,7 @@ def selfeval_sets(sizes: Mapping[str, int], data_dir: str | Path | None = None, 
 
 
 def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequence], max_new_tokens: int,
-                   batch_size: int = 16, root=None, seed: int = 0) -> dict[str, pd.DataFrame]:
+                   batch_size: int = 16, root=None, seed: int = 0, min_class: int = MIN_CLASS) -> dict[str, pd.DataFrame]:
     """``{label: score_records(...)}`` for the graded slow answers of every set (generated if not stored)."""
     from .answers import answer_records
     from .coe import hidden_coe_pass
@@ -56,8 +56,12 @@ def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequenc
     for name, items in sets.items():
         records = answer_records(model, tokenizer, model_name, name, items, mode="slow",
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, root=root)
-        records = hidden_coe_pass(model, tokenizer, model_name, name, records, batch_size=max(1, batch_size // 2),
-                                  root=root)
+        n_ok = sum(r["correct"] for r in records)
+        if min(n_ok, len(records) - n_ok) >= min_class:
+            records = hidden_coe_pass(model, tokenizer, model_name, name, records,
+                                      batch_size=max(1, batch_size // 2), root=root)
+        else:  # the table shows no metric for this set: skip the costly re-forward
+            print(f"{name}: {n_ok} correct of {len(records)}: fewer than {min_class} per class, no hidden-state CoE pass")
         scores[SET_LABELS.get(name, name)] = score_records(records, seed=seed)
     return scores
 
