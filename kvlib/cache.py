@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["LayerKV", "output_cache", "cache_kwargs", "cache_layers", "kv_layers", "cache_length", "crop_cache",
-           "masked_mean", "masked_sum"]
+           "rows_view", "keep_rows", "masked_mean", "masked_sum"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def cache_layers(cache) -> list[LayerKV]:
     """Return one :class:`LayerKV` per decoder layer of ``cache``.
 
     Accepts a ``DynamicCache`` / ``StaticCache`` (transformers 4.56 - 5.x, ``.layers``), the older
-    ``key_cache``/``value_cache`` form, or a legacy tuple of ``(keys, values)`` pairs.
+    ``key_cache``/``value_cache`` form, a legacy tuple of ``(keys, values)`` pairs, or a list of
+    :class:`LayerKV` (a :func:`rows_view`).
 
     Raises:
         UnsupportedCacheError: for any other object, with the type in the message.
@@ -103,6 +104,8 @@ def cache_layers(cache) -> list[LayerKV]:
             "got None instead of a cache: call the model with use_cache=True (and, for generate, "
             "return_dict_in_generate=True) so that it returns one"
         )
+    if isinstance(cache, (tuple, list)) and cache and all(isinstance(layer, LayerKV) for layer in cache):
+        return list(cache)
     layers = getattr(cache, "layers", None)
     if layers is not None:
         return [_layer_from_new_api(layer) for layer in layers]
@@ -149,6 +152,32 @@ def crop_cache(cache, length: int) -> None:
         raise ValueError(f"cannot crop a cache of {current} positions to {length}")
     if length < current:
         cache.crop(length - current)
+
+
+def rows_view(cache, rows) -> list[LayerKV]:
+    """A copy of some batch rows of ``cache`` as a list of :class:`LayerKV` (readable by every kvlib reader).
+
+    Args:
+        rows: batch indices (``[R]``); each layer's keys/values become ``[R, kv_heads, seq_held, head_dim]``.
+    """
+    idx = torch.as_tensor(list(rows), dtype=torch.long)
+    out = []
+    for layer in cache_layers(cache):
+        i = idx.to(layer.keys.device)
+        out.append(LayerKV(layer.keys[i], layer.values[i], layer.first_position, layer.sliding_window))
+    return out
+
+
+def keep_rows(cache, rows) -> None:
+    """Keep only batch rows ``rows`` (in that order) of a live transformers cache, in place.
+
+    Used to drop finished sequences from a running batch. Uses ``cache.batch_select_indices`` (4.56 - 5.x).
+    """
+    if not hasattr(cache, "batch_select_indices"):
+        raise UnsupportedCacheError(f"cannot drop batch rows from a cache of type {type(cache).__name__}")
+    layers = cache_layers(cache)
+    device = layers[0].keys.device if layers else "cpu"
+    cache.batch_select_indices(torch.as_tensor(list(rows), dtype=torch.long, device=device))
 
 
 def _expand_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

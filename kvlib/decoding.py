@@ -12,6 +12,11 @@ Batching uses left padding. Injected text is fed as a chunk: each row's pending 
 right-aligned and the unused columns are masked out (attention mask 0), so a row that injects
 nothing simply gets masked filler positions that no query ever attends to. Positions ids count
 only real tokens, so every row sees exactly the positions it would see on its own.
+
+Finished rows can leave the batch (``on_finish``): a batch otherwise keeps paying for every row until
+its longest answer ends (slow answers vary from 100 to 400 tokens). Items keep their *logical* row
+index everywhere (tokens, slots, controllers' outputs); only the cache and the attention mask are
+*physical* and hold the rows in ``state.rows`` (``state.cache_row(i)`` maps one to the other).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Callable, Protocol
 import torch
 from transformers import DynamicCache
 
-from .cache import cache_kwargs, output_cache
+from .cache import cache_kwargs, keep_rows, output_cache, rows_view
 
 __all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "decode", "prefill", "prefill_positions"]
 
@@ -59,15 +64,19 @@ class DecodeConfig:
 class DecodeState:
     """The live state a :class:`Controller` sees after each step.
 
+    Per-item lists are indexed by the item's logical row (its place in the input batch). The cache and
+    the attention mask hold only the rows still in the batch, in the order of ``rows``.
+
     Attributes:
         model: the model being decoded.
-        cache: the live ``DynamicCache`` (prompt + everything fed so far).
-        attention_mask: ``[batch, cache_len]``, 1 where a cache slot holds a real token.
+        cache: the live ``DynamicCache`` (prompt + everything fed so far), batch dimension = ``len(rows)``.
+        attention_mask: ``[len(rows), cache_len]``, 1 where a cache slot holds a real token.
         step: index of the step that just sampled ``tokens[i][-1]``.
         tokens: per item, every token appended after the prompt so far (sampled and injected).
         slots: per item, the cache slot of each token in ``tokens`` that has been fed to the model.
         done: per item, whether it has finished.
         prompt_lengths: per item, the number of real prompt tokens.
+        rows: logical row of each cache row (``range(batch)`` until a row leaves).
     """
 
     model: torch.nn.Module
@@ -79,6 +88,14 @@ class DecodeState:
     done: list[bool]
     prompt_lengths: list[int]
     switches: list[list[tuple[int, str]]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+    def cache_row(self, i: int) -> int:
+        """The cache (physical) row of logical row ``i``; ``ValueError`` if it has left the batch."""
+        try:
+            return self.rows.index(i)
+        except ValueError:
+            raise ValueError(f"row {i} has finished and left the batch") from None
 
 
 class Controller(Protocol):
@@ -103,6 +120,8 @@ class DecodeResult:
         finish_reason: ``"stop"`` (a stop token) or ``"length"`` (budget spent).
         switches: ``(number of tokens before the switch, label)`` for each injection.
         state: the final :class:`DecodeState` (cache and slots) for reading KV features.
+        rows: the logical row of each entry (``range(batch)`` for a whole batch; the leaving rows for the
+            partial results handed to ``on_finish``).
     """
 
     tokens: list[list[int]]
@@ -112,6 +131,11 @@ class DecodeResult:
     finish_reason: list[str]
     switches: list[list[tuple[int, str]]]
     state: DecodeState
+    rows: list[int] | None = None
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = list(range(len(self.tokens)))
 
 
 def prefill_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -183,6 +207,7 @@ def decode(
     controller: Controller | None = None,
     seeds: list[int] | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_finish: Callable[[DecodeResult], None] | None = None,
 ) -> DecodeResult:
     """Decode a left-padded batch on one live cache.
 
@@ -194,6 +219,11 @@ def decode(
         controller: optional injector called after every sampled token (see :class:`Controller`).
         seeds: one seed per row for sampling (default: 0 for every row).
         on_step: called with the number of rows still running after each step (progress bars).
+        on_finish: if given, finished rows leave the batch (the remaining rows decode faster). Before they
+            leave, ``on_finish`` receives a :class:`DecodeResult` of just those rows (``.rows`` = their
+            logical indices; ``.state.cache`` a copy of their cache rows), e.g. to read KV features; every
+            row reaches it exactly once. The returned result still lists every item, but its
+            ``state.cache`` then holds only the rows in ``state.rows``.
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError("input_ids and attention_mask must both be [batch, seq]")
@@ -219,7 +249,7 @@ def decode(
         **cache_kwargs(model, cache),
     )
     cache = output_cache(out)
-    next_pos = attention_mask.sum(-1)  # [batch] next position id of each row
+    next_pos = attention_mask.sum(-1)  # [rows in batch] next position id of each row
     state = DecodeState(
         model=model,
         cache=cache,
@@ -230,12 +260,27 @@ def decode(
         done=[False] * batch,
         prompt_lengths=next_pos.tolist(),
         switches=[[] for _ in range(batch)],
+        rows=list(range(batch)),
     )
     max_prob = [[] for _ in range(batch)]
     entropy = [[] for _ in range(batch)]
     sampled = [[] for _ in range(batch)]
     finish = ["length"] * batch
     logits = out.logits[:, -1, :].float()
+
+    def partial(phys: list[int]) -> DecodeResult:
+        """The results of cache rows ``phys`` (a copy of their cache when others stay in the batch)."""
+        rows = [state.rows[p] for p in phys]
+        whole = phys == list(range(len(state.rows)))
+        sub = DecodeState(model=model, cache=state.cache if whole else rows_view(state.cache, phys),
+                          attention_mask=state.attention_mask[phys], step=state.step,
+                          tokens=[state.tokens[i] for i in rows], slots=[state.slots[i] for i in rows],
+                          done=[state.done[i] for i in rows], prompt_lengths=[state.prompt_lengths[i] for i in rows],
+                          switches=[state.switches[i] for i in rows], rows=list(range(len(rows))))
+        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+        return DecodeResult(tokens=sub.tokens, max_prob=pick(max_prob), entropy=pick(entropy),
+                            sampled_mask=pick(sampled), finish_reason=pick(finish), switches=sub.switches,
+                            state=sub, rows=rows)
 
     for step in range(config.max_new_tokens):  # every running row gains >= 1 token per step
         logp = torch.log_softmax(logits, dim=-1)
@@ -244,15 +289,15 @@ def decode(
         picked = _pick(logits, config, generators).tolist()
         state.step = step
         pending: list[list[int]] = [[] for _ in range(batch)]
-        for i in range(batch):
+        for p, i in enumerate(state.rows):
             if state.done[i]:
                 continue
-            state.tokens[i].append(picked[i])
+            state.tokens[i].append(picked[p])
             sampled[i].append(True)
-            max_prob[i].append(mp[i])
-            entropy[i].append(ent[i])
-            pending[i].append(picked[i])
-            if picked[i] in stop:
+            max_prob[i].append(mp[p])
+            entropy[i].append(ent[p])
+            pending[i].append(picked[p])
+            if picked[p] in stop:
                 state.done[i], finish[i] = True, "stop"
             elif len(state.tokens[i]) >= config.max_new_tokens:
                 state.done[i] = True
@@ -272,23 +317,33 @@ def decode(
             on_step(sum(not d for d in state.done))
         if all(state.done):
             break
+        if on_finish is not None:
+            # Rows leave in groups (each regroup copies the cache): once a quarter of the batch is done.
+            gone = [p for p, i in enumerate(state.rows) if state.done[i]]
+            if gone and len(gone) >= max(1, len(state.rows) // 4):
+                on_finish(partial(gone))
+                keep = [p for p in range(len(state.rows)) if not state.done[state.rows[p]]]
+                keep_rows(cache, keep)
+                attention_mask, next_pos = attention_mask[keep], next_pos[keep]
+                if generators is not None:
+                    generators = [generators[p] for p in keep]
+                state.rows = [state.rows[p] for p in keep]
+                state.attention_mask = attention_mask
         # A finished row is never fed again (masked filler), so its last token has no cache slot,
         # exactly as when it is decoded alone.
-        for i in range(batch):
-            if state.done[i]:
-                pending[i] = []
-        width = max(len(p) for p in pending)
-        chunk = torch.zeros((batch, width), dtype=torch.long, device=device)
-        chunk_mask = torch.zeros((batch, width), dtype=torch.long, device=device)
-        positions = next_pos.unsqueeze(1).expand(batch, width).clone()
+        width = max(len(pending[i]) for i in state.rows if not state.done[i])
+        n_rows = len(state.rows)
+        chunk = torch.zeros((n_rows, width), dtype=torch.long, device=device)
+        chunk_mask = torch.zeros((n_rows, width), dtype=torch.long, device=device)
+        positions = next_pos.unsqueeze(1).expand(n_rows, width).clone()
         base = attention_mask.shape[1]
-        for i, p in enumerate(pending):
-            if not p:
+        for p, i in enumerate(state.rows):
+            if state.done[i]:
                 continue
-            n = len(p)
-            chunk[i, width - n :] = torch.tensor(p, device=device)
-            chunk_mask[i, width - n :] = 1
-            positions[i, width - n :] = next_pos[i] + torch.arange(n, device=device)
+            n = len(pending[i])
+            chunk[p, width - n :] = torch.tensor(pending[i], device=device)
+            chunk_mask[p, width - n :] = 1
+            positions[p, width - n :] = next_pos[p] + torch.arange(n, device=device)
             state.slots[i].extend(range(base + width - n, base + width))
         next_pos = next_pos + chunk_mask.sum(-1)
         attention_mask = torch.cat([attention_mask, chunk_mask], dim=1)
@@ -305,6 +360,8 @@ def decode(
         state.cache = cache
         logits = out.logits[:, -1, :].float()
 
+    if on_finish is not None and state.rows:
+        on_finish(partial(list(range(len(state.rows)))))
     return DecodeResult(
         tokens=state.tokens,
         max_prob=max_prob,

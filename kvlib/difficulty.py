@@ -166,7 +166,8 @@ def live_features(state, rows: Sequence[int], spec: FeatureSpec) -> torch.Tensor
     n_layers = len(layers_kv)
     if spec.n_layers > n_layers:
         raise ValueError(f"L={spec.n_layers} layers requested, the model has {n_layers}")
-    mask = state.attention_mask[rows]  # [R, S]
+    phys = [state.cache_row(i) for i in rows]  # finished rows may have left the batch
+    mask = state.attention_mask[phys]  # [R, S]
     S = mask.shape[1]
     col = torch.arange(S, device=mask.device).expand_as(mask)
     n = min(spec.n_tokens, S)
@@ -174,7 +175,7 @@ def live_features(state, rows: Sequence[int], spec: FeatureSpec) -> torch.Tensor
     top = score.topk(n, dim=-1).values  # [R, n] last n real columns (-1 where a row has fewer)
     valid = (top >= 0).float()
     idx = top.clamp_min(0)
-    r_idx = torch.as_tensor(rows, device=mask.device).unsqueeze(1).expand_as(idx)
+    r_idx = torch.as_tensor(phys, device=mask.device).unsqueeze(1).expand_as(idx)
     acc = None
     for layer in layers_kv[n_layers - spec.n_layers :]:
         local = idx - layer.first_position

@@ -100,17 +100,18 @@ class EarlyExitController:
     def _trial(self, state: DecodeState, rows: list[int]) -> tuple[list[float], list[int]]:
         """Batched trial answers for ``rows`` on the live cache, rolled back afterwards."""
         model, cache, mask0 = state.model, state.cache, state.attention_mask
-        batch, base = mask0.shape
+        batch, base = mask0.shape  # cache rows (finished rows may have left)
         dev = mask0.device
         prefix = self.trial_prefix
         width = 1 + len(prefix)
         chunk = torch.zeros((batch, width), dtype=torch.long, device=dev)
         live = torch.zeros((batch, width), dtype=torch.long, device=dev)
         pos = mask0.sum(-1, keepdim=True).expand(batch, width).clone()
+        phys = {i: state.cache_row(i) for i in rows}
         for i in rows:
-            chunk[i] = torch.tensor([state.tokens[i][-1], *prefix], device=dev)
-            live[i] = 1
-            pos[i] += torch.arange(width, device=dev)
+            chunk[phys[i]] = torch.tensor([state.tokens[i][-1], *prefix], device=dev)
+            live[phys[i]] = 1
+            pos[phys[i]] += torch.arange(width, device=dev)
         probs = {i: [] for i in rows}
         running = set(rows)
         mask = torch.cat([mask0, live], dim=1)
@@ -123,12 +124,13 @@ class EarlyExitController:
                 mp, nxt = p.max(-1)
                 mp, nxt = mp.tolist(), nxt.tolist()
                 for i in list(running):
-                    probs[i].append(mp[i])
-                    if nxt[i] in self.stop or self.config.close in self._piece(nxt[i]):
+                    probs[i].append(mp[phys[i]])
+                    if nxt[phys[i]] in self.stop or self.config.close in self._piece(nxt[phys[i]]):
                         running.discard(i)
                 if not running:
                     break
-                step = torch.tensor([[1 if i in running else 0] for i in range(batch)], device=dev)
+                alive = {phys[i] for i in running}
+                step = torch.tensor([[1 if p in alive else 0] for p in range(batch)], device=dev)
                 chunk = torch.tensor([[t] for t in nxt], device=dev)
                 pos = pos[:, -1:] + 1
                 mask = torch.cat([mask, step], dim=1)

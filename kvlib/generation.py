@@ -119,16 +119,23 @@ def generate(
             enc = tokenizer([p.text for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
             seeds = [_item_seed(settings.seed, p.id) for p in chunk]
             controller = controller_factory(chunk) if controller_factory else None
-            t_batch = time.perf_counter()
-            result = decode(model, enc.input_ids, enc.attention_mask, config, controller=controller, seeds=seeds)
-            gen_seconds = time.perf_counter() - t_batch
             per_row = [dict() for _ in chunk]
-            extract_seconds = {}
-            for name, fn in extractors.items():
-                t_ex = time.perf_counter()
-                for row, arrays in enumerate(fn(model, result, enc.input_ids, enc.attention_mask)):
-                    per_row[row].update(arrays)
-                extract_seconds[name] = (time.perf_counter() - t_ex) / len(chunk)
+            extract_seconds = dict.fromkeys(extractors, 0.0)
+
+            def finished(part, ids=enc.input_ids, mask=enc.attention_mask, per_row=per_row,
+                         extract_seconds=extract_seconds):
+                # rows leave the batch as they finish: read their features while their cache is alive
+                for name, fn in extractors.items():
+                    t_ex = time.perf_counter()
+                    for row, arrays in zip(part.rows, fn(model, part, ids[part.rows], mask[part.rows])):
+                        per_row[row].update(arrays)
+                    extract_seconds[name] += time.perf_counter() - t_ex
+
+            t_batch = time.perf_counter()
+            result = decode(model, enc.input_ids, enc.attention_mask, config, controller=controller, seeds=seeds,
+                            on_finish=finished)
+            gen_seconds = time.perf_counter() - t_batch - sum(extract_seconds.values())
+            extract_seconds = {k: v / len(chunk) for k, v in extract_seconds.items()}
             store.add([_record(tokenizer, p, result, row, per_row[row], gen_seconds / len(chunk), extract_seconds)
                        for row, p in enumerate(chunk)])
             n_tok += sum(len(t) for t in result.tokens)

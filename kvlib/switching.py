@@ -50,6 +50,7 @@ class SwitchingPlan:
         class_taus: thresholds of the KV-Classification sweep (from stored records: free).
         generative_sweep: ``(tau, tau_fast, tau_slow)`` points of the live KV-Generative sweep.
         budgets: token budgets (live); early_exit: DEER-style settings (live).
+        grid_live_sets: sets where Table 4 runs KV-Generative live (``None``: every evaluation set).
         random_seeds: draws averaged for random routing.
     """
 
@@ -68,6 +69,7 @@ class SwitchingPlan:
     generative_sweep: tuple[tuple[float, float, float], ...] = ((50.0, 20.0, 70.0), (50.0, 30.0, 70.0),
                                                                 (50.0, 45.0, 70.0))
     budgets: tuple[int, ...] = (64, 128)
+    grid_live_sets: tuple[str, ...] | None = None
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     val_fraction: float = 0.2
@@ -91,7 +93,8 @@ class SwitchingPlan:
         tests = {k: (min(v, cap) if cap else v) for k, v in profile.switch_test_sets.items()}
         base = dict(train_sets=dict(profile.switch_train_sets), test_sets=tests,
                     fast_tokens=profile.fast_tokens, slow_tokens=profile.slow_tokens, batch_size=profile.batch_size,
-                    generative_sweep=tuple(profile.generative_sweep), budgets=tuple(profile.budgets))
+                    generative_sweep=tuple(profile.generative_sweep), budgets=tuple(profile.budgets),
+                    grid_live_sets=profile.grid_live_sets)
         return cls(**{**base, **overrides})
 
     def with_sizes(self, **kw) -> "SwitchingPlan":
@@ -291,7 +294,9 @@ def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequ
                 pairs: Mapping[str, tuple[list[dict], list[dict]]],
                 classifiers: Mapping[tuple[int, int], DifficultyClassifier], plan: SwitchingPlan, root=None,
                 live: bool = True, progress: bool = True) -> pd.DataFrame:
-    """Table 4: KV-Classification and KV-Generative (the a-priori thresholds) for each ``(N, L)`` classifier."""
+    """Table 4: KV-Classification and KV-Generative (the a-priori thresholds) for each ``(N, L)`` classifier.
+
+    KV-Generative runs live on ``plan.grid_live_sets`` (every set when ``None``)."""
     rows = []
     cfg = SwitchConfig.generative(plan.tau, plan.tau_fast, plan.tau_slow, plan.check_every,
                                   fast_tokens=plan.fast_tokens)
@@ -302,7 +307,7 @@ def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequ
             d0 = clf.predict(record_features(slow, clf.spec))
             grid = {"layers": l, "tokens": n, "val_rmse": clf.info["val_rmse"]}
             rows.append({**method_row("KV-Classification", name, *route(fast, slow, d0 > plan.tau), slow_mean), **grid})
-            if live:
+            if live and (plan.grid_live_sets is None or name in plan.grid_live_sets):
                 recs = adaptive_generate(model, tokenizer, items, clf, cfg, model_name=model_name, dataset=name,
                                          settings=plan.generation(), root=root, batch_size=plan.batch_size,
                                          progress=progress)

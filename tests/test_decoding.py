@@ -104,3 +104,66 @@ def test_clear_errors():
         decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=4))
     with pytest.raises(ValueError, match="max_new_tokens"):
         DecodeConfig(max_new_tokens=0)
+
+
+MANY = PROMPTS + ["what is 12 times 12?", "x", "tell me a story about a cat", "2+2=", "the quick brown fox"]
+
+
+def _staggered_stop(model, tok, n=16):
+    """A stop token that ends the rows of MANY at different steps (some never)."""
+    enc = tok(MANY, return_tensors="pt", padding=True)
+    free = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=n, stop_token_ids=(-1,)))
+    counts = {}
+    for toks in free.tokens:
+        for t in set(toks):
+            counts[t] = counts.get(t, 0) + 1
+    return enc, max(counts, key=lambda t: (0 < counts[t] < len(MANY), counts[t]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_finished_rows_leave_the_batch_without_changing_any_result(arch):
+    """on_finish drops finished rows from the cache; every output equals the run that keeps them."""
+    from kvlib.pooling import token_trajectory
+
+    model, tok = tiny_model(arch, seed=3)
+    enc, stop = _staggered_stop(model, tok)
+    cfg = DecodeConfig(max_new_tokens=16, stop_token_ids=(stop,))
+    full = decode(model, enc.input_ids, enc.attention_mask, cfg)
+    lengths = sorted({len(t) for t in full.tokens})
+    assert len(lengths) >= 3, "the test needs rows that finish at different steps"
+    parts, batch_sizes = [], []
+    res = decode(model, enc.input_ids, enc.attention_mask, cfg, on_finish=parts.append,
+                 on_step=lambda n: None, controller=lambda s: batch_sizes.append(len(s.rows)) or {})
+    assert min(batch_sizes) < len(MANY)  # rows really left
+    assert sorted(r for p in parts for r in p.rows) == list(range(len(MANY)))  # each row handed over once
+    assert res.tokens == full.tokens and res.finish_reason == full.finish_reason
+    assert res.state.slots == full.state.slots
+    for a, b in zip(res.max_prob, full.max_prob):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    from kvlib.cache import cache_layers
+
+    full_attn = [i for i, l in enumerate(cache_layers(full.state.cache)) if l.sliding_window is None]
+    for part in parts:  # the handed-over cache rows hold the same keys/values as the full run's cache
+        for j, row in enumerate(part.rows):
+            assert part.tokens[j] == full.tokens[row] and part.finish_reason[j] == full.finish_reason[row]
+            mine = token_trajectory(part.state.cache, j, part.state.slots[j], part="both", layers=full_attn)
+            ref = token_trajectory(full.state.cache, row, full.state.slots[row], part="both", layers=full_attn)
+            assert torch.allclose(mine, ref, atol=1e-5)
+
+
+def test_injection_and_sampling_survive_rows_leaving():
+    model, tok = tiny_model("qwen3", seed=2)
+    enc, stop = _staggered_stop(model, tok)
+    inject = tok("</think>ok", add_special_tokens=False).input_ids
+
+    def controller(state):  # inject into every still-running odd row at step 5 (logical indices)
+        return {i: (inject, "to_fast") for i in range(1, len(MANY), 2) if state.step == 5 and not state.done[i]}
+
+    for cfg in (DecodeConfig(max_new_tokens=16, stop_token_ids=(stop,)),
+                DecodeConfig(max_new_tokens=16, stop_token_ids=(stop,), do_sample=True, temperature=1.3)):
+        seeds = list(range(len(MANY)))
+        keep = decode(model, enc.input_ids, enc.attention_mask, cfg, controller=controller, seeds=seeds)
+        leave = decode(model, enc.input_ids, enc.attention_mask, cfg, controller=controller, seeds=seeds,
+                       on_finish=lambda part: None)
+        assert leave.tokens == keep.tokens and leave.switches == keep.switches
+        assert any(keep.switches)

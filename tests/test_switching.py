@@ -167,5 +167,8 @@ def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert "KV-Generative" in md and "SVAMP" in md
     grid = budget_grid(model, tok, "m", test, test_pairs, clfs, plan, root=tmp_path, progress=False)
     assert len(grid) == 2 * 2 and "2L" not in table4_markdown(grid, "c") and "3L x 4" in table4_markdown(grid, "c")
+    only_class = budget_grid(model, tok, "m", test, test_pairs, clfs, plan.with_sizes(grid_live_sets=("gsm8k",)),
+                             root=tmp_path, progress=False)  # svamp not listed: no live KV-Generative rows
+    assert list(only_class["method"]) == ["KV-Classification"] * 2
     fig = pareto_figure(points)
     assert len(fig.axes) == 1
