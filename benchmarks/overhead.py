@@ -5,9 +5,10 @@ last-N-token features of the last L layers + the difficulty MLP, every ``--check
 set so that no switch fires, so both runs decode the same number of tokens). B: the same loop with no
 controller. Every item runs to ``--new-tokens`` (no stop token), so tokens/s compare like for like.
 
-Method: one warm-up pair, then ``--reps`` interleaved pairs in alternating order (AB, BA, ...); each pair
-gives a throughput ratio A/B; we report the median ratio and its spread (quartiles, min, max) and the
-median tokens/s of each arm. Eager decoding is launch-bound and its run-to-run noise (several percent)
+Method: one warm-up round, then ``--reps`` rounds of three runs in rotating order: A, B and B' (B again).
+Each round gives a throughput ratio A/B and a control ratio B'/B whose spread is the noise floor of the
+machine (identical work); we report the median ratios, their spread (quartiles, min, max) and the median
+tokens/s of each arm. Eager decoding is launch-bound and its run-to-run noise (several percent)
 exceeds the effect, so we also time the parts: one check (features of every row + MLP, on the final
 cache, synchronised) and one controller call with no row due; ``ratio_from_costs`` = step / (step +
 check / check_every + idle call). Memory: on CUDA the peak allocated bytes of each arm (peak statistics reset
@@ -116,14 +117,17 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, check_every: in
         last_state["s"] = res.state
 
     run(True), run(False)  # warm-up
-    a, b, ratios, peaks_a, peaks_b = [], [], [], [], []
+    a, b, ratios, controls, peaks_a, peaks_b = [], [], [], [], [], []
+    arms = ["A", "B", "B'"]
     for r in range(reps):
-        order = (True, False) if r % 2 == 0 else (False, True)
-        got = {arm: run(arm) for arm in order}
-        a.append(got[True][0]), b.append(got[False][0])
-        peaks_a.append(got[True][1]), peaks_b.append(got[False][1])
-        ratios.append(got[True][0] / got[False][0])
+        order = arms[r % 3:] + arms[: r % 3]
+        got = {arm: run(arm == "A") for arm in order}
+        a.append(got["A"][0]), b.append(got["B"][0])
+        peaks_a.append(got["A"][1]), peaks_b.append(got["B"][1])
+        ratios.append(got["A"][0] / got["B"][0])
+        controls.append(got["B'"][0] / got["B"][0])
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    qc = statistics.quantiles(controls, n=4) if len(controls) >= 2 else [controls[0]] * 3
     check_s, idle_s = component_costs(adaptive, clf, last_state["s"], batch, check_every, cuda)
     step_s = batch / statistics.median(b)  # seconds per decoding step without checks
     check_bytes = sum(p.numel() * p.element_size() for p in clf.mlp.parameters()) + \
@@ -134,6 +138,8 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, check_every: in
             "plain_tok_s": statistics.median(b), "checked_tok_s": statistics.median(a),
             "ratio_median": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2],
             "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "control_median": statistics.median(controls), "control_q1": qc[0], "control_q3": qc[2],
+            "control_min": min(controls), "control_max": max(controls),
             "check_ms": 1e3 * check_s, "idle_controller_us": 1e6 * idle_s, "step_ms": 1e3 * step_s,
             "ratio_from_costs": step_s / (step_s + check_s / check_every + idle_s),
             "peak_mem_plain_mb": max(peaks_b) / 2**20 if cuda else float("nan"),
@@ -186,10 +192,12 @@ def merge(tables: Path) -> None:
     df = pd.concat(parts, ignore_index=True)
     df.to_csv(tables / "overhead.csv", index=False)
     cols = ["device", "model", "batch", "new_tokens", "check_every", "plain_tok_s", "checked_tok_s", "ratio_median",
-            "ratio_q1", "ratio_q3", "ratio_min", "ratio_max", "reps", "step_ms", "check_ms", "idle_controller_us",
-            "ratio_from_costs", "extra_mem_mb"]
+            "ratio_q1", "ratio_q3", "control_median", "control_q1", "control_q3", "reps", "step_ms", "check_ms",
+            "idle_controller_us", "ratio_from_costs", "extra_mem_mb"]
+    cols = [c for c in cols if c in df]
     cap = ("Decode throughput with KV-Generative difficulty checks (A) vs the same loop without them (B): median of "
-           "per-pair ratios A/B over interleaved repetitions, quartiles and range; extra memory measured as peak "
+           "per-round ratios A/B over interleaved repetitions and quartiles; control: the same ratio for two runs "
+           "without checks (B'/B), i.e. the noise floor of the machine. Extra memory measured as peak "
            "allocated on CUDA, by construction on CPU. Every item decodes the same number of tokens. ratio_from_costs: "
            "step / (step + check / check_every + idle controller call), from separately timed components (less noisy).")
     (tables / "overhead.md").write_text(f"{cap}\n\n{df[cols].to_markdown(index=False, floatfmt='.4g')}\n")

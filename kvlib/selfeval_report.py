@@ -124,13 +124,13 @@ def score_figure(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[st
             if m in data and data[m].notna().any():
                 sns.histplot(data=data, x=m, hue="answer", hue_order=["correct", "wrong"], stat="density",
                              common_norm=False, element="step", bins=20, ax=ax, legend=(r == 0 and c == 0))
+                ax.xaxis.set_major_locator(MaxNLocator(4))
             else:  # scores that need both classes (supervised probe) or were skipped for a one-class set
                 n_ok = int(df["correct"].sum())
                 ax.text(0.5, 0.5, f"not computed:\n{n_ok} correct / {len(df) - n_ok} wrong", ha="center",
                         va="center", transform=ax.transAxes, fontsize=9, color="grey")
                 ax.set_xticks([])
                 ax.set_yticks([])
-            ax.xaxis.set_major_locator(MaxNLocator(4))
             ax.set_xlabel("score (larger = judged correct)" if r == rows - 1 else "")
             ax.set_ylabel(f"{name}\ndensity" if c == 0 else "")
             if r == 0:
