@@ -249,7 +249,7 @@ def decode(
         **cache_kwargs(model, cache),
     )
     cache = output_cache(out)
-    next_pos = attention_mask.sum(-1)  # [rows in batch] next position id of each row
+    next_pos = attention_mask.sum(-1).tolist()  # next position id of each cache row
     state = DecodeState(
         model=model,
         cache=cache,
@@ -258,7 +258,7 @@ def decode(
         tokens=[[] for _ in range(batch)],
         slots=[[] for _ in range(batch)],
         done=[False] * batch,
-        prompt_lengths=next_pos.tolist(),
+        prompt_lengths=list(next_pos),
         switches=[[] for _ in range(batch)],
         rows=list(range(batch)),
     )
@@ -284,9 +284,10 @@ def decode(
 
     for step in range(config.max_new_tokens):  # every running row gains >= 1 token per step
         logp = torch.log_softmax(logits, dim=-1)
-        mp = logp.max(-1).values.exp().tolist()
-        ent = (-(logp.exp() * logp).sum(-1) / LN2).tolist()
-        picked = _pick(logits, config, generators).tolist()
+        # one device-to-host copy per step: max prob, entropy and token id (ids < 2**24 are exact in fp32)
+        stats = torch.stack([logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1) / LN2,
+                             _pick(logits, config, generators).to(logp.dtype)]).tolist()
+        mp, ent, picked = stats[0], stats[1], [int(t) for t in stats[2]]
         state.step = step
         pending: list[list[int]] = [[] for _ in range(batch)]
         for p, i in enumerate(state.rows):
@@ -324,28 +325,28 @@ def decode(
                 on_finish(partial(gone))
                 keep = [p for p in range(len(state.rows)) if not state.done[state.rows[p]]]
                 keep_rows(cache, keep)
-                attention_mask, next_pos = attention_mask[keep], next_pos[keep]
+                attention_mask, next_pos = attention_mask[keep], [next_pos[p] for p in keep]
                 if generators is not None:
                     generators = [generators[p] for p in keep]
                 state.rows = [state.rows[p] for p in keep]
                 state.attention_mask = attention_mask
         # A finished row is never fed again (masked filler), so its last token has no cache slot,
-        # exactly as when it is decoded alone.
-        width = max(len(pending[i]) for i in state.rows if not state.done[i])
-        n_rows = len(state.rows)
-        chunk = torch.zeros((n_rows, width), dtype=torch.long, device=device)
-        chunk_mask = torch.zeros((n_rows, width), dtype=torch.long, device=device)
-        positions = next_pos.unsqueeze(1).expand(n_rows, width).clone()
+        # exactly as when it is decoded alone. The chunk is built on the host and copied once (a GPU
+        # decode step is launch-bound: per-row copies would cost more than the check they serve).
+        feed = [[] if state.done[i] else pending[i] for i in state.rows]
+        width = max(len(f) for f in feed)
         base = attention_mask.shape[1]
-        for p, i in enumerate(state.rows):
-            if state.done[i]:
-                continue
-            n = len(pending[i])
-            chunk[p, width - n :] = torch.tensor(pending[i], device=device)
-            chunk_mask[p, width - n :] = 1
-            positions[p, width - n :] = next_pos[p] + torch.arange(n, device=device)
-            state.slots[i].extend(range(base + width - n, base + width))
-        next_pos = next_pos + chunk_mask.sum(-1)
+        ids_l, mask_l, pos_l = [], [], []
+        for p, (i, f) in enumerate(zip(state.rows, feed)):
+            pad, start = width - len(f), next_pos[p]
+            ids_l.append([0] * pad + f)
+            mask_l.append([0] * pad + [1] * len(f))
+            pos_l.append([start] * pad + list(range(start, start + len(f))))
+            state.slots[i].extend(range(base + pad, base + width))
+            next_pos[p] = start + len(f)
+        chunk = torch.tensor(ids_l, dtype=torch.long, device=device)
+        chunk_mask = torch.tensor(mask_l, dtype=torch.long, device=device)
+        positions = torch.tensor(pos_l, dtype=torch.long, device=device)
         attention_mask = torch.cat([attention_mask, chunk_mask], dim=1)
         state.attention_mask = attention_mask
         out = model(

@@ -10,6 +10,7 @@ A failing cell stops the run with a non-zero exit naming the notebook and the ce
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -31,6 +32,8 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str =
 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
+    # matplotlib stamps PDFs with this date instead of now: unchanged figures give unchanged files
+    os.environ.setdefault("SOURCE_DATE_EPOCH", "0")
     try:
         pm.execute_notebook(
             str(path), str(out), parameters=parameters, cwd=str(path.parent), kernel_name=kernel_name,
