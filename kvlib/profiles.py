@@ -1,9 +1,9 @@
 """Profiles: which model, data sets and sizes each experiment uses.
 
-* ``small`` (default, ~1 hour on 2 CPU cores): the embedded Qwen2.5-Coder-0.5B-Instruct. It keeps the
-  paper's sets as rows but is mostly wrong on them (GSM8K ~15 %, MATH-500 ~5 % with reasoning), so it
-  adds the easier word-problem sets (SVAMP, ASDiv, MAWPS) where it is right often enough for AUROC and
-  for a difficulty classifier to mean something.
+* ``small`` (default, ~45 minutes on 2 CPU cores from empty stores): the embedded
+  Qwen2.5-Coder-0.5B-Instruct. It keeps the paper's sets as rows but is mostly wrong on them (GSM8K
+  ~15 %, MATH-500 ~5 % with reasoning), so it adds the easier word-problem sets (SVAMP, ASDiv, MAWPS)
+  where it is right often enough for AUROC and for a difficulty classifier to mean something.
 * ``full``: the paper's setting, for a GPU and a model hub (``MODEL=Qwen/Qwen3-8B``).
 * ``smoke``: a few items on the smallest model, for the test suite.
 
