@@ -11,8 +11,8 @@ from .data import MathItem, answer_type, load_math
 from .difficulty import (DifficultyClassifier, FeatureSpec, TrainConfig, difficulty_label, live_features,
                          prompt_kv_extractor, split_by_question, train_classifier)
 from .early_exit import EarlyExitConfig, budget_generate, early_exit_generate
-from .decoding import DecodeConfig, DecodeResult, DecodeState, decode
-from .embedding import (Embedder, HiddenStateEmbedder, KVEmbedder, KVPooling, PrefillConfig, RandomEmbedder,
+from .decoding import DecodeConfig, DecodeResult, DecodeState, decode, prefill
+from .embedding import (Embedder, HiddenStateEmbedder, KVEmbedder, KVPooling, Prefill, PrefillConfig, RandomEmbedder,
                         SentenceTransformerEmbedder, embed_all)
 from .generation import GenerationSettings, Prompt, generate, open_store, record_array
 from .grading import extract_answer, is_correct
@@ -41,8 +41,8 @@ __all__ = [
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "ModelFileError", "load_model",
     "auroc_differences", "coe_cost", "kv_probe_scores", "score_records", "table2", "table2_markdown",
     "MathItem", "answer_type", "load_math", "extract_answer", "is_correct",
-    "DecodeConfig", "DecodeResult", "DecodeState", "decode",
-    "Embedder", "HiddenStateEmbedder", "KVEmbedder", "KVPooling", "PrefillConfig", "RandomEmbedder",
+    "DecodeConfig", "DecodeResult", "DecodeState", "decode", "prefill",
+    "Embedder", "HiddenStateEmbedder", "KVEmbedder", "KVPooling", "Prefill", "PrefillConfig", "RandomEmbedder",
     "SentenceTransformerEmbedder", "embed_all",
     "ProbeConfig", "classification_scores", "layer_sweep", "run_probe_table", "TextSet", "load_textsets",
     "GenerationSettings", "Prompt", "generate", "open_store", "record_array",
