@@ -109,6 +109,7 @@ def generate(
         if tokenizer.padding_side != "left":
             tokenizer.padding_side = "left"
         lengths = {p.id: len(tokenizer(p.text, add_special_tokens=False).input_ids) for p in todo}
+        _check_lengths(model, lengths, settings.max_new_tokens)
         todo.sort(key=lambda p: lengths[p.id])  # similar lengths share a batch: less padding
         config = decode_config(settings)
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc or store.dataset,
@@ -144,6 +145,20 @@ def generate(
             del result
         bar.close()
     return store.records(ids)
+
+
+def _check_lengths(model, lengths: Mapping[str, int], max_new_tokens: int) -> None:
+    """Refuse, before generating anything, prompts whose answer would not fit the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    over = sorted((n, pid) for pid, n in lengths.items() if n + max_new_tokens > limit)
+    if over:
+        shown = ", ".join(f"{pid!r} ({n} tokens)" for n, pid in over[:5]) + (" ..." if len(over) > 5 else "")
+        raise ValueError(
+            f"{len(over)} prompt(s) leave no room for {max_new_tokens} new tokens in the model's context of {limit}: "
+            f"{shown}. Shorten or drop them, or lower max_new_tokens; nothing was generated or stored."
+        )
 
 
 def _record(tokenizer, prompt: Prompt, result: DecodeResult, row: int, arrays: dict, seconds: float,

@@ -114,3 +114,13 @@ def test_trajectory_equals_the_cache_of_a_fresh_forward(tiny, tmp_path):
     traj = record_array(rec, "traj_values")
     assert traj.shape == tuple(ref.shape)
     assert np.allclose(traj, ref.numpy(), atol=2e-3)  # stored as float16
+
+
+def test_prompt_longer_than_the_context_is_refused_before_anything_runs(tiny, tmp_path):
+    model, tok = tiny
+    limit = model.config.max_position_embeddings
+    prompts = _prompts(3) + [Prompt("long", "y" * (limit + 5))]
+    store = open_store(tmp_path, "m", "d", SETTINGS, EX)
+    with pytest.raises(ValueError, match=r"1 prompt\(s\).*'long'.*nothing was generated"):
+        generate(model, tok, prompts, store, SETTINGS, batch_size=2, extractors=EX, progress=False)
+    assert not any(p.id in store for p in prompts)
