@@ -175,8 +175,13 @@ def _stop_ids(model, config: DecodeConfig) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
 
+def context_limit(model) -> int | None:
+    """The number of positions the model supports (``None`` when its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 def _check_context(model, total: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = context_limit(model)
     if limit is not None and total > limit:
         raise ValueError(
             f"prompt + max_new_tokens = {total} positions exceeds the model's context of {limit}: "
@@ -323,7 +328,7 @@ def decode(
             gone = [p for p, i in enumerate(state.rows) if state.done[i]]
             if gone and len(gone) >= max(1, len(state.rows) // 4):
                 on_finish(partial(gone))
-                keep = [p for p in range(len(state.rows)) if not state.done[state.rows[p]]]
+                keep = [p for p in range(len(state.rows)) if p not in gone]
                 keep_rows(cache, keep)
                 attention_mask, next_pos = attention_mask[keep], [next_pos[p] for p in keep]
                 if generators is not None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .decoding import Controller, DecodeConfig, DecodeResult, decode
+from .decoding import Controller, DecodeConfig, DecodeResult, context_limit, decode
 from .store import ResultStore, decode_array, encode_array
 
 __all__ = ["Prompt", "GenerationSettings", "Extractor", "generate", "open_store", "record_array", "decode_config"]
@@ -149,7 +149,7 @@ def generate(
 
 def _check_lengths(model, lengths: Mapping[str, int], max_new_tokens: int) -> None:
     """Refuse, before generating anything, prompts whose answer would not fit the model's context."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = context_limit(model)
     if limit is None:
         return
     over = sorted((n, pid) for pid, n in lengths.items() if n + max_new_tokens > limit)
