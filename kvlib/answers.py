@@ -67,11 +67,11 @@ def answer_records(
     protocol = protocol or protocol_for(tokenizer)
     settings = answer_settings(mode, max_new_tokens)
     extractors = answer_extractors()
-    store = open_store(root or default_store_dir(), model_name, f"{dataset}-{mode}-{protocol.form}",
-                       settings, extractors)
     prompts = [Prompt(it.id, render_prompt(tokenizer, it.question, mode, protocol)) for it in items]
-    records = generate(model, tokenizer, prompts, store, settings, batch_size=batch_size,
-                       extractors=extractors, progress=progress, desc=f"{dataset} {mode}")
+    with open_store(root or default_store_dir(), model_name, f"{dataset}-{mode}-{protocol.form}", settings,
+                    extractors, model=model, tokenizer=tokenizer) as store:
+        records = generate(model, tokenizer, prompts, store, settings, batch_size=batch_size,
+                           extractors=extractors, progress=progress, desc=f"{dataset} {mode}")
     out = []
     for it, rec in zip(items, records):
         finished = rec["finish_reason"] == "stop"

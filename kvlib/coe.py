@@ -184,37 +184,47 @@ def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: li
     Hidden-state CoE needs every layer's hidden states of the answer, which generation does not keep:
     this pass re-forwards prompt + answer with ``output_hidden_states=True`` (see
     :func:`hidden_trajectories`) for the records given, and stores the result in its own run
-    (``kind="hidden_coe"``), keyed by the answer run, so it is computed once. Its cost is recorded as
+    (``kind="hidden_coe"``), so it is computed once. That run is tied to the answers: its identity holds
+    the answer runs' keys and the re-forwarding model, and each of its records the hash of the prompt and
+    token ids it was computed from, checked on reuse. Its cost is recorded as
     ``extract_seconds["hidden_coe"]`` (seconds per item) next to the KV extractor's.
 
     Returns:
         copies of ``records`` with ``hidden_traj`` / ``hidden_bytes`` added to ``arrays``.
+
+    Raises:
+        kvlib.store.StoreMismatchError: a stored trajectory was computed from another answer of the same item.
     """
     import time
 
     from tqdm.auto import tqdm
 
+    from .identity import digest, model_identity
     from .store import ResultStore, default_store_dir, encode_array
 
     if not records:
         return []
-    store = ResultStore(root or default_store_dir(), model_name, dataset,
-                        {"answers": records[0]["settings_key"], "pass": "hidden_coe@1"}, kind="hidden_coe")
-    todo = [r for r in records if r["item_id"] not in store]
-    pad = tokenizer.pad_token_id or 0
-    for start in tqdm(range(0, len(todo), batch_size), desc=f"{dataset} hidden CoE", disable=not progress):
-        chunk = todo[start : start + batch_size]
-        prompts = [tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in chunk]
-        t0 = time.perf_counter()
-        trajs, nbytes = hidden_trajectories(model, prompts, [r["token_ids"] for r in chunk], pad_id=pad)
-        seconds = (time.perf_counter() - t0) / len(chunk)
-        store.add([{"item_id": r["item_id"], "seconds": round(seconds, 4),
-                    "arrays": {"hidden_traj": encode_array(t.numpy().astype(np.float32)),
-                               "hidden_bytes": encode_array(np.asarray([b], dtype=np.int64))}}
-                   for r, t, b in zip(chunk, trajs, nbytes)])
+    inputs = {r["item_id"]: digest([r["prompt"], r["token_ids"]]) for r in records}
+    answers = sorted({r["settings_key"] for r in records})
+    with ResultStore(root or default_store_dir(), model_name, dataset, {"answers": answers, "pass": "hidden_coe@1"},
+                     kind="hidden_coe", model_identity=model_identity(model, tokenizer)) as store:
+        store.verify_inputs(inputs)
+        todo = [r for r in records if r["item_id"] not in store]
+        pad = tokenizer.pad_token_id or 0
+        for start in tqdm(range(0, len(todo), batch_size), desc=f"{dataset} hidden CoE", disable=not progress):
+            chunk = todo[start : start + batch_size]
+            prompts = [tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in chunk]
+            t0 = time.perf_counter()
+            trajs, nbytes = hidden_trajectories(model, prompts, [r["token_ids"] for r in chunk], pad_id=pad)
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            store.add([{"item_id": r["item_id"], "input_sha256": inputs[r["item_id"]], "seconds": round(seconds, 4),
+                        "arrays": {"hidden_traj": encode_array(t.numpy().astype(np.float32)),
+                                   "hidden_bytes": encode_array(np.asarray([b], dtype=np.int64))}}
+                       for r, t, b in zip(chunk, trajs, nbytes)])
+        stored = {r["item_id"]: store.get(r["item_id"]) for r in records}
     out = []
     for r in records:
-        h = store.get(r["item_id"])
+        h = stored[r["item_id"]]
         out.append({**r, "arrays": {**r.get("arrays", {}), **h["arrays"]},
                     "extract_seconds": {**r.get("extract_seconds", {}), "hidden_coe": h["seconds"]}})
     return out

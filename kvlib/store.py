@@ -1,40 +1,80 @@
 """An append-only, resumable on-disk store of per-item results (one JSON line per finished item).
 
-A run is identified by ``(model, dataset, settings)``; its records live in one JSONL file whose name
-carries a hash of the settings, and each record is keyed by its item id. A record is written (and
-flushed to disk) as soon as its item finishes, so a killed run loses at most the batch in flight,
-and a rerun skips every item already there: nothing lost, repeated or recomputed.
+**Identity.** A run is identified by everything that determined its results: :data:`FORMAT_VERSION`,
+the model (:func:`kvlib.identity.model_identity`: weights, dtype, device kind, tokenizer...) and the
+run's settings (decoding settings, extractors with their parameters, method settings). The hash of
+that identity names the file, ``<root>/<kind>/<model name>/<data set>-<hash>.jsonl``, so a change of
+any of it opens a new file: nothing is reused across identities. The file's first line is a header
+holding the identity itself; every record carries its hash (``settings_key``), and its item's input
+hash (``input_sha256``: for generation the rendered prompt). An item whose input changed under the
+same id is an error naming the items (:meth:`ResultStore.verify_inputs`), never a silent reuse.
+
+A store opened without a model identity (``open_store`` without ``model=``) is *unbound*: it has no
+file until :func:`kvlib.generation.generate` binds it to the model it runs.
+
+**One writer.** A writing store holds an exclusive ``flock`` on ``<file>.lock`` (which records pid,
+host and time) from opening until :meth:`ResultStore.close`. A second process is refused at once
+(:class:`StoreLockedError`); the kernel drops the lock of a killed process, so a later run takes
+over with nothing to clean up. Stores of one process share the lock, so re-opening a store in the
+same process (a notebook cell run again) works, and every store object re-reads what the file gained
+before it reads or appends.
+
+**Crash safety.** A record is appended and fsync'ed as soon as its batch finishes, so a killed run
+loses at most the batch in flight and a rerun skips every item already there. A partial last line
+(killed mid-write) is dropped, with a warning, by the next writer, which holds the lock; a reader
+(``readonly=True``) just ignores it (it may be a write in progress) and never changes the file. Any
+other unreadable line is an error naming file and line: nothing is deleted silently.
 
 Arrays (KV trajectories, pooled features) travel inside the record as base64 ``.npy`` bytes, so a
 record is complete or absent, never half-written across files.
-
-Robustness rules:
-
-* a partial last line (the run was killed mid-write) is dropped with a warning and overwritten;
-* any other unreadable line is an error naming the file and line: nothing is deleted silently;
-* a record whose settings differ from the run's is an error (two runs can never mix).
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
 import re
+import socket
+import sys
+import threading
+import time
 import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["ResultStore", "CorruptStoreError", "settings_key", "encode_array", "decode_array", "default_store_dir"]
+from .identity import canonical, differences, digest
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no cross-process lock
+    fcntl = None
+
+__all__ = ["ResultStore", "CorruptStoreError", "StoreLockedError", "StoreMismatchError", "StoreIdentityWarning",
+           "FORMAT_VERSION", "encode_array", "decode_array", "default_store_dir"]
+
+FORMAT_VERSION = 2  # bump when records change meaning: every store then starts a new file
+_SHOWN = 5  # items / fields named in an error before "..."
 
 
 class CorruptStoreError(RuntimeError):
-    """A results file has an unreadable line that is not a partial last line."""
+    """A results file has an unreadable line that is not a partial last line, or a line of another run."""
+
+
+class StoreLockedError(RuntimeError):
+    """Another live process is writing this store."""
+
+
+class StoreMismatchError(ValueError):
+    """What a run asks for differs from what its store holds (settings, model or an item's input)."""
+
+
+class StoreIdentityWarning(UserWarning):
+    """A new store file was started beside one that differs only in the model or the store format."""
 
 
 def default_store_dir() -> Path:
@@ -47,13 +87,6 @@ def default_store_dir() -> Path:
         if (parent / "pyproject.toml").exists() and (parent / "kvlib").is_dir():
             return parent / "runs"
     return here / "runs"
-
-
-def settings_key(settings: Any) -> str:
-    """A short stable hash of a settings dataclass or dict."""
-    data = asdict(settings) if is_dataclass(settings) else dict(settings)
-    blob = json.dumps(data, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def encode_array(a: np.ndarray) -> str:
@@ -70,67 +103,235 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "x"
 
 
+def _listing(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names[:_SHOWN]) + (f" ... ({len(names)} in all)" if len(names) > _SHOWN else "")
+
+
+# ---------- one writer per file ----------
+
+_HELD: dict[str, list] = {}  # lock path -> [fd, users, pid] of the locks this process holds
+_HELD_GUARD = threading.Lock()
+
+
+def _acquire(lock_path: Path, store_path: Path) -> str:
+    key = str(lock_path.resolve())
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[2] == os.getpid():
+            held[1] += 1
+            return key
+        if fcntl is None:
+            _HELD[key] = [None, 1, os.getpid()]
+            return key
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            try:
+                h = json.loads(holder)
+                who = f"pid {h['pid']} on host {h['host']} (since {h['since']}, running {h.get('argv', '?')})"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise StoreLockedError(
+                f"{store_path} is being written by {who}. Two writers would mix their records: wait for that "
+                "run to finish, or stop it (its lock goes with it), then run again. In that process, "
+                "store.close() releases it; to only read, open the store with readonly=True."
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": " ".join(sys.argv)[:200]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        _HELD[key] = [fd, 1, os.getpid()]
+        return key
+
+
+def _release(key: str) -> None:
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[2] == os.getpid():
+            held[1] -= 1
+            if held[1] == 0 and _HELD.pop(key)[0] is not None:
+                os.close(held[0])  # releases the flock; the lock file stays (deleting it would race)
+
+
+# ---------- the store ----------
+
 class ResultStore:
     """Records of one run, keyed by item id.
 
     Args:
         root: store directory (see :func:`default_store_dir`).
-        model: model name (part of the run identity).
+        model: model name (a folder level; what the model *is* comes from ``model_identity``).
         dataset: data set name.
-        settings: a dataclass or dict; its hash names the file and is checked in every record.
+        settings: a dataclass or dict of run settings (decoding, extractors, method).
         kind: what the records hold (``"generation"``, ``"adaptive"``...), a folder level.
+        model_identity: :func:`kvlib.identity.model_identity` of the model; ``None`` leaves the store
+            unbound until :meth:`bind`.
+        readonly: read without the writer lock; never changes the file; :meth:`add` is refused.
     """
 
-    def __init__(self, root: str | Path, model: str, dataset: str, settings: Any, kind: str = "generation"):
-        self.settings = asdict(settings) if is_dataclass(settings) else dict(settings)
-        self.key = settings_key(self.settings)
-        self.path = Path(root) / kind / _slug(model) / f"{_slug(dataset)}-{self.key}.jsonl"
-        self.model, self.dataset = model, dataset
+    def __init__(self, root: str | Path, model: str, dataset: str, settings: Any, kind: str = "generation", *,
+                 model_identity: Mapping | None = None, readonly: bool = False):
+        self.settings = canonical(asdict(settings) if is_dataclass(settings) else dict(settings))
+        self.folder = Path(root) / kind / _slug(model)
+        self.model, self.dataset, self.kind, self.readonly = model, dataset, kind, readonly
+        self.identity: dict | None = None
+        self.key: str | None = None
+        self.path: Path | None = None
+        self._lock: str | None = None
         self._records: dict[str, dict] = {}
-        self._load()
+        self._offset = 0  # bytes of complete lines read so far
+        self._lines = 0
+        if model_identity is not None:
+            self.bind(model_identity)
 
-    def _load(self) -> None:
-        if not self.path.exists():
-            return
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
-        good_bytes = 0
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                good_bytes += len(line) + (1 if n < len(lines) else 0)
+    # ----- identity -----
+
+    def bind(self, model_identity: Mapping) -> "ResultStore":
+        """Fix the model of an unbound store (opens its file); on a bound store, check it is the same model."""
+        model_identity = canonical(dict(model_identity))
+        if self.identity is not None:
+            if self.identity["model"] != model_identity:
+                raise StoreMismatchError(self._differ("model", self.identity["model"], model_identity))
+            return self
+        identity = {"format": FORMAT_VERSION, "model": model_identity, "settings": self.settings}
+        key = digest(identity)
+        path = self.folder / f"{_slug(self.dataset)}-{key}.jsonl"
+        if not self.readonly:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                self._note_siblings(path, identity)
+            self._lock = _acquire(path.with_name(path.name + ".lock"), path)  # bound only once this succeeds
+        self.identity, self.key, self.path = identity, key, path
+        self._sync()
+        return self
+
+    def require_settings(self, expected: Mapping) -> None:
+        """Refuse a run whose settings differ from the store's in any key of ``expected``."""
+        expected = canonical(dict(expected))
+        stored = {k: self.settings.get(k) for k in expected}
+        if stored != expected:
+            raise StoreMismatchError(self._differ("settings", stored, expected))
+
+    def _differ(self, what: str, stored: Any, current: Any) -> str:
+        fields = differences(stored, current, what)
+        return (f"the store {self.path or self.folder} does not match this run's {what} (differing: "
+                f"{', '.join(fields[:_SHOWN])}{' ...' if len(fields) > _SHOWN else ''}); nothing was reused. Open "
+                "the store with the model, settings and extractors of the run (kvlib.generation.open_store).")
+
+    def verify_inputs(self, input_hashes: Mapping[str, str]) -> None:
+        """Refuse to reuse stored items whose input hash (``input_sha256``) differs from ``input_hashes``.
+
+        Raises:
+            StoreMismatchError: naming the items, e.g. a prompt template changed but the item ids did not.
+        """
+        self._sync()
+        changed = [str(i) for i, h in input_hashes.items()
+                   if str(i) in self._records and self._records[str(i)].get("input_sha256") != h]
+        if changed:
+            raise StoreMismatchError(
+                f"{len(changed)} item(s) in {self.path} were stored for another input than this run gives them: "
+                f"{_listing(changed)}. Their prompt (or the answer they were computed from) changed under the "
+                "same item id. Nothing was reused: move that file away to recompute every item, or give the "
+                "changed items new ids."
+            )
+
+    def _note_siblings(self, path: Path, identity: dict) -> None:
+        """Warn when a new file starts beside one with the same settings but another model or format."""
+        pattern = re.compile(re.escape(_slug(self.dataset)) + r"-[0-9a-f]{16}\.jsonl")
+        for other in sorted(self.folder.glob("*.jsonl")):
+            if not pattern.fullmatch(other.name):
                 continue
-            is_last = n == len(lines) or all(not x.strip() for x in lines[n:])
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if is_last and not raw.endswith(b"\n"):
-                    warnings.warn(f"{self.path}: dropping a partial last record (an interrupted write); it will be redone")
-                    with open(self.path, "r+b") as f:
-                        f.truncate(good_bytes)
-                    return
+                with open(other, "rb") as f:
+                    header = json.loads(f.readline())
+                theirs = header["identity"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if theirs.get("settings") == self.settings:
+                fields = differences(theirs, identity)
+                warnings.warn(
+                    f"starting a new store {path}: {other.name} beside it holds results of these settings "
+                    f"for another model or store format (differing: {', '.join(fields[:_SHOWN])}); they are not "
+                    "reused.", StoreIdentityWarning, stacklevel=4)
+                return
+
+    # ----- reading -----
+
+    def _need_path(self) -> Path:
+        if self.path is None:
+            raise RuntimeError(
+                f"the store {self.folder}/{self.dataset} is not bound to a model yet: open it with "
+                "open_store(..., model=model, tokenizer=tokenizer), or pass it to generate(), which binds it."
+            )
+        return self.path
+
+    def _sync(self) -> None:
+        """Read the complete lines the file gained since the last call (another store object may append)."""
+        path = self._need_path()
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < self._offset:  # moved away or replaced: start over
+            self._records.clear()
+            self._offset = self._lines = 0
+        if size == self._offset:
+            return
+        with open(path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read(size - self._offset)
+        end = chunk.rfind(b"\n") + 1
+        for line in chunk[:end].split(b"\n")[:-1]:
+            self._lines += 1
+            if line.strip():
+                self._take(line)
+        self._offset += end
+        if end < len(chunk) and self._lock is not None:  # a torn last line, and we are the only writer
+            warnings.warn(f"{path}: dropping a partial last record (an interrupted write); it will be redone")
+            with open(path, "r+b") as f:
+                f.truncate(self._offset)
+
+    def _take(self, line: bytes) -> None:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise CorruptStoreError(
+                f"{self.path}, line {self._lines}: not valid JSON. Inspect that line; delete it (the item will be "
+                "regenerated) or move the file away to start this run afresh."
+            ) from None
+        if "kvlib_store" in rec:
+            if rec.get("settings_key") != self.key:
+                fields = differences(rec.get("identity"), self.identity)
                 raise CorruptStoreError(
-                    f"{self.path}, line {n}: not valid JSON. Inspect that line; delete it (the item will be "
-                    "regenerated) or move the file away to start this run afresh."
-                ) from None
-            if rec.get("settings_key") != self.key or "item_id" not in rec:
-                raise CorruptStoreError(
-                    f"{self.path}, line {n}: record of another run (settings_key {rec.get('settings_key')!r}, "
-                    f"expected {self.key!r}). Move the file away or delete that line."
+                    f"{self.path}, line {self._lines}: header of another run (differing: {', '.join(fields)}). "
+                    "The file was renamed or copied: move it away."
                 )
-            self._records[str(rec["item_id"])] = rec
-            good_bytes += len(line) + 1
+            return
+        if rec.get("settings_key") != self.key or "item_id" not in rec:
+            raise CorruptStoreError(
+                f"{self.path}, line {self._lines}: record of another run (settings_key {rec.get('settings_key')!r}, "
+                f"expected {self.key!r}). Move the file away or delete that line."
+            )
+        self._records[str(rec["item_id"])] = rec
 
     def __contains__(self, item_id: str) -> bool:
+        self._sync()
         return str(item_id) in self._records
 
     def __len__(self) -> int:
+        self._sync()
         return len(self._records)
 
     def get(self, item_id: str) -> dict:
+        self._sync()
         return self._records[str(item_id)]
 
     def records(self, item_ids: Iterable[str] | None = None) -> list[dict]:
         """Records in the order of ``item_ids`` (all, in insertion order, when ``None``)."""
+        self._sync()
         if item_ids is None:
             return list(self._records.values())
         missing = [i for i in item_ids if str(i) not in self._records]
@@ -139,20 +340,54 @@ class ResultStore:
         return [self._records[str(i)] for i in item_ids]
 
     def missing(self, item_ids: Iterable[str]) -> list[str]:
+        self._sync()
         return [str(i) for i in item_ids if str(i) not in self._records]
+
+    # ----- writing -----
 
     def add(self, records: list[dict]) -> None:
         """Append finished records and flush them to disk before returning."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = []
+        if self.readonly:
+            raise PermissionError(f"{self.path} is open readonly (or closed): open the store again without "
+                                  "readonly=True to add records")
+        self._sync()
+        lines, new = [], {}
+        if self._offset == 0:
+            lines.append(json.dumps({"kvlib_store": FORMAT_VERSION, "settings_key": self.key,
+                                     "identity": self.identity}, separators=(",", ":")))
         for rec in records:
             item_id = str(rec["item_id"])
-            if item_id in self._records:
+            if item_id in self._records or item_id in new:
                 raise ValueError(f"item {item_id!r} is already stored in {self.path}")
-            rec = {**rec, "item_id": item_id, "settings_key": self.key, "model": self.model, "dataset": self.dataset}
+            new[item_id] = rec = {**rec, "item_id": item_id, "settings_key": self.key, "model": self.model,
+                                  "dataset": self.dataset}
             lines.append(json.dumps(rec, separators=(",", ":")))
-            self._records[item_id] = rec
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+        data = ("\n".join(lines) + "\n").encode()
+        with open(self.path, "ab") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        self._offset += len(data)
+        self._lines += len(lines)
+        self._records.update(new)
+
+    # ----- lifetime -----
+
+    def close(self) -> None:
+        """Release the writer lock (the store can still be read)."""
+        if self._lock is not None:
+            _release(self._lock)
+            self._lock = None
+            self.readonly = True
+
+    def __enter__(self) -> "ResultStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
