@@ -16,8 +16,10 @@ Two controllers, both built on :func:`kvlib.decoding.decode` and run through :fu
   :func:`kvlib.difficulty.live_features`). In slow mode ``d < tau_fast`` injects the protocol's switch-to-fast
   text; in fast mode ``d > tau_slow`` injects the switch-to-slow text. Decoding continues on the same
   cache (never regenerated). Rule: each direction at most once per item, and never back to slow after a
-  switch to fast (the final answer is being written). Every appended token counts, injected text
-  included; each switch is recorded as ``(tokens before it, label)`` and each check as ``(tokens, d)``.
+  switch to fast (the final answer is being written). A row whose model has ended its thinking itself
+  (``</think>``, or the prompt form's boxed answer: :class:`kvlib.thinking.ThinkingWatch`) is no longer
+  checked and never gets switch text. Every appended token counts, injected text included; each switch
+  is recorded as ``(tokens before it, label)`` and each check as ``(tokens, d)``.
 
 The paper's own code made the in-generation switch post hoc (generate a whole answer, find the first
 crossing, regenerate from the cut text, count only the second stage): this module is the online version.
@@ -37,8 +39,9 @@ from .cache import cache_layers
 from .decoding import DecodeConfig, DecodeState, decode
 from .difficulty import DifficultyClassifier, last_n_sums, live_features
 from .generation import GenerationSettings, Prompt, generate, record_array
+from .identity import callable_identity, model_identity
 from .store import ResultStore, default_store_dir
-from .thinking import ThinkingProtocol, protocol_for, render_prompt
+from .thinking import ThinkingProtocol, ThinkingWatch, protocol_for, render_prompt
 
 __all__ = ["SwitchConfig", "KVSwitchController", "classifier_difficulty", "adaptive_generate", "initial_difficulty",
            "as_questions", "trace_extractor", "controlled_generate"]
@@ -113,11 +116,14 @@ class KVSwitchController:
         check_every: tokens between checks (``None``: never check).
         fast_cap: ends (unfinished) a row that has stayed in fast mode for this many tokens, by marking it
             done in the decoding state (``None``: no cap).
+        watch: follows whether each row's model ended its thinking itself (its ``thinking`` flags are the
+            rows' slow modes); a closed row is never checked nor switched again. ``None``: nobody watches.
     """
 
     def __init__(self, difficulty: DifficultyFn | None, modes: Sequence[Mode], switch_ids: dict[str, list[int]],
-                 check_every: int | None, tau_fast: float, tau_slow: float, fast_cap: int | None = None):
-        self.difficulty, self.modes, self.fast_cap = difficulty, list(modes), fast_cap
+                 check_every: int | None, tau_fast: float, tau_slow: float, fast_cap: int | None = None, *,
+                 watch: ThinkingWatch | None = None):
+        self.difficulty, self.modes, self.fast_cap, self.watch = difficulty, list(modes), fast_cap, watch
         self.start = list(modes)
         self.switch_ids, self.k = switch_ids, check_every
         self.tau_fast, self.tau_slow = tau_fast, tau_slow
@@ -131,13 +137,14 @@ class KVSwitchController:
         return self.modes[i] == "slow" or "slow" not in self.went[i]
 
     def __call__(self, state: DecodeState) -> dict[int, tuple[list[int], str]]:
+        closed = self.watch.update(state) if self.watch is not None else [False] * len(self.modes)
         if self.fast_cap is not None:
             for i, mode in enumerate(self.start):
                 if mode == "fast" and not self.went[i] and not state.done[i] and len(state.tokens[i]) >= self.fast_cap:
                     state.done[i] = True  # the fast budget is spent: the item ends unfinished
         if self.k is None:
             return {}
-        due = [i for i in range(len(self.modes)) if not state.done[i] and self._can_switch(i)
+        due = [i for i in range(len(self.modes)) if not state.done[i] and not closed[i] and self._can_switch(i)
                and len(state.tokens[i]) - self.last[i] >= self.k]
         if not due:
             return {}
@@ -155,6 +162,8 @@ class KVSwitchController:
             if target is not None:
                 self.modes[i] = target
                 self.went[i].add(target)
+                if self.watch is not None:
+                    self.watch.set_thinking(i, target == "slow")
                 out[i] = (self.switch_ids[target], f"to_{target}")
                 self.last[i] = n + len(self.switch_ids[target])  # the next check counts from after the switch text
         return out
@@ -248,10 +257,18 @@ def controlled_generate(model, tokenizer, prompts: list[Prompt], make_controller
         return holder["controller"]
 
     extractors = {"trace": trace_extractor(holder)}
-    store = ResultStore(root or default_store_dir(), model_name, dataset,
-                        {**settings.identity(extractors), **identity}, kind=kind)
-    return generate(model, tokenizer, prompts, store, settings, batch_size=batch_size, extractors=extractors,
-                    controller_factory=factory, progress=progress, desc=f"{dataset} {identity.get('method', kind)}")
+    with _method_store(model, tokenizer, extractors, identity, model_name, dataset, settings, root, kind) as store:
+        return generate(model, tokenizer, prompts, store, settings, batch_size=batch_size, extractors=extractors,
+                        controller_factory=factory, progress=progress,
+                        desc=f"{dataset} {identity.get('method', kind)}")
+
+
+def _method_store(model, tokenizer, extractors: dict, identity: dict, model_name: str, dataset: str,
+                  settings: GenerationSettings, root, kind: str, readonly: bool = False) -> ResultStore:
+    """The store of a controlled run: the model, the generation settings and extractors, and the method's
+    ``identity`` (its settings: thresholds, classifier fingerprint, difficulty function...)."""
+    return ResultStore(root or default_store_dir(), model_name, dataset, {**settings.identity(extractors), **identity},
+                       kind=kind, model_identity=model_identity(model, tokenizer), readonly=readonly)
 
 
 def adaptive_generate(model, tokenizer, questions, classifier: DifficultyClassifier | None,
@@ -276,10 +293,11 @@ def adaptive_generate(model, tokenizer, questions, classifier: DifficultyClassif
     protocol = protocol or protocol_for(tokenizer)
     qs = as_questions(questions)
     identity = {"method": "kv-switch", "switch": asdict(config), "protocol": asdict(protocol),
-                "classifier": classifier.fingerprint() if classifier is not None and config.needs_classifier else None}
+                "classifier": classifier.fingerprint() if classifier is not None and config.needs_classifier else None,
+                "difficulty": callable_identity(difficulty) if difficulty is not None else None}
     # d0 only for items not stored yet (the store is opened again, identically, by controlled_generate)
-    probe = ResultStore(root or default_store_dir(), model_name, dataset,
-                        {**settings.identity(["trace"]), **identity}, kind="adaptive")
+    probe = _method_store(model, tokenizer, {"trace": trace_extractor({})}, identity, model_name, dataset, settings,
+                          root, "adaptive", readonly=True)
     todo = [(i, q) for i, q in qs if i not in probe]
     d0 = {i: float("nan") for i, _ in qs}
     if config.start == "auto" and todo:
@@ -307,8 +325,10 @@ def adaptive_generate(model, tokenizer, questions, classifier: DifficultyClassif
     def make_controller(chunk):
         if config.check_every is None and config.fast_tokens is None:
             return None
-        return KVSwitchController(difficulty, [modes[p.id] for p in chunk], switch_ids, config.check_every,
-                                  config.tau_fast, config.tau_slow, config.fast_tokens)
+        start = [modes[p.id] for p in chunk]
+        watch = ThinkingWatch(tokenizer, protocol, [m == "slow" for m in start])
+        return KVSwitchController(difficulty, start, switch_ids, config.check_every, config.tau_fast,
+                                  config.tau_slow, config.fast_tokens, watch=watch)
 
     records = controlled_generate(model, tokenizer, prompts, make_controller, identity, model_name=model_name,
                                   dataset=dataset, settings=settings, root=root, batch_size=batch_size,

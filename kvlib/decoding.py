@@ -13,6 +13,14 @@ right-aligned and the unused columns are masked out (attention mask 0), so a row
 nothing simply gets masked filler positions that no query ever attends to. Positions ids count
 only real tokens, so every row sees exactly the positions it would see on its own.
 
+A controller may also *withdraw* a row's last sampled tokens before injecting (``(ids, label, n)``): the
+tokens leave the row's output, their cache slots are masked like filler and the row's positions rewind,
+so the row continues exactly as if they had never been sampled (the DEER-style exit ends the thinking
+*before* the transition word that triggered it). ``state.withdrawn`` counts them per row.
+
+Sampling follows ``generate``'s order: temperature, then top-k, then top-p (:func:`next_token_probs`);
+each row draws from its own seeded generator, so a row's sample never depends on its batch neighbours.
+
 Finished rows can leave the batch (``on_finish``): a batch otherwise keeps paying for every row until
 its longest answer ends (slow answers vary from 100 to 400 tokens). Items keep their *logical* row
 index everywhere (tokens, slots, controllers' outputs); only the cache and the attention mask are
@@ -21,6 +29,7 @@ index everywhere (tokens, slots, controllers' outputs); only the cache and the a
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -30,7 +39,8 @@ from transformers import DynamicCache
 
 from .cache import cache_kwargs, keep_rows, output_cache, rows_view
 
-__all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "decode", "prefill", "prefill_positions"]
+__all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "decode", "prefill", "prefill_positions",
+           "next_token_probs"]
 
 LN2 = math.log(2.0)
 
@@ -43,19 +53,23 @@ class DecodeConfig:
         max_new_tokens: budget per item, counting every token appended after the prompt (injected
             control text included).
         do_sample: sample instead of greedy argmax.
-        temperature, top_p: sampling settings (ignored when greedy).
+        temperature, top_k, top_p: sampling settings, applied in this order (ignored when greedy);
+            ``top_k=0`` and ``top_p=1`` switch their filter off.
         stop_token_ids: token ids that end an item; ``None`` uses the model's ``eos_token_id``(s).
     """
 
     max_new_tokens: int = 256
     do_sample: bool = False
     temperature: float = 1.0
+    top_k: int = 0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), not {self.top_k!r}")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
 
@@ -77,6 +91,7 @@ class DecodeState:
         done: per item, whether it has finished.
         prompt_lengths: per item, the number of real prompt tokens.
         rows: logical row of each cache row (``range(batch)`` until a row leaves).
+        withdrawn: per item, how many sampled tokens a controller withdrew (generated, then dropped).
     """
 
     model: torch.nn.Module
@@ -89,6 +104,7 @@ class DecodeState:
     prompt_lengths: list[int]
     switches: list[list[tuple[int, str]]] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
+    withdrawn: list[int] = field(default_factory=list)
 
     def cache_row(self, i: int) -> int:
         """The cache (physical) row of logical row ``i``; ``ValueError`` if it has left the batch."""
@@ -101,11 +117,12 @@ class DecodeState:
 class Controller(Protocol):
     """Decides, after each sampled token, whether to inject token ids into some rows.
 
-    Returns a mapping ``row -> (token ids, label)`` for rows to inject into (empty for none). The label
-    is recorded with the position of the switch.
+    Returns a mapping ``row -> (token ids, label)`` for rows to inject into (empty for none), or
+    ``row -> (token ids, label, n)`` to first withdraw the row's last ``n`` tokens (all of them sampled,
+    the newest included). The label is recorded with the position of the switch (after the withdrawal).
     """
 
-    def __call__(self, state: DecodeState) -> dict[int, tuple[list[int], str]]: ...
+    def __call__(self, state: DecodeState) -> dict[int, tuple]: ...
 
 
 @dataclass
@@ -113,7 +130,8 @@ class DecodeResult:
     """Per-item outputs of :func:`decode` (lists of length ``batch``).
 
     Attributes:
-        tokens: every appended token id (sampled and injected), EOS included when reached.
+        tokens: every appended token id (sampled and injected), EOS included when reached; tokens a controller
+            withdrew are not in it (``state.withdrawn`` counts them).
         max_prob: max softmax probability of each sampled step (injected tokens have no entry).
         entropy: base-2 entropy of each sampled step's next-token distribution.
         sampled_mask: per appended token, True when the model chose it, False when injected.
@@ -189,16 +207,31 @@ def _check_context(model, total: int) -> None:
         )
 
 
-def _pick(logits: torch.Tensor, config: DecodeConfig, generators) -> torch.Tensor:
-    """Next token per row from ``[batch, vocab]`` logits."""
-    if not config.do_sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / config.temperature, dim=-1)
+def next_token_probs(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
+    """The sampling distribution ``[batch, vocab]`` from ``[batch, vocab]`` logits.
+
+    Temperature first, then top-k (keep the ``top_k`` largest logits; ties with the k-th are kept, as in
+    ``generate``), then top-p (keep the smallest set of most likely tokens whose mass reaches ``top_p``,
+    renormalised). Each row is filtered on its own.
+    """
+    logits = logits / config.temperature
+    if 0 < config.top_k < logits.shape[-1]:
+        kth = logits.topk(config.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if config.top_p < 1.0:
         sorted_p, idx = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < config.top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
         probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _pick(logits: torch.Tensor, config: DecodeConfig, generators) -> torch.Tensor:
+    """Next token per row from ``[batch, vocab]`` logits."""
+    if not config.do_sample:
+        return logits.argmax(-1)
+    probs = next_token_probs(logits, config)
     # one generator per row, so an item's sample does not depend on its batch neighbours
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
 
@@ -266,6 +299,7 @@ def decode(
         prompt_lengths=list(next_pos),
         switches=[[] for _ in range(batch)],
         rows=list(range(batch)),
+        withdrawn=[0] * batch,
     )
     max_prob = [[] for _ in range(batch)]
     entropy = [[] for _ in range(batch)]
@@ -281,13 +315,16 @@ def decode(
                           attention_mask=state.attention_mask[phys], step=state.step,
                           tokens=[state.tokens[i] for i in rows], slots=[state.slots[i] for i in rows],
                           done=[state.done[i] for i in rows], prompt_lengths=[state.prompt_lengths[i] for i in rows],
-                          switches=[state.switches[i] for i in rows], rows=list(range(len(rows))))
+                          switches=[state.switches[i] for i in rows], rows=list(range(len(rows))),
+                          withdrawn=[state.withdrawn[i] for i in rows])
         pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
         return DecodeResult(tokens=sub.tokens, max_prob=pick(max_prob), entropy=pick(entropy),
                             sampled_mask=pick(sampled), finish_reason=pick(finish), switches=sub.switches,
                             state=sub, rows=rows)
 
-    for step in range(config.max_new_tokens):  # every running row gains >= 1 token per step
+    # Until every row is done: a running row gains a sampled token per step, so this takes at most
+    # max_new_tokens steps, plus one per token a controller withdraws.
+    for step in itertools.count():
         logp = torch.log_softmax(logits, dim=-1)
         # one device-to-host copy per step: max prob, entropy and token id (ids < 2**24 are exact in fp32)
         stats = torch.stack([logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1) / LN2,
@@ -308,9 +345,16 @@ def decode(
             elif len(state.tokens[i]) >= config.max_new_tokens:
                 state.done[i] = True
         if controller is not None:
-            for i, (ids, label) in controller(state).items():
+            for i, action in controller(state).items():
+                ids, label, n_back = (*action, 0) if len(action) == 2 else action
                 if state.done[i] or not ids:
+                    if n_back and not state.done[i]:
+                        raise ValueError(f"row {i}: withdrawing tokens needs text to inject in their place "
+                                         "(a row must feed something at every step)")
                     continue
+                if n_back:
+                    attention_mask = _withdraw(state, i, n_back, pending[i], sampled[i], max_prob[i], entropy[i],
+                                               attention_mask, next_pos)
                 room = config.max_new_tokens - len(state.tokens[i])
                 ids = list(ids)[:room]
                 state.switches[i].append((len(state.tokens[i]), label))
@@ -377,3 +421,30 @@ def decode(
         switches=state.switches,
         state=state,
     )
+
+
+def _withdraw(state: DecodeState, i: int, n: int, pending: list[int], sampled: list[bool], max_prob: list[float],
+              entropy: list[float], attention_mask: torch.Tensor, next_pos: list[int]) -> torch.Tensor:
+    """Take back row ``i``'s last ``n`` sampled tokens; returns the (new) attention mask.
+
+    Tokens not fed yet leave the pending chunk; fed ones keep their cache slots but are masked out (like
+    filler) and the row's next position id rewinds, so what follows sees exactly what it would see had they
+    never been sampled.
+    """
+    if not 0 < n <= len(state.tokens[i]) or not all(sampled[-n:]):
+        raise ValueError(f"row {i}: a controller may withdraw only the row's own last sampled tokens "
+                         f"(asked for {n}, the row has {len(state.tokens[i])} tokens); withdraw fewer")
+    unfed = min(n, len(pending))
+    del pending[len(pending) - unfed:]
+    fed = n - unfed
+    if fed:
+        p = state.cache_row(i)
+        cols = state.slots[i][-fed:]
+        del state.slots[i][-fed:]
+        attention_mask = attention_mask.clone()  # never write into a tensor the caller may hold
+        attention_mask[p, cols] = 0
+        state.attention_mask = attention_mask
+        next_pos[p] -= fed
+    del state.tokens[i][-n:], sampled[-n:], max_prob[-n:], entropy[-n:]
+    state.withdrawn[i] += n
+    return attention_mask

@@ -7,9 +7,16 @@ features, a hidden-state re-forward...), and appends one record per item to a
 :class:`~kvlib.store.ResultStore`. Items already in the store are skipped, so a killed run resumes
 where it stopped. Results never depend on batch composition (tested: batched == one at a time).
 
-A record holds: ``item_id``, ``prompt``, ``output`` (decoded text), ``token_ids``, ``n_tokens``,
-``finish_reason`` (``stop`` | ``length``), per sampled token ``max_prob`` and ``entropy`` (base 2),
-``switches`` and, per extractor, its arrays (base64 ``.npy``; read them with :func:`record_array`).
+Before reusing anything, :func:`generate` binds the store to the model it runs (weights, dtype, device
+kind, tokenizer: :func:`kvlib.identity.model_identity`), checks that the store was opened for its
+settings and extractors (with their parameters), and checks each stored item's prompt hash against the
+prompt it is given now. A store of another model is another file; other settings or a changed prompt
+are errors naming what differs.
+
+A record holds: ``item_id``, ``prompt``, ``input_sha256`` (hash of the prompt), ``output`` (decoded
+text), ``token_ids``, ``n_tokens``, ``finish_reason`` (``stop`` | ``length``), per sampled token
+``max_prob`` and ``entropy`` (base 2), ``switches`` and, per extractor, its arrays (base64 ``.npy``;
+read them with :func:`record_array`).
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .decoding import Controller, DecodeConfig, DecodeResult, context_limit, decode
+from .identity import callable_identity, digest, model_identity
 from .store import ResultStore, decode_array, encode_array
 
-__all__ = ["Prompt", "GenerationSettings", "Extractor", "generate", "open_store", "record_array", "decode_config"]
+__all__ = ["Prompt", "GenerationSettings", "Extractor", "generate", "open_store", "record_array", "decode_config",
+           "prompt_hash"]
 
 # An extractor reads per-row arrays from a finished batch while its cache is alive:
 # (model, result, input_ids, attention_mask) -> one dict of numpy arrays per row.
@@ -50,12 +59,17 @@ class GenerationSettings:
     max_new_tokens: int = 384
     do_sample: bool = False
     temperature: float = 1.0
+    top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
     ignore_eos: bool = False  # benchmarks: always decode max_new_tokens
 
-    def identity(self, extractors: Sequence[str] = ()) -> dict:
-        return {**asdict(self), "extractors": sorted(extractors)}
+    def identity(self, extractors: Mapping[str, Extractor] | None = None) -> dict:
+        """These settings plus, per extractor name, where the extractor is defined and its parameters."""
+        if extractors is not None and not isinstance(extractors, Mapping):
+            raise TypeError("pass the extractors themselves ({name: extractor}), not their names: their "
+                            "parameters are part of the store identity")
+        return {**asdict(self), "extractors": {k: callable_identity(v) for k, v in sorted((extractors or {}).items())}}
 
 
 def decode_config(settings: GenerationSettings, stop_token_ids=None) -> DecodeConfig:
@@ -63,6 +77,7 @@ def decode_config(settings: GenerationSettings, stop_token_ids=None) -> DecodeCo
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,
         temperature=settings.temperature,
+        top_k=settings.top_k,
         top_p=settings.top_p,
         stop_token_ids=() if settings.ignore_eos else stop_token_ids,
     )
@@ -74,6 +89,11 @@ def record_array(record: Mapping, name: str) -> np.ndarray:
     if name not in arrays:
         raise KeyError(f"record {record.get('item_id')!r} has no array {name!r}; it has {sorted(arrays)}")
     return decode_array(arrays[name])
+
+
+def prompt_hash(text: str) -> str:
+    """The per-item input hash a generation record stores (``input_sha256``) and checks on reuse."""
+    return digest(text.encode())
 
 
 def _item_seed(seed: int, item_id: str) -> int:
@@ -95,16 +115,35 @@ def generate(
     """Generate for every prompt not yet in ``store``; return all records in the order of ``prompts``.
 
     Args:
-        store: must have been opened with ``settings.identity(extractors)`` (see :func:`open_store`).
+        store: opened with these ``settings`` and ``extractors`` (see :func:`open_store`); an unbound store
+            is bound to ``model`` here, a bound one must be of this model.
         extractors: name -> function run on each finished batch (its arrays go into the record).
-        controller_factory: builds a decoding controller for a batch (adaptive generation).
+        controller_factory: builds a decoding controller for a batch (adaptive generation; the caller puts
+            its settings into the store identity).
         progress: show a tqdm bar counting finished items and generated tokens.
+
+    Raises:
+        StoreMismatchError: the store is of another model or settings, or a stored item's prompt differs
+            from the one given now (nothing is generated).
     """
     extractors = dict(extractors or {})
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
-        raise ValueError("prompt ids must be unique")
+        seen, dup = set(), []
+        for i in ids:
+            if i in seen and i not in dup:
+                dup.append(i)
+            seen.add(i)
+        raise ValueError(f"prompt ids must be unique; repeated: {', '.join(map(repr, dup[:10]))}"
+                         + (f" and {len(dup) - 10} more" if len(dup) > 10 else ""))
+    store.bind(model_identity(model, tokenizer))
+    store.require_settings(settings.identity(extractors))
+    hashes = {p.id: prompt_hash(p.text) for p in prompts}
+    store.verify_inputs(hashes)
     todo = [p for p in prompts if p.id not in store]
+    if todo and store.readonly:
+        raise PermissionError(f"{len(todo)} item(s) are missing from {store.path}, which is open readonly (or "
+                              "closed): open the store without readonly=True to generate them")
     if todo:
         if tokenizer.padding_side != "left":
             tokenizer.padding_side = "left"
@@ -137,8 +176,8 @@ def generate(
                             on_finish=finished)
             gen_seconds = time.perf_counter() - t_batch - sum(extract_seconds.values())
             extract_seconds = {k: v / len(chunk) for k, v in extract_seconds.items()}
-            store.add([_record(tokenizer, p, result, row, per_row[row], gen_seconds / len(chunk), extract_seconds)
-                       for row, p in enumerate(chunk)])
+            store.add([{**_record(tokenizer, p, result, row, per_row[row], gen_seconds / len(chunk), extract_seconds),
+                        "input_sha256": hashes[p.id]} for row, p in enumerate(chunk)])
             n_tok += sum(len(t) for t in result.tokens)
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
@@ -184,6 +223,19 @@ def _record(tokenizer, prompt: Prompt, result: DecodeResult, row: int, arrays: d
 
 
 def open_store(root, model_name: str, dataset: str, settings: GenerationSettings,
-               extractors: Sequence[str] = (), kind: str = "generation") -> ResultStore:
-    """The store of one generation run; its identity is ``settings`` plus the extractor names."""
-    return ResultStore(root, model_name, dataset, settings.identity(extractors), kind=kind)
+               extractors: Mapping[str, Extractor] | None = None, kind: str = "generation", *, model=None,
+               tokenizer=None, readonly: bool = False) -> ResultStore:
+    """The store of one generation run (see :mod:`kvlib.store` for what its identity holds).
+
+    Args:
+        model_name: the folder name of the model's runs (what the model *is* comes from ``model``).
+        extractors: the extractors the run uses (their parameters are part of the identity).
+        model, tokenizer: bind the store now (needed to read it before :func:`generate`, which binds an
+            unbound store to the model it runs).
+        readonly: read without taking the writer lock (see :class:`~kvlib.store.ResultStore`).
+    """
+    if (model is None) != (tokenizer is None):
+        raise ValueError("pass both model= and tokenizer= (or neither, and let generate() bind the store)")
+    identity = model_identity(model, tokenizer) if model is not None else None
+    return ResultStore(root, model_name, dataset, settings.identity(extractors), kind=kind, model_identity=identity,
+                       readonly=readonly)
