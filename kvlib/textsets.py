@@ -46,7 +46,7 @@ import pandas as pd
 __all__ = [
     "TextSet", "load_amazon_counterfactual", "load_financial_phrasebank", "load_bbc_news", "load_rotten_tomatoes",
     "load_vader_snippets", "fetch_vader", "load_textsets", "cap", "describe", "STANDIN_SETS", "DATA_DIR_SETS",
-    "VADER_SDIST", "VADER_SHA256",
+    "VADER_SDIST", "VADER_SHA256", "TextSets",
 ]
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -87,6 +87,11 @@ class TextSet:
         k = len(self.label_names)
         if any(not 0 <= y < k for y in self.train_labels + self.test_labels):
             raise ValueError(f"{self.name}: labels must lie in 0..{k - 1}")
+        empty = [part for part, texts in (("training pool", self.train_texts), ("test split", self.test_texts))
+                 if not texts]
+        if empty:
+            raise ValueError(f"text set {self.name} has an empty {' and an empty '.join(empty)} (source: "
+                             f"{self.source}): check its files, or leave {self.name} out of the sets")
 
 
 def _from_labels(name, train, test, stands_for, source, samples_per_label=8) -> TextSet:
@@ -174,8 +179,11 @@ def load_rotten_tomatoes() -> TextSet:
 
 
 def fetch_vader(cache_dir: str | Path | None = None) -> Path:
-    """The vaderSentiment 3.3.2 sdist, downloaded once with pip into ``~/.cache/kvlib/vader`` (checksum pinned)."""
-    folder = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "kvlib" / "vader"
+    """The vaderSentiment 3.3.2 sdist, downloaded once with pip into ``<kvlib cache>/vader`` (checksum pinned;
+    the cache is ``$KVLIB_CACHE``, else ``~/.cache/kvlib``: see :func:`kvlib.models.cache_root`)."""
+    from .models import cache_root
+
+    folder = Path(cache_dir).expanduser() if cache_dir else cache_root() / "vader"
     path = folder / VADER_SDIST
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -211,8 +219,13 @@ def cap(ts: TextSet, max_train: int | None, max_test: int | None, seed: int = 0)
     """Stratified, seeded subsample of the pool (``max_train``) and the test split (``max_test``)."""
     from sklearn.model_selection import train_test_split
 
+    for what, n in (("max_train", max_train), ("max_test", max_test)):
+        if n is not None and n < 1:
+            raise ValueError(f"text set {ts.name}: {what}={n} keeps no texts; give a cap of at least 1, or None "
+                             f"for no cap")
+
     def sub(texts, labels, n):
-        if n is None or len(texts) <= n:
+        if n is None or len(texts) <= n:  # a cap, not a size: a smaller set is kept whole (describe() shows it)
             return texts, labels
         counts = np.bincount(labels)
         strat = labels if min(counts[counts > 0]) >= 2 and n >= len(counts[counts > 0]) else None
@@ -226,9 +239,22 @@ def cap(ts: TextSet, max_train: int | None, max_test: int | None, seed: int = 0)
                    test_texts=tuple(te[0]), test_labels=tuple(int(y) for y in te[1]))
 
 
+class TextSets(list):
+    """The probe's sets (a list of :class:`TextSet`) plus ``skipped``: ``[(name, reason)]`` of the optional
+    sets left out because no ``data_dir`` was given, for captions."""
+
+    def __init__(self, sets=(), skipped=()):
+        super().__init__(sets)
+        self.skipped: list[tuple[str, str]] = list(skipped)
+
+
 def load_textsets(data_dir: str | Path | None = None, max_train: int | None = None, max_test: int | None = None,
-                  seed: int = 0, names: tuple[str, ...] | None = None) -> list[TextSet]:
-    """The probe's sets: the two MTEB sets when ``data_dir`` is given (error if it lacks them), then the stand-ins."""
+                  seed: int = 0, names: tuple[str, ...] | None = None) -> TextSets:
+    """The probe's sets: the two MTEB sets when ``data_dir`` is given (error if it lacks them), then the stand-ins.
+
+    Without ``data_dir`` (and without ``names``) the two MTEB sets are left out with a printed notice and
+    listed in the result's ``skipped``. An empty set is an error naming it.
+    """
     loaders = {"BBCNews": load_bbc_news, "RottenTomatoes": load_rotten_tomatoes, "AmazonSnippets": load_vader_snippets}
     wanted = list(names) if names else ([*DATA_DIR_SETS] if data_dir else []) + [*STANDIN_SETS]
     unknown = [n for n in wanted if n not in (*DATA_DIR_SETS, *STANDIN_SETS)]
@@ -236,7 +262,11 @@ def load_textsets(data_dir: str | Path | None = None, max_train: int | None = No
         raise ValueError(f"unknown sets {unknown}; choose from {DATA_DIR_SETS + STANDIN_SETS}")
     if data_dir and any(n in DATA_DIR_SETS for n in wanted):
         _require(data_dir, [f for n in wanted if n in DATA_DIR_SETS for f in _DATA_FILES[n]])
-    out = []
+    skipped = [] if names or data_dir else [(n, "needs DATA_DIR holding " + ", ".join(_DATA_FILES[n]))
+                                             for n in DATA_DIR_SETS]
+    for n, reason in skipped:
+        print(f"skipping {n}: {reason}")
+    out = TextSets(skipped=skipped)
     for n in wanted:
         if n in DATA_DIR_SETS:
             if not data_dir:

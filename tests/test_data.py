@@ -1,10 +1,11 @@
 """Data loaders: counts, ids, seeded subsets, question-disjoint splits, clear errors."""
 
+import json
 from pathlib import Path
 
 import pytest
 
-from kvlib.data import DATASETS, MathItem, answer_type, last_boxed, load_math
+from kvlib.data import DATASETS, MathItem, SelectedSets, SkippedSet, answer_type, last_boxed, load_math, select_sets
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 THEOREMQA = SHARED / "theoremqa_test.json"
@@ -67,8 +68,8 @@ def test_seeded_subsets_deterministic_and_nested():
     d = load_math("gsm8k", "test", n=20, seed=4)
     assert [i.id for i in a] == [i.id for i in b] == [i.id for i in c[:20]]
     assert [i.id for i in a] != [i.id for i in d]
-    assert len(load_math("math500", n=10_000)) == 500
     assert load_math("svamp", "test", n=0) == []
+    assert load_math("math500", n="all") == load_math("math500", n=None) == load_math("math500")
 
 
 def test_clear_errors(tmp_path):
@@ -91,3 +92,86 @@ def test_theoremqa_skips_pictures_and_keeps_types():
     assert kinds == {"bool", "integer", "float", "list of integer", "list of float", "option"}
     assert all(i.answer in ("True", "False") for i in items if answer_type(i) == "bool")
     assert all(i.answer.startswith("[") for i in items if answer_type(i).startswith("list"))
+
+
+def test_subset_larger_than_its_set_is_an_error_naming_set_asked_and_available():
+    with pytest.raises(ValueError, match=r"math500/test has 500 items, 10000 asked: ask for at most 500, or None"):
+        load_math("math500", n=10_000)
+    with pytest.raises(ValueError, match="svamp/test: n must be >= 0"):
+        load_math("svamp", "test", n=-1)
+    with pytest.raises(ValueError, match="gsm8k/test: size 'some' is not a number of items"):
+        load_math("gsm8k", "test", n="some")
+
+
+def _jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_empty_set_and_repeated_ids_are_errors_naming_them(tmp_path):
+    _jsonl(tmp_path / "empty" / "gsm8k" / "test.jsonl", [])
+    with pytest.raises(ValueError, match=r"data set gsm8k/test has no items \(read from .*empty"):
+        load_math("gsm8k", "test", path=tmp_path / "empty")
+    row = {"question": "1 + 1?", "answer": "so #### 2"}
+    _jsonl(tmp_path / "dup" / "gsm8k" / "test.jsonl",
+           [{**row, "idx": 5}, {**row, "idx": 6}, {**row, "idx": 5}, {**row, "idx": 7}, {**row, "idx": 7}])
+    with pytest.raises(ValueError, match=r"repeated item ids: gsm8k/test/5, gsm8k/test/7;"):
+        load_math("gsm8k", "test", path=tmp_path / "dup")
+    (tmp_path / "pictures.json").write_text(json.dumps([{"Question": "q", "Answer": 1, "Answer_type": "integer",
+                                                         "Picture": "p.png"}]))
+    with pytest.raises(ValueError, match="data set theoremqa/test has no items"):
+        load_math("theoremqa", path=tmp_path / "pictures.json")
+
+
+def test_select_sets_sizes_and_errors():
+    sel = select_sets({"svamp": 5, "math500": None, "mawps": "all"}, "train", seed=1)
+    assert isinstance(sel, SelectedSets) and sel.skipped == []
+    assert [i.id for i in sel["svamp"]] == [i.id for i in load_math("svamp", "train", n=5, seed=1)]
+    assert len(sel["math500"]) == 500 and sel["math500"][0].id.startswith("math500/test/")  # its one split
+    assert len(sel["mawps"]) == len(load_math("mawps", "train"))
+    with pytest.raises(ValueError, match="data set gsm8k: size 0 selects no items"):
+        select_sets({"svamp": 3, "gsm8k": 0})
+    with pytest.raises(ValueError, match="gsm8k/test has 1319 items, 2000 asked"):
+        select_sets({"gsm8k": 2000})
+    with pytest.raises(ValueError, match="no data sets asked for"):
+        select_sets({})
+    with pytest.raises(ValueError, match="unknown data set 'gsm9k'"):
+        select_sets({"gsm9k": 3})
+
+
+def test_missing_optional_set_is_skipped_with_its_reason(tmp_path, capsys):
+    sel = select_sets({"gsm8k": 3, "theoremqa": 4})
+    assert list(sel) == ["gsm8k"]
+    assert sel.skipped == [SkippedSet("theoremqa", "needs DATA_DIR holding theoremqa_test.json")]
+    assert "skipping theoremqa: needs DATA_DIR" in capsys.readouterr().out
+    sel = select_sets({"gsm8k": 3, "theoremqa": 4}, data_dir=tmp_path)
+    assert sel.skipped[0].reason == f"no theoremqa_test.json in DATA_DIR={str(tmp_path)!r}"
+    with pytest.raises(ValueError, match=r"every data set asked for was skipped: theoremqa \(needs DATA_DIR"):
+        select_sets({"theoremqa": 4})
+
+
+@pytest.mark.skipif(not THEOREMQA.is_file(), reason="needs ../shared/data/theoremqa_test.json")
+def test_optional_set_is_read_from_data_dir_and_sized():
+    sel = select_sets({"theoremqa": 4}, data_dir=SHARED)
+    assert len(sel["theoremqa"]) == 4 and not sel.skipped
+    with pytest.raises(ValueError, match="theoremqa/test has 747 items, 800 asked"):
+        select_sets({"theoremqa": 800}, data_dir=SHARED)
+
+
+def test_selection_functions_of_the_notebooks_pass_skipped_sets_to_captions():
+    """03 and 04 select through select_sets: a skipped optional set is named in both tables' captions."""
+    from types import SimpleNamespace
+
+    from kvlib.selfeval_report import selfeval_sets
+    from kvlib.switching import SwitchingPlan, switching_items
+    from kvlib.switching_report import caption
+
+    sets = selfeval_sets({"gsm8k": 2, "theoremqa": 2})
+    assert list(sets) == ["gsm8k"] and [s.name for s in sets.skipped] == ["theoremqa"]
+    items = switching_items({"svamp": 2, "theoremqa": 2}, "test")
+    assert list(items) == ["svamp"] and [s.name for s in items.skipped] == ["theoremqa"]
+    plan = SwitchingPlan(train_sets={"svamp": 8, "mawps": 8}, test_sets={"svamp": 2, "theoremqa": 2})
+    clf = SimpleNamespace(spec=SimpleNamespace(n_tokens=32, n_layers=8), info={"train_sets": ["svamp"]})
+    cap = caption("m", "smoke", plan, items, clf, "What.")
+    assert "evaluation sets: SVAMP n=2;" in cap and "train splits of svamp 8 (" in cap
+    assert "Skipped: TheoremQA (needs DATA_DIR holding theoremqa_test.json); MAWPS (no training items). What." in cap

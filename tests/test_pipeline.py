@@ -1,4 +1,5 @@
-"""The papermill runner names the notebook and the cell that failed, and exits non-zero."""
+"""The papermill runner names the notebook and the cell that failed (numbered as in the source notebook), says
+when the kernel died and what to try, and exits non-zero."""
 
 import nbformat
 import pytest
@@ -6,13 +7,17 @@ import pytest
 from kvlib import pipeline
 
 
-def _notebook(path, cells):
+def _notebook(path, cells, parameters=True):
+    """A notebook: a parameters cell (unless ``parameters=False``), then ``cells``; a string starting with
+    ``# md`` is a markdown cell."""
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     params = nbformat.v4.new_code_cell("PROFILE = 'small'\nMODEL = ''\nDATA_DIR = ''")
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.cells = ([params] if parameters else []) + [
+        nbformat.v4.new_markdown_cell(c) if c.startswith("# md") else nbformat.v4.new_code_cell(c) for c in cells]
     nbformat.write(nb, path)
+    return nb
 
 
 @pytest.mark.slow
@@ -33,9 +38,43 @@ def test_failing_cell_is_named(tmp_path, monkeypatch, capsys):
 def test_readme_tables_are_copied_from_generated_files(tmp_path):
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "t1.md").write_text("caption\n\n| a |\n|---|\n| 1 |\n")
-    (tmp_path / "README.md").write_text("x\n<!-- table: t1 -->\nold\n<!-- /table -->\n<!-- table: missing -->\nkeep\n<!-- /table -->\n")
-    assert pipeline.update_readme(tmp_path) == ["t1"]
+    (tmp_path / "tables" / "timings").mkdir()
+    (tmp_path / "tables" / "timings" / "t1.md").write_text("caption\n\n| seconds |\n|---|\n| 2.5 |\n")
+    (tmp_path / "README.md").write_text("x\n<!-- table: t1 -->\nold\n<!-- /table -->\n<!-- table: missing -->\nkeep\n"
+                                        "<!-- /table -->\n<!-- table: timings/t1 -->\nold time\n<!-- /table -->\n")
+    assert pipeline.update_readme(tmp_path) == ["t1", "timings/t1"]
     text = (tmp_path / "README.md").read_text()
-    assert "| 1 |" in text and "old" not in text and "keep" in text
+    assert "| 1 |" in text and "old" not in text and "keep" in text and "| 2.5 |" in text
     pipeline.update_readme(tmp_path)
     assert (tmp_path / "README.md").read_text() == text  # idempotent
+
+
+@pytest.mark.parametrize("parameters", [True, False], ids=["with-parameters-cell", "without"])
+def test_failing_cell_number_is_the_source_index(tmp_path, parameters):
+    """papermill injects a parameters cell (after the tagged one, or first): the number reported is the
+    failing cell's index in the source notebook all the same."""
+    path = tmp_path / "03_bad.ipynb"
+    nb = _notebook(path, ["# md A heading", "y = 2", "raise KeyError('no such set')", "z = 3"], parameters)
+    bad = next(i for i, c in enumerate(nb.cells) if "KeyError" in c.source)
+    with pytest.raises(pipeline.NotebookError) as err:
+        pipeline.run_notebook(path, tmp_path / "out", {"PROFILE": "small"})
+    assert err.value.cell == bad
+    msg = str(err.value)
+    assert msg.startswith(f"03_bad.ipynb: cell {bad} ") and "KeyError" in msg and "no such set" in msg
+    assert "raise KeyError" in msg  # the cell's first line, to find it without counting
+    assert str(tmp_path / "out" / "03_bad.ipynb") in msg and err.value.executed.exists()
+
+
+def test_dead_kernel_names_notebook_cause_and_executed_copy(tmp_path):
+    """A kernel killed mid-cell (as the system does on running out of memory) gives one clear message, not a
+    traceback: the notebook, the cell, memory as the likely cause with what to try, the executed copy."""
+    path = tmp_path / "04_oom.ipynb"
+    _notebook(path, ["x = 1", "# md Now the kernel dies", "import os\nos.kill(os.getpid(), 9)", "y = 2"])
+    with pytest.raises(pipeline.KernelDiedError) as err:
+        pipeline.run_notebook(path, tmp_path / "out", {"PROFILE": "small"})
+    msg = str(err.value)
+    assert msg.startswith("04_oom.ipynb: the kernel died while running cell 3 ")
+    assert "memory" in msg and "smaller PROFILE" in msg and "batch_size" in msg
+    assert str(tmp_path / "out" / "04_oom.ipynb") in msg
+    assert err.value.cell == 3 and err.value.__cause__ is None and err.value.__suppress_context__
+    assert "Traceback" not in msg

@@ -82,3 +82,25 @@ def test_cap_is_stratified_and_seeded():
     assert d.loc[0, "majority acc"] == 0.75 and d.loc[0, "test"] == 20
     with pytest.raises(ValueError, match="labels"):
         TextSet("bad", ("a",), (3,), (), (), ("x",), "-", "-")
+
+
+def test_empty_set_and_empty_cap_are_errors_naming_the_set():
+    with pytest.raises(ValueError, match="text set Empty has an empty test split"):
+        TextSet("Empty", ("a", "b"), (0, 1), (), (), ("x", "y"), "-", "files")
+    with pytest.raises(ValueError, match="text set Nothing has an empty training pool and an empty test split"):
+        TextSet("Nothing", (), (), (), (), ("x",), "-", "files")
+    ts = TextSet("Tiny", ("a", "b"), (0, 1), ("c", "d"), (0, 1), ("x", "y"), "-", "-")
+    with pytest.raises(ValueError, match="text set Tiny: max_test=0 keeps no texts"):
+        cap(ts, None, 0)
+    assert cap(ts, 10, 10) == ts  # a cap, not a size: a smaller set is kept whole
+
+
+def test_sets_left_out_without_data_dir_are_listed(monkeypatch, capsys):
+    fake = TextSet("Fake", ("a", "b"), (0, 1), ("c", "d"), (0, 1), ("x", "y"), "-", "-")
+    for name in ("load_bbc_news", "load_rotten_tomatoes", "load_vader_snippets"):
+        monkeypatch.setattr(textsets, name, lambda *a, **k: fake)
+    sets = load_textsets(None)
+    assert len(sets) == 3 and [n for n, _ in sets.skipped] == ["AmazonCounterfactual", "FinancialPhrasebank"]
+    assert "needs DATA_DIR holding financial_phrasebank_allagree.txt" in dict(sets.skipped)["FinancialPhrasebank"]
+    assert "skipping AmazonCounterfactual: needs DATA_DIR" in capsys.readouterr().out
+    assert load_textsets(None, names=("BBCNews",)).skipped == []  # asked for by name: nothing left out
