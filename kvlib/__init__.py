@@ -16,6 +16,7 @@ from .embedding import (Embedder, HiddenStateEmbedder, KVEmbedder, KVPooling, Pr
                         SentenceTransformerEmbedder, embed_all)
 from .generation import GenerationSettings, Prompt, generate, open_store, record_array
 from .grading import extract_answer, is_correct
+from .identity import callable_identity, model_identity
 from .memory import measure_cache_bytes, memory_estimate, parameter_count, prefill_peak, shipped_configs, vram_curve
 from .metrics import aupr, auroc, bootstrap_auroc_ci, evaluate_score, fpr_at_tpr, paired_auroc_difference
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelFileError, load_model
@@ -24,7 +25,7 @@ from .probe import ProbeConfig, classification_scores, layer_sweep, run_probe_ta
 from .selfeval import auroc_differences, coe_cost, kv_probe_scores, score_records, table2, table2_markdown
 from .switching import SwitchingPlan
 from .profiles import Profile, get_profile
-from .store import CorruptStoreError, ResultStore
+from .store import CorruptStoreError, ResultStore, StoreLockedError, StoreMismatchError
 from .textsets import TextSet, load_textsets
 from .thinking import ThinkingProtocol, protocol_for, render_prompt
 from .tiny import TINY_ARCHS, tiny_model
@@ -47,7 +48,7 @@ __all__ = [
     "ProbeConfig", "classification_scores", "layer_sweep", "run_probe_table", "TextSet", "load_textsets",
     "GenerationSettings", "Prompt", "generate", "open_store", "record_array",
     "kv_trajectory_extractor", "select_layers", "token_trajectory",
-    "CorruptStoreError", "ResultStore",
+    "CorruptStoreError", "ResultStore", "StoreLockedError", "StoreMismatchError", "callable_identity", "model_identity",
     "ThinkingProtocol", "protocol_for", "render_prompt",
     "TINY_ARCHS", "tiny_model",
 ]

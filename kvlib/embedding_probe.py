@@ -20,6 +20,7 @@ import pandas as pd
 from .embedding import (HiddenStateEmbedder, KVEmbedder, KVPooling, Prefill, PrefillConfig, RandomEmbedder,
                         SentenceTransformerEmbedder)
 from .probe import ProbeConfig
+from .profiles import hardware_label
 
 __all__ = ["PAPER_TABLE1", "ProbeRun", "probe_run", "load_lm", "standard_embedders", "table1", "plot_table1",
            "plot_sweep", "release"]
@@ -54,6 +55,7 @@ class ProbeRun:
     prefill: PrefillConfig
     config: ProbeConfig
     size_models: tuple[str, ...] = field(default_factory=tuple)
+    placement: dict = field(default_factory=dict, compare=False)
 
 
 
@@ -61,23 +63,27 @@ def probe_run(profile, model: str = "", seed: int = 0, max_train: int = 0, max_t
     """The run for a :class:`kvlib.profiles.Profile` (``model``/``max_*`` override it when non-empty/non-zero)."""
     smoke = profile.name == "smoke"
     name = model or profile.model
+    placement = profile.placement()
+    batch = 16 if placement["device"] == "cpu" else 128  # a GPU prefills many texts at once
     config = ProbeConfig(n_experiments=3, samples_per_label=4, seed=42 + seed) if smoke else ProbeConfig(seed=42 + seed)
     return ProbeRun(
         profile=profile.name, model=name, max_train=max_train or profile.probe_train, max_test=max_test or profile.probe_test,
-        prefill=PrefillConfig(batch_size=16, max_tokens=_TOKENS.get(profile.name, 512)), config=config,
-        size_models=tuple(m for m in profile.probe_models if m != name),
+        prefill=PrefillConfig(batch_size=batch, max_tokens=_TOKENS.get(profile.name, 512)), config=config,
+        size_models=tuple(m for m in profile.probe_models if m != name), placement=placement,
     )
 
 
-def load_lm(name: str):
-    """``(model, tokenizer)``: ``"tiny-<arch>"`` builds an in-process random model, anything else goes to ``kvlib.models``."""
+def load_lm(name: str, device=None, dtype=None):
+    """``(model, tokenizer)``: ``"tiny-<arch>"`` builds an in-process random model, anything else goes to
+    :func:`kvlib.models.load_model` with ``device`` / ``dtype`` (e.g. ``**run.placement``)."""
     if name.startswith("tiny-"):
         from .tiny import tiny_model
 
-        return tiny_model(name[5:])
+        model, tok = tiny_model(name[5:])
+        return model.to(device=device or "cpu", dtype=dtype or model.dtype), tok
     from .models import load_model
 
-    return load_model(name)
+    return load_model(name, device=device, dtype=dtype)
 
 
 def standard_embedders(model, tokenizer, run: ProbeRun, seed: int = 0, dedicated: bool = True) -> list:
@@ -87,7 +93,7 @@ def standard_embedders(model, tokenizer, run: ProbeRun, seed: int = 0, dedicated
     out = [kv, HiddenStateEmbedder(prefill, layers=kv.pooling.layers, name=COLUMNS[1]),
            RandomEmbedder(kv.dim, seed=seed, name=COLUMNS[2])]
     if dedicated:
-        out.append(SentenceTransformerEmbedder(name=COLUMNS[3]))
+        out.append(SentenceTransformerEmbedder(name=COLUMNS[3], device=str(next(model.parameters()).device)))
     return out
 
 
@@ -130,7 +136,8 @@ def table1(long: pd.DataFrame, run: ProbeRun, digits: int = 3) -> tuple[pd.DataF
         f"KV heads and the last 4 layers, L2-normalised; hidden states: the same layers; random: Gaussian vector of the "
         f"KV size; dedicated embedder: all-MiniLM-L6-v2. Model {run.model}, profile {run.profile}, raw text cut to "
         f"{run.prefill.max_tokens} tokens; test texts per set: "
-        + ", ".join(f"{s} {int(first.loc[s, 'n_test'])}" for s in sets) + "."
+        + ", ".join(f"{s} {int(first.loc[s, 'n_test'])}" for s in sets)
+        + (f"; computed on {hardware_label(**run.placement)}." if run.placement else ".")
     )
     return md, csv.reset_index(), caption
 

@@ -135,10 +135,17 @@ def _sha256_of(paths: list[Path], dest: Path | None = None) -> str:
 def assemble_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
     """Return the verified GGUF file of ``spec``: the package file itself, or parts concatenated into ``workdir``.
 
+    Where ``$KVLIB_GGUF_DIR/<name>.gguf`` exists (an assembled file copied to a machine that cannot reach the
+    package index), that file is used instead of the packages; it is checked against the same pinned hash.
+
     Raises:
         ModelFileError: a package is missing, or the assembled bytes do not match ``spec.sha256``.
     """
-    paths = _locate(spec)
+    local = Path(os.environ.get("KVLIB_GGUF_DIR", "")).expanduser() / f"{spec.name}.gguf"
+    if os.environ.get("KVLIB_GGUF_DIR") and local.is_file():
+        paths = [local]  # an assembled file brought by hand (a machine without the package index)
+    else:
+        paths = _locate(spec)
     target = paths[0] if len(paths) == 1 else Path(workdir) / f"{spec.name}.gguf"
     actual = _sha256_of(paths, None if len(paths) == 1 else target)
     if spec.sha256 is not None and actual != spec.sha256:
@@ -232,7 +239,8 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None)
         name: an embedded model (``"smollm2-135m"``, ``"qwen2.5-0.5b"``, ``"qwen2.5-1.5b"``), a local
             directory, or a hub id such as ``"Qwen/Qwen3-8B"`` (passed as is to ``from_pretrained``).
         device: ``None``/``"cpu"`` (default), ``"auto"`` (CUDA when present; ``device_map="auto"`` when the
-            weights do not fit on one GPU), or any device string.
+            weights do not fit on one GPU), or any device string (``"cuda"`` without CUDA is a ``RuntimeError``
+            that says so). :meth:`kvlib.profiles.Profile.placement` gives both for a profile.
         dtype: torch dtype; default fp32 on CPU and bf16 on CUDA.
 
     Returns:
@@ -243,6 +251,10 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None)
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device not in (None, "auto"):
+        from .profiles import resolve_device
+
+        device = resolve_device(str(device))  # a clear error when CUDA is asked for and absent
     source = _resolve(name)
     on_gpu = device not in (None, "cpu") and (device != "auto" or torch.cuda.is_available())
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
@@ -260,4 +272,5 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None)
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.kvlib_source = str(name)  # where the weights came from, read by kvlib.identity
     return model, tokenizer

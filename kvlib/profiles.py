@@ -4,17 +4,63 @@
   Qwen2.5-Coder-0.5B-Instruct. It keeps the paper's sets as rows but is mostly wrong on them (GSM8K
   ~15 %, MATH-500 ~5 % with reasoning), so it adds the easier word-problem sets (SVAMP, ASDiv, MAWPS)
   where it is right often enough for AUROC and for a difficulty classifier to mean something.
+* ``gpu``: the embedded models on one GPU with every set at (or near) its full test split: thousands of
+  answers per model, sized for intervals narrow enough to answer the paper's questions. Results go to
+  ``tables/gpu/<model>/`` and ``figures/gpu/<model>/`` (run it once per model for the model-size axis).
 * ``full``: the paper's setting, for a GPU and a model hub (``MODEL=Qwen/Qwen3-8B``).
 * ``smoke``: a few items on the smallest model, for the test suite.
 
+Every profile carries where it runs (``device``, ``dtype``): ``"auto"`` takes the GPU in bf16 when CUDA is
+present and the CPU in fp32 otherwise; asking for CUDA where there is none is an error that says so.
 Every table records the profile, model, sets and sizes that produced it.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
-__all__ = ["Profile", "get_profile", "PROFILES"]
+__all__ = ["Profile", "get_profile", "PROFILES", "resolve_device", "resolve_dtype", "hardware_label"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when a CUDA device is visible, else ``"cpu"``; ``"cuda[:i]"`` without CUDA is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {device!r} was asked for, but this torch ({torch.__version__}) sees no CUDA device. "
+            "Use device 'auto' or 'cpu', or install a CUDA build of torch on a machine with an NVIDIA GPU."
+        )
+    return device
+
+
+def hardware_label(device: str = "cpu", dtype=None) -> str:
+    """What a result was computed on, for captions: ``"NVIDIA H200, bf16"`` or ``"CPU (2 threads), fp32"``."""
+    import torch
+
+    name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32") if dtype else ""
+    if str(device).startswith("cuda"):
+        where = torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else str(device)
+    else:
+        where = f"CPU ({torch.get_num_threads()} threads)"
+    return f"{where}, {name}" if name else where
+
+
+def resolve_dtype(dtype: str, device: str):
+    """The torch dtype for a dtype name: ``"auto"`` is bf16 on CUDA and fp32 elsewhere (bf16 is slow on CPUs)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, dtype)
 
 
 @dataclass(frozen=True)
@@ -26,7 +72,8 @@ class Profile:
         model: default model (a kvlib embedded name, a local directory or a hub id).
         fast_tokens / slow_tokens: generation budgets of fast and slow answers.
         batch_size: generation batch size.
-        coe_sets: data set -> number of test items for the self-evaluation table (03).
+        coe_sets: data set -> number of test items for the self-evaluation table (03); ``"all"`` (or
+            ``None``) takes the whole test split (the same for the other set sizes).
         switch_test_sets: data set -> number of test items for the switching tables (04, 05).
         switch_train_sets: data set -> number of training items (fast + slow answers each) for the
             difficulty classifier.
@@ -38,6 +85,13 @@ class Profile:
         budgets: fixed token budgets of the budget baseline (live).
         grid_live_sets: sets on which Table 4 runs KV-Generative live for every (N, L) classifier
             (``None``: all evaluation sets); KV-Classification rows cost nothing and cover every set.
+        live_sets: sets on which Table 3 runs the live methods (KV-Generative, DEER-style early exit, token
+            budgets); ``None``: every evaluation set. Offline rows (fast, slow, KV-Classification, random,
+            oracle) cover every set.
+        device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU) or a torch dtype name.
+        results_dir: where tables and figures go, relative to the repository root: ``""`` writes
+            ``tables/`` and ``figures/``; ``"gpu"`` writes ``tables/gpu/<model>/`` and ``figures/gpu/<model>/``.
     """
 
     name: str
@@ -45,9 +99,9 @@ class Profile:
     fast_tokens: int
     slow_tokens: int
     batch_size: int
-    coe_sets: dict[str, int] = field(default_factory=dict)
-    switch_test_sets: dict[str, int] = field(default_factory=dict)
-    switch_train_sets: dict[str, int] = field(default_factory=dict)
+    coe_sets: dict[str, int | str | None] = field(default_factory=dict)
+    switch_test_sets: dict[str, int | str | None] = field(default_factory=dict)
+    switch_train_sets: dict[str, int | str | None] = field(default_factory=dict)
     probe_train: int = 1000
     probe_test: int = 500
     probe_models: tuple[str, ...] = ()
@@ -57,17 +111,57 @@ class Profile:
                                                                 (50.0, 45.0, 70.0))
     budgets: tuple[int, ...] = (64, 128)
     grid_live_sets: tuple[str, ...] | None = None
+    live_sets: tuple[str, ...] | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    results_dir: str = ""
 
     def __post_init__(self):
         if self.fast_tokens < 1 or self.slow_tokens < self.fast_tokens:
             raise ValueError("need 1 <= fast_tokens <= slow_tokens")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
+        if not (self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device)):
+            raise ValueError(f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         for sets in (self.coe_sets, self.switch_test_sets, self.switch_train_sets):
-            if any(n < 1 for n in sets.values()):
-                raise ValueError("set sizes must be positive")
+            bad = {k: n for k, n in sets.items() if not (n in (None, "all") or (isinstance(n, int) and n >= 1))}
+            if bad:
+                raise ValueError(f"set sizes must be positive ints, or None / 'all' for the whole set: {bad}")
 
     def with_model(self, model: str | None) -> "Profile":
         """This profile with another model (``None`` or empty keeps the default)."""
         return replace(self, model=model) if model else self
+
+    def placement(self) -> dict:
+        """``{"device": ..., "dtype": ...}`` resolved for this machine: the keyword arguments of
+        :func:`kvlib.models.load_model` (raises when the profile asks for CUDA and there is none)."""
+        device = resolve_device(self.device)
+        return {"device": device, "dtype": resolve_dtype(self.dtype, device)}
+
+    def hardware(self) -> str:
+        """:func:`hardware_label` of this profile's placement on this machine."""
+        return hardware_label(**self.placement())
+
+    def results_root(self, root: str | Path = "..", smoke: bool = False) -> tuple[Path, Path]:
+        """``(tables, figures)`` folders that hold every model's results of this profile (created): the
+        parents of :meth:`output_dirs` for a profile with ``results_dir``, else the same folders."""
+        tables, figures = self.output_dirs(root, smoke)
+        if self.results_dir and not smoke:
+            return tables.parent, figures.parent
+        return tables, figures
+
+    def output_dirs(self, root: str | Path = "..", smoke: bool = False) -> tuple[Path, Path]:
+        """``(tables, figures)`` folders of this profile under the repository ``root`` (created).
+
+        ``smoke`` runs write under ``build/smoke/`` so they never touch committed results."""
+        base = Path(root) / "build" / "smoke" if smoke else Path(root)
+        tables, figures = base / "tables", base / "figures"
+        if self.results_dir and not smoke:
+            sub = Path(self.results_dir) / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model).name) or "model")
+            tables, figures = tables / sub, figures / sub
+        tables.mkdir(parents=True, exist_ok=True)
+        figures.mkdir(parents=True, exist_ok=True)
+        return tables, figures
 
 
 PROFILES: dict[str, Profile] = {
@@ -91,15 +185,38 @@ PROFILES: dict[str, Profile] = {
         # and could only show 0.000
         grid_live_sets=("svamp", "gsm8k"),
     ),
+    "gpu": Profile(
+        name="gpu",
+        model="qwen2.5-0.5b",
+        fast_tokens=64,
+        slow_tokens=384,
+        batch_size=256,
+        # every test item of the sets whose answers can be right at these sizes (TheoremQA and MATH at 384
+        # tokens: nearly all wrong, so no AUROC; see the small profile's Table 2)
+        coe_sets={"gsm8k": "all", "svamp": "all", "math500": "all"},
+        switch_test_sets={"gsm8k": "all", "svamp": "all", "math500": "all"},
+        switch_train_sets={"gsm8k": 800, "svamp": 250, "asdiv": 400, "mawps": 400},
+        probe_train=2000,
+        probe_test=10_000,
+        probe_models=(),
+        taus=(20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0),
+        live_items=500,
+        generative_sweep=((50.0, 30.0, 70.0),),
+        budgets=(128,),
+        live_sets=("gsm8k", "svamp"),
+        grid_live_sets=(),
+        device="cuda",
+        results_dir="gpu",
+    ),
     "full": Profile(
         name="full",
         model="Qwen/Qwen3-8B",
         fast_tokens=2048,
         slow_tokens=8192,
         batch_size=16,
-        coe_sets={"math": 1000, "theoremqa": 800},
+        coe_sets={"math": 1000, "theoremqa": "all"},
         switch_test_sets={"gsm8k": 1319, "math500": 500},
-        switch_train_sets={"gsm8k": 7473, "math": 7500},
+        switch_train_sets={"gsm8k": "all", "math": "all"},
         probe_train=100_000,
         probe_test=2048,
         probe_models=(),

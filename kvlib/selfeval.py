@@ -17,6 +17,9 @@ score                         definition and orientation
                               both concatenated (``traj_values``/``traj_keys``), as is
 ``KV-probe``                  out-of-fold probability of "correct" from a logistic regression on the
                               answer's token-mean keys and values (beyond the paper)
+``Output-probe``, ``Output+KV``  the same probe on the output statistics alone, and on those plus the
+                              KV-CoE scores and pooled keys/values (:mod:`kvlib.answer_probe`): what
+                              the cache adds over the output distribution
 ============================  ====================================================================
 
 CoE rows use ``form="reference"`` (the original CoE code, which the paper's experiments most likely ran);
@@ -35,6 +38,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .answer_probe import answer_probes, pooled_kv, probe_scores
 from .coe import coe_scores
 from .generation import record_array
 from .metrics import MIN_CLASS, evaluate_score, paired_auroc_difference
@@ -44,11 +48,12 @@ __all__ = ["PARTS", "HEADLINE", "METHODS", "output_scores", "kv_coe_scores", "sc
            "coe_cost", "COMPARISONS"]
 
 COMPARISONS = [("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-R (V)", "MaxProb"), ("KV-CoE-C (V)", "Entropy"),
-               ("KV-CoE-C (V)", "CoE-C"), ("KV-CoE-R (V)", "CoE-R"), ("KV-probe", "MaxProb")]
+               ("KV-CoE-C (V)", "CoE-C"), ("KV-CoE-R (V)", "CoE-R"), ("KV-probe", "MaxProb"),
+               ("KV-probe", "Output-probe"), ("Output+KV", "Output-probe"), ("Output+KV", "MaxProb")]
 
 PARTS = {"V": ("values",), "K": ("keys",), "KV": ("keys", "values")}
 HEADLINE = ["MaxProb", "PPL", "Entropy", "CoE-R", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)",
-            "KV-CoE-R (K)", "KV-CoE-C (K)", "KV-CoE-R (KV)", "KV-CoE-C (KV)", "KV-probe"]
+            "KV-CoE-R (K)", "KV-CoE-C (K)", "KV-CoE-R (KV)", "KV-CoE-C (KV)", "KV-probe", "Output-probe", "Output+KV"]
 _FORM_SUFFIX = {"reference": "", "paper": " [paper]"}
 METHODS = HEADLINE + [f"{m} [paper]" for m in HEADLINE if "CoE" in m]
 
@@ -122,14 +127,14 @@ def score_records(records: Sequence[Mapping], forms: Sequence[str] = ("reference
         rows.append({**row, **_costs(rec)})
     df = pd.DataFrame(rows)
     if probe and len(records) and "KV-CoE-R (V)" in df:
-        df["KV-probe"] = kv_probe_scores(records, seed=seed)
+        for name, col in answer_probes(records, df, seed=seed).items():
+            df[name] = col
     return df
 
 
 def kv_probe_features(record: Mapping) -> np.ndarray:
     """``[2 * kv_heads * head_dim]``: token-mean of the answer's layer-averaged keys, then values (zeros if empty)."""
-    parts = [record_array(record, f"traj_{p}").astype(np.float64) for p in ("keys", "values")]
-    return np.concatenate([p.mean(axis=0) if len(p) else np.zeros(p.shape[-1]) for p in parts])
+    return pooled_kv(record)
 
 
 def grouped_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 0) -> list:
@@ -146,31 +151,12 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 
 
 def kv_probe_scores(records: Sequence[Mapping], groups: Sequence | None = None, n_splits: int = 5,
                     Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), seed: int = 0) -> np.ndarray:
-    """Out-of-fold P(correct) per record from a standardised logistic regression on :func:`kv_probe_features`.
-
-    Outer folds: :func:`grouped_folds` over ``groups`` (default: ``item_id``, i.e. by question). Inside each
-    training fold ``C`` is picked from ``Cs`` by a grouped 3-fold inner CV on AUROC (the median of ``Cs``
-    when the training fold is too small for one). NaN everywhere when a class has fewer than 2 questions.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
+    """Out-of-fold P(correct) per record from a standardised logistic regression on :func:`kv_probe_features`
+    (:func:`kvlib.answer_probe.probe_scores`; groups default to ``item_id``, i.e. folds by question)."""
     X = np.stack([kv_probe_features(r) for r in records])
     y = np.array([bool(r["correct"]) for r in records], dtype=int)
-    g = np.asarray(groups if groups is not None else [r["item_id"] for r in records])
-    out = np.full(len(records), np.nan)
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-    for train, test in grouped_folds(y, g, n_splits, seed):
-        inner = grouped_folds(y[train], g[train], 3, seed)
-        if inner:
-            model = GridSearchCV(pipe, {"logisticregression__C": list(Cs)}, scoring="roc_auc", cv=inner)
-            model.fit(X[train], y[train])
-        else:
-            model = pipe.set_params(logisticregression__C=float(np.median(Cs))).fit(X[train], y[train])
-        out[test] = model.predict_proba(X[test])[:, 1]
-    return out
+    g = groups if groups is not None else [r["item_id"] for r in records]
+    return probe_scores(X, y, g, n_splits=n_splits, Cs=Cs, seed=seed)
 
 
 def evaluate_sets(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | None = None,
@@ -239,7 +225,11 @@ def auroc_differences(scores_by_set: Mapping[str, pd.DataFrame],
 
 def coe_cost(scores_by_set: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """Per set: mean extra seconds and bytes per answer of KV-CoE (reductions over the live cache) and of
-    hidden-state CoE (a re-forward with hidden states), their ratio, and the mean answer length."""
+    hidden-state CoE (a re-forward with hidden states), their ratio, and the mean answer length.
+
+    The ``*seconds*`` columns are wall-clock measurements that change from run to run:
+    :func:`kvlib.selfeval_report.save_table` writes them to ``timings/coe_cost.csv``, apart from the
+    deterministic columns (sizes, bytes, tokens)."""
     rows = []
     for name, df in scores_by_set.items():
         kv_s, hid_s = df["kv_seconds"].mean(), df["hidden_seconds"].mean()

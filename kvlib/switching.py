@@ -51,6 +51,7 @@ class SwitchingPlan:
         generative_sweep: ``(tau, tau_fast, tau_slow)`` points of the live KV-Generative sweep.
         budgets: token budgets (live); early_exit: DEER-style settings (live).
         grid_live_sets: sets where Table 4 runs KV-Generative live (``None``: every evaluation set).
+        live_sets: sets where Table 3 runs the live methods (``None``: every evaluation set).
         random_seeds: draws averaged for random routing.
     """
 
@@ -70,6 +71,7 @@ class SwitchingPlan:
                                                                 (50.0, 45.0, 70.0))
     budgets: tuple[int, ...] = (64, 128)
     grid_live_sets: tuple[str, ...] | None = None
+    live_sets: tuple[str, ...] | None = None
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     val_fraction: float = 0.2
@@ -90,11 +92,11 @@ class SwitchingPlan:
         answers are therefore already stored by notebook 03); the default ``-1`` takes ``profile.live_items`` (the live methods cost up to a slow answer per item and sweep point), ``None`` no cap.
         """
         cap = profile.live_items if max_items == -1 else max_items
-        tests = {k: (min(v, cap) if cap else v) for k, v in profile.switch_test_sets.items()}
+        tests = {k: _capped(k, v, cap) for k, v in profile.switch_test_sets.items()}
         base = dict(train_sets=dict(profile.switch_train_sets), test_sets=tests,
                     fast_tokens=profile.fast_tokens, slow_tokens=profile.slow_tokens, batch_size=profile.batch_size,
                     generative_sweep=tuple(profile.generative_sweep), budgets=tuple(profile.budgets),
-                    grid_live_sets=profile.grid_live_sets)
+                    grid_live_sets=profile.grid_live_sets, live_sets=profile.live_sets)
         return cls(**{**base, **overrides})
 
     def with_sizes(self, **kw) -> "SwitchingPlan":
@@ -102,6 +104,20 @@ class SwitchingPlan:
 
     def generation(self) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=self.slow_tokens)
+
+
+def _capped(name: str, n, cap: int | None):
+    """``n`` items of evaluation set ``name`` (an int, or ``None`` / ``"all"``) cut at ``cap`` (``None``: no cap)."""
+    if not cap:
+        return n
+    if n not in (None, "all"):
+        return min(int(n), cap)
+    from .data import load_math
+
+    try:  # the whole set, capped: its size decides
+        return min(len(load_math(name, "test")), cap)
+    except (FileNotFoundError, ValueError):  # a set read from DATA_DIR: the selection will say what is missing
+        return cap
 
 
 def grade(record: Mapping, item) -> bool:
@@ -255,7 +271,7 @@ def evaluate_methods(model, tokenizer, model_name: str, test_items: Mapping[str,
         oracle = ~np.array([f["correct"] for f in fast], bool)
         rows.append(method_row("oracle (fast if fast is right)", name, *route(fast, slow, oracle), slow_mean,
                                slow_share=oracle.mean()))
-        if not live:
+        if not live or (plan.live_sets is not None and name not in plan.live_sets):
             continue
         for tau, tf, ts in _sweep(plan):
             cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.fast_tokens)
@@ -283,11 +299,14 @@ def evaluate_methods(model, tokenizer, model_name: str, test_items: Mapping[str,
     return pd.DataFrame(rows), pd.DataFrame(points)
 
 
-def switching_items(sizes: Mapping[str, int], split: str, seed: int = 0) -> dict[str, list]:
-    """``{set: items}``: the seeded subset of each set's ``split`` (MATH-500 has only ``test``)."""
-    from .data import load_math
+def switching_items(sizes: Mapping[str, int], split: str, seed: int = 0, data_dir=None):
+    """``{set: items}``: the seeded subset of each set's ``split`` (a set with one split, such as MATH-500, uses
+    it), as a :class:`kvlib.data.SelectedSets` from :func:`kvlib.data.select_sets`: an optional set without its
+    file in ``data_dir`` is left out and listed in ``.skipped`` (the table caption names it); an empty set, a
+    size larger than its set and repeated item ids are errors naming the set."""
+    from .data import select_sets
 
-    return {name: load_math(name, "test" if name == "math500" else split, n=n, seed=seed) for name, n in sizes.items()}
+    return select_sets(sizes, split, data_dir, seed)
 
 
 def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],

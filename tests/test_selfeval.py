@@ -146,3 +146,48 @@ def test_auroc_differences(synthetic):
                                                     auroc(df["correct"], df["KV-CoE-C (V)"]))
     assert row["lo"] <= row["AUROC difference"] <= row["hi"]
     assert auroc_differences({"A": df.iloc[:12]}, pairs=[("MaxProb", "PPL")])["AUROC difference"].isna().all()
+
+
+def test_save_table_writes_timings_apart(synthetic, tmp_path):
+    """Wall-clock columns leave the result table (which must be byte-identical across runs) for timings/."""
+    from kvlib.selfeval_report import save_table, timing_columns
+
+    cost = coe_cost({"A": score_records(synthetic, probe=False)}).assign(model="m", profile="p")
+    assert set(timing_columns(cost)) == {"gen_seconds", "kv_coe_seconds", "hidden_coe_seconds", "seconds_ratio"}
+    save_table(cost, tmp_path / "tables" / "coe_cost", "Model m; extra cost per answer.")
+    result = pd.read_csv(tmp_path / "tables" / "coe_cost.csv")
+    assert not timing_columns(result) and {"kv_coe_bytes", "bytes_ratio", "mean_tokens"} <= set(result.columns)
+    timings = pd.read_csv(tmp_path / "tables" / "timings" / "coe_cost.csv")
+    assert timings.columns.tolist() == ["set", "model", "profile", "gen_seconds", "kv_coe_seconds",
+                                        "hidden_coe_seconds", "seconds_ratio"]
+    assert timings["seconds_ratio"].iloc[0] == pytest.approx(10.0)
+    md = (tmp_path / "tables" / "coe_cost.md").read_text()
+    assert md.startswith("Model m; extra cost per answer. Timings: timings/coe_cost.md.") and "seconds" not in md
+    assert "vary from run to run" in (tmp_path / "tables" / "timings" / "coe_cost.md").read_text()
+    # a table without timings writes no timings file; timings=[] keeps every column
+    save_table(pd.DataFrame({"set": ["A"], "AUROC": [0.5]}), tmp_path / "t2" / "table2", "cap")
+    assert not (tmp_path / "t2" / "timings").exists()
+    save_table(cost, tmp_path / "t3" / "coe_cost", "cap", timings=[])
+    assert "gen_seconds" in pd.read_csv(tmp_path / "t3" / "coe_cost.csv")
+    with pytest.raises(KeyError, match="not in the table coe_cost"):
+        save_table(cost, tmp_path / "t4" / "coe_cost", "cap", timings=["wall_s"])
+
+
+def test_collect_scores_keeps_skipped_sets_for_the_caption(synthetic, monkeypatch):
+    """A missing optional set reaches the Table 2 caption, not only a print; an empty set is an error naming it."""
+    from kvlib import answers
+    from kvlib.data import SelectedSets, SkippedSet
+    from kvlib.selfeval_report import caption, collect_scores
+
+    monkeypatch.setattr(answers, "answer_records", lambda *a, **k: synthetic[:12])
+    sets = SelectedSets({"gsm8k": ["item"] * 12},
+                        skipped=[SkippedSet("theoremqa", "needs DATA_DIR holding theoremqa_test.json")])
+    scores = collect_scores(None, None, "m", sets, 24, min_class=100)
+    assert list(scores) == ["GSM8K"] and scores.skipped == sets.skipped
+    cap = caption("m", "smoke", scores, 24)
+    assert cap.endswith("Skipped: TheoremQA (needs DATA_DIR holding theoremqa_test.json).")
+    assert "Skipped" not in caption("m", "smoke", {"GSM8K": scores["GSM8K"]}, 24)
+    with pytest.raises(ValueError, match="data set svamp has no items"):
+        collect_scores(None, None, "m", {"svamp": []}, 24)
+    with pytest.raises(ValueError, match="no data sets to score"):
+        collect_scores(None, None, "m", {}, 24)

@@ -1,0 +1,130 @@
+"""The model-size axis: the same tables of several models side by side, read from their result folders.
+
+A profile with a ``results_dir`` (``gpu``) writes each model's tables to ``tables/<results_dir>/<model>/``
+(:meth:`kvlib.profiles.Profile.output_dirs`); this module reads every such folder and lines the models up:
+Table 1 (accuracy per set and embedder), Table 2 (AUROC with its interval per set and score) and Table 3
+(accuracy / mean generated tokens per set and method). Models are ordered by parameter count when the
+name says it (``0.5b`` < ``1.5b`` < ``8B``), else by name. Nothing is recomputed: every number is copied
+from a table that a notebook wrote, and a missing table or model is simply absent.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["model_dirs", "table1_by_model", "table2_by_model", "table3_by_model", "size_figure"]
+
+TABLE2_SCORES = ("MaxProb", "PPL", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-CoE-C (K)", "KV-probe",
+                 "Output-probe", "Output+KV")
+TABLE3_METHODS = ("fast", "slow", "KV-Classification", "KV-Generative", "DEER-style early exit", "random (same slow share)",
+                  "oracle (fast if fast is right)")
+
+
+def _size(name: str) -> float:
+    m = re.search(r"(\d+(?:\.\d+)?)\s*[bB]\b", name.replace("_", " ").replace("-", " "))
+    return float(m.group(1)) if m else float("inf")
+
+
+_TABLES = ("table1_kv_probe.csv", "table2_kv_coe.csv", "table3_switching.csv")
+
+
+def _has_tables(folder: Path) -> bool:
+    return any((folder / name).exists() for name in _TABLES)
+
+
+def model_dirs(tables_root: str | Path, default_model: str = "") -> dict[str, Path]:
+    """``{model: folder}`` for every sub-folder of ``tables_root`` holding Table 1, 2 or 3, smallest model first.
+
+    A ``tables_root`` that holds the tables itself (a profile without ``results_dir``) is one model,
+    ``default_model``."""
+    root = Path(tables_root)
+    found = [p for p in root.iterdir() if p.is_dir() and _has_tables(p)] if root.is_dir() else []
+    if not found and root.is_dir() and _has_tables(root):
+        return {default_model or root.name: root}
+    return {p.name: p for p in sorted(found, key=lambda p: (_size(p.name), p.name))}
+
+
+def _read(dirs: dict[str, Path], name: str) -> dict[str, pd.DataFrame]:
+    return {m: pd.read_csv(d / f"{name}.csv") for m, d in dirs.items() if (d / f"{name}.csv").exists()}
+
+
+def table1_by_model(dirs: dict[str, Path], columns=("KV cache", "hidden states", "random", "dedicated embedder")
+                    ) -> pd.DataFrame:
+    """Rows ``(set, model)``; columns the embedders' mean accuracy (``nan`` where absent)."""
+    parts = []
+    for model, df in _read(dirs, "table1_kv_probe").items():
+        keep = [c for c in columns if c in df]
+        parts.append(df.set_index("set")[keep].assign(model=model).set_index("model", append=True))
+    return pd.concat(parts).sort_index(level=0, sort_remaining=False) if parts else pd.DataFrame()
+
+
+def table2_by_model(dirs: dict[str, Path], scores=TABLE2_SCORES) -> pd.DataFrame:
+    """Rows: scores; columns ``(set, model)``: ``AUROC [lo, hi]`` (``–`` where a class was too small)."""
+    cols = {}
+    for model, df in _read(dirs, "table2_kv_coe").items():
+        df = df.set_index("method")
+        sets = [c[: -len(" AUROC")] for c in df.columns if c.endswith(" AUROC")]
+        for s in sets:
+            n = f"{int(df[f'{s} n correct'].max())}✓/{int(df[f'{s} n wrong'].max())}✗"
+            cells = {}
+            for method in scores:
+                if method not in df.index:
+                    continue
+                a, lo, hi = (df.loc[method, f"{s} AUROC{x}"] for x in ("", " lo", " hi"))
+                cells[method] = "–" if pd.isna(a) else f"{a:.1f} [{lo:.1f}, {hi:.1f}]"
+            cols[(s, f"{model} ({n})")] = pd.Series(cells)
+    out = pd.DataFrame(cols)
+    return out.reindex([s for s in scores if s in out.index]) if len(out) else out
+
+
+def table3_by_model(dirs: dict[str, Path], methods=TABLE3_METHODS) -> pd.DataFrame:
+    """Rows ``(set, method)``; columns per model: ``accuracy / mean tokens``."""
+    cols = {}
+    for model, df in _read(dirs, "table3_switching").items():
+        df = df[df["method"].isin(methods) | df["method"].str.startswith("budget ")]
+        cols[model] = pd.Series({(r.set, r.method): f"{r.accuracy:.3f} / {r.mean_tokens:.0f}" for r in df.itertuples()})
+    out = pd.DataFrame(cols)
+    if not len(out):
+        return out
+    order = {m: i for i, m in enumerate(methods)}
+    return out.loc[sorted(out.index, key=lambda k: (k[0], order.get(k[1], len(order)), k[1]))].fillna("–")
+
+
+def size_figure(dirs: dict[str, Path], scores=("MaxProb", "Entropy", "KV-CoE-C (V)", "KV-probe", "Output+KV")):
+    """Two panels: Table 1 accuracy per embedder, and Table 2 AUROC (with its interval) per score, each against
+    the models in ``dirs`` (one line per set)."""
+    import matplotlib.pyplot as plt
+
+    t1 = _read(dirs, "table1_kv_probe")
+    t2 = _read(dirs, "table2_kv_coe")
+    models = list(dirs)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for emb, color in zip(("KV cache", "hidden states", "dedicated embedder", "random"), ("C0", "C3", "C2", "gray")):
+        ys = [t1[m].set_index("set")[emb].mean() if m in t1 and emb in t1[m] else float("nan") for m in models]
+        ax.plot(models, ys, "o-", color=color, label=emb)
+    ax.set(ylabel="accuracy (mean over sets)", title="Table 1: probe accuracy by model")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    for k, score in enumerate(scores):
+        for j, model in enumerate(models):
+            if model not in t2:
+                continue
+            df = t2[model].set_index("method")
+            sets = [c[: -len(" AUROC")] for c in df.columns if c.endswith(" AUROC")]
+            for i, s in enumerate(sets):
+                if score not in df.index or pd.isna(df.loc[score, f"{s} AUROC"]):
+                    continue
+                x = k + (j - (len(models) - 1) / 2) * 0.3
+                a, lo, hi = (df.loc[score, f"{s} AUROC{x_}"] for x_ in ("", " lo", " hi"))
+                bx.errorbar(x + 0.05 * i, a, yerr=[[a - lo], [hi - a]], fmt="os^Dv"[i % 5], color=f"C{j}", ms=5,
+                            capsize=2, label=f"{model}, {s}" if k == 0 else None)
+    bx.axhline(50, color="gray", ls=":", lw=1)
+    bx.set_xticks(range(len(scores)), scores, rotation=20, fontsize=8)
+    bx.set(ylabel="AUROC x100 (95% CI)", title="Table 2: telling right from wrong answers")
+    bx.legend(fontsize=7, ncol=2)
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
