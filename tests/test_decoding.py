@@ -11,7 +11,8 @@ PROMPTS = ["hello there, what is 3+4?", "hi", "a much longer prompt with many ch
 
 def _reference(model, tok, text, n):
     enc = tok([text], return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=n, do_sample=False)[0, enc.input_ids.shape[1]:].tolist()
+    out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=n,
+                         do_sample=False)[0, enc.input_ids.shape[1]:].tolist()
     eos = tok.eos_token_id
     return out[: out.index(eos) + 1] if eos in out else out
 
@@ -167,3 +168,44 @@ def test_injection_and_sampling_survive_rows_leaving():
                        on_finish=lambda part: None)
         assert leave.tokens == keep.tokens and leave.switches == keep.switches
         assert any(keep.switches)
+
+
+def test_withdrawn_tokens_vanish_as_if_never_sampled():
+    """Withdraw row 0's last 3 tokens (2 already fed) and inject text: the row continues exactly as a fresh
+    decode of prompt + kept tokens + text; the other row, and a run whose finished rows leave, agree."""
+    model, tok = tiny_model("qwen3", seed=2)
+    inject = tok("ok", add_special_tokens=False).input_ids
+
+    def controller(state):
+        return {0: (inject, "cut", 3)} if state.step == 5 else {}
+
+    enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    cfg = DecodeConfig(max_new_tokens=14, stop_token_ids=(-1,))
+    plain = decode(model, enc.input_ids, enc.attention_mask, cfg)
+    res = decode(model, enc.input_ids, enc.attention_mask, cfg, controller=controller)
+    kept = plain.tokens[0][:3]
+    assert res.tokens[0][:5] == kept + inject and res.switches[0] == [(3, "cut")]
+    assert res.state.withdrawn == [3, 0] and res.tokens[1] == plain.tokens[1]
+    assert len(res.max_prob[0]) == res.sampled_mask[0].count(True) == 14 - len(inject)
+    assert len(res.state.slots[0]) == len(res.tokens[0]) - 1  # the withdrawn slots are gone
+    assert res.state.attention_mask[0, res.state.slots[0]].all()
+    ids = torch.cat([tok([PROMPTS[0]], return_tensors="pt").input_ids, torch.tensor([kept + inject])], dim=1)
+    fresh = decode(model, ids, torch.ones_like(ids), DecodeConfig(max_new_tokens=14 - 5, stop_token_ids=(-1,)))
+    assert res.tokens[0][5:] == fresh.tokens[0]
+    assert torch.allclose(torch.tensor(res.max_prob[0][3:]), torch.tensor(fresh.max_prob[0]), atol=1e-5)
+    leave = decode(model, enc.input_ids, enc.attention_mask, cfg, controller=controller, on_finish=lambda part: None)
+    assert leave.tokens == res.tokens and leave.state.withdrawn == res.state.withdrawn
+
+
+def test_only_the_rows_own_sampled_tokens_can_be_withdrawn():
+    model, tok = tiny_model("llama")
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    x = tok("x", add_special_tokens=False).input_ids
+    cases = {
+        "injected": lambda s: {0: (x, "a")} if s.step == 1 else ({0: (x, "b", 2)} if s.step == 2 else {}),
+        "too many": lambda s: {0: (x, "b", 5)} if s.step == 2 else {},
+        "nothing in their place": lambda s: {0: ([], "b", 1)} if s.step == 2 else {},
+    }
+    for name, ctl in cases.items():
+        with pytest.raises(ValueError, match="withdraw"):
+            decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=8), controller=ctl)
