@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["model_dirs", "table1_by_model", "table2_by_model", "table3_by_model", "size_figure"]
+__all__ = ["model_dirs", "table1_by_model", "table2_by_model", "differences_by_model", "table3_by_model",
+           "size_figure", "KEY_COMPARISONS"]
 
 TABLE2_SCORES = ("MaxProb", "PPL", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-CoE-C (K)", "KV-probe",
                  "Output-probe", "Output+KV")
+KEY_COMPARISONS = (("Output+KV", "Output-probe"), ("KV-probe", "Output-probe"), ("KV-probe", "MaxProb"),
+                   ("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-C (V)", "CoE-C"))
 TABLE3_METHODS = ("fast", "slow", "KV-Classification", "KV-Generative", "DEER-style early exit", "random (same slow share)",
                   "oracle (fast if fast is right)")
 
@@ -80,6 +83,25 @@ def table2_by_model(dirs: dict[str, Path], scores=TABLE2_SCORES) -> pd.DataFrame
     return out.reindex([s for s in scores if s in out.index]) if len(out) else out
 
 
+def differences_by_model(dirs: dict[str, Path], pairs=KEY_COMPARISONS) -> pd.DataFrame:
+    """Rows ``score − baseline``; columns ``(set, model)``: paired AUROC difference ``d [lo, hi]`` (x100, paired
+    bootstrap 95% interval from each model's ``table2_differences``); ``–`` where a class was too small."""
+    cols = {}
+    for model, df in _read(dirs, "table2_differences").items():
+        for s in dict.fromkeys(df["set"]):
+            sub = df[df["set"] == s].set_index(["score", "baseline"])
+            cell = {}
+            for a, b in pairs:
+                if (a, b) in sub.index:
+                    r = sub.loc[(a, b)]
+                    d, lo, hi = r["AUROC difference"], r["lo"], r["hi"]
+                    cell[f"{a} − {b}"] = "–" if pd.isna(d) else f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+            cols[(s, model)] = pd.Series(cell)
+    out = pd.DataFrame(cols)
+    order = [f"{a} − {b}" for a, b in pairs]
+    return out.reindex([k for k in order if k in out.index]) if len(out) else out
+
+
 def table3_by_model(dirs: dict[str, Path], methods=TABLE3_METHODS) -> pd.DataFrame:
     """Rows ``(set, method)``; columns per model: ``accuracy / mean tokens``."""
     cols = {}
@@ -124,7 +146,8 @@ def size_figure(dirs: dict[str, Path], scores=("MaxProb", "Entropy", "KV-CoE-C (
     bx.axhline(50, color="gray", ls=":", lw=1)
     bx.set_xticks(range(len(scores)), scores, rotation=20, fontsize=8)
     bx.set(ylabel="AUROC x100 (95% CI)", title="Table 2: telling right from wrong answers")
-    bx.legend(fontsize=7, ncol=2)
+    if bx.get_legend_handles_labels()[0]:
+        bx.legend(fontsize=7, ncol=2)
     bx.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -134,7 +134,11 @@ def pareto_figure(points: pd.DataFrame):
         ax.set_xlabel("mean generated tokens per item")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=8, loc="best")
+    seen = {}  # one legend for every panel: a method drawn on any set is listed (live methods skip some sets)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    axes[0][-1].legend(seen.values(), seen.keys(), fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 

@@ -1,0 +1,41 @@
+"""The model-size axis reads each model's result folder and copies its numbers, smallest model first."""
+
+import pandas as pd
+
+from kvlib.model_size import differences_by_model, model_dirs, table2_by_model, table3_by_model
+
+
+def _table2(folder, auroc):
+    folder.mkdir(parents=True)
+    pd.DataFrame({"method": ["MaxProb", "KV-probe"], "GSM8K AUROC": [auroc, auroc + 10],
+                  "GSM8K AUROC lo": [auroc - 2, auroc + 8], "GSM8K AUROC hi": [auroc + 2, auroc + 12],
+                  "GSM8K n correct": [40, 40], "GSM8K n wrong": [60, 60]}).to_csv(folder / "table2_kv_coe.csv",
+                                                                                   index=False)
+
+
+def test_models_are_ordered_by_size_and_numbers_copied(tmp_path):
+    _table2(tmp_path / "qwen-7B", 70.0)
+    _table2(tmp_path / "qwen-0.5b", 60.0)
+    (tmp_path / "timings").mkdir()
+    (tmp_path / "timings" / "coe_cost.csv").write_text("set,seconds\nGSM8K,1\n")  # not a model
+    dirs = model_dirs(tmp_path)
+    assert list(dirs) == ["qwen-0.5b", "qwen-7B"]
+    t2 = table2_by_model(dirs)
+    assert list(t2.columns) == [("GSM8K", "qwen-0.5b (40✓/60✗)"), ("GSM8K", "qwen-7B (40✓/60✗)")]
+    assert t2.loc["KV-probe", ("GSM8K", "qwen-7B (40✓/60✗)")] == "80.0 [78.0, 82.0]"
+
+
+def test_a_folder_holding_tables_itself_is_one_model(tmp_path):
+    _table2(tmp_path / "tables", 55.0)
+    assert model_dirs(tmp_path / "tables", default_model="m") == {"m": tmp_path / "tables"}
+    assert model_dirs(tmp_path / "missing") == {}
+    assert table3_by_model({}).empty and differences_by_model({}).empty
+
+
+def test_differences_keep_sign_and_interval(tmp_path):
+    d = tmp_path / "m-1b"
+    d.mkdir()
+    pd.DataFrame({"set": ["GSM8K"], "score": ["KV-probe"], "baseline": ["MaxProb"], "AUROC difference": [3.21],
+                  "lo": [-0.5], "hi": [6.0]}).to_csv(d / "table2_differences.csv", index=False)
+    out = differences_by_model({"m-1b": d})
+    assert out.loc["KV-probe − MaxProb", ("GSM8K", "m-1b")] == "+3.2 [-0.5, +6.0]"
