@@ -2,6 +2,8 @@
 #   make reproduce [PROFILE=small|full] [MODEL=qwen2.5-0.5b|Qwen/Qwen3-8B|/path/to/model] [DATA_DIR=/path]
 #   make test
 #   make lab
+# `make reproduce` with the small profile and the default model also copies the executed outputs into notebooks/,
+# so the committed notebooks show the run that wrote the committed tables.
 # Before installing anything, scripts/preflight.py (system Python, standard library only) checks the Python
 # version, the venv module and the free disk, and says what to install or free when one falls short.
 PYTHON   ?= python3
@@ -60,10 +62,12 @@ venv-test: $(VENV)/.test
 
 reproduce: $(VENV)/.base $(if $(filter qwen2.5-1.5b,$(MODEL)),$(VENV)/.extra,)
 	@$(PY) $(PREFLIGHT)
-	$(PY) -m kvlib.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(PY) -m kvlib.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) \
+		$(if $(filter small,$(PROFILE)),$(if $(MODEL),,--publish),)
 
 test: $(VENV)/.test
 	@$(PY) $(PREFLIGHT)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 lab: $(VENV)/.lab

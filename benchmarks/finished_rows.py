@@ -57,10 +57,10 @@ def main() -> None:
     df["model"], df["set"], df["n"], df["max_new_tokens"] = args.model, args.set, args.n, args.max_new
     df["threads"] = torch.get_num_threads()
     df.round(3).to_csv(args.out, index=False)
-    caption = (f"Wall time of one batch of {args.n} greedy slow answers ({args.set} test, {args.model}, <= {args.max_new} "
-               f"new tokens, {torch.get_num_threads()} CPU threads) when finished rows leave the batch vs when they "
-               f"stay; identical outputs; answer lengths {min(lengths)}-{max(lengths)} tokens; speed-up "
-               f"{speedup:.2f}x.")
+    caption = (f"Wall time of one batch of {args.n} greedy slow answers ({args.set} test, {args.model}, "
+               f"<= {args.max_new} new tokens, {torch.get_num_threads()} CPU threads) when finished rows "
+               f"leave the batch vs when they stay; identical outputs; answer lengths {min(lengths)}-{max(lengths)} "
+               f"tokens; speed-up {speedup:.2f}x.")
     Path(args.out).with_suffix(".md").write_text(caption + "\n\n" + df.round(3).to_markdown(index=False) + "\n")
 
 

@@ -113,7 +113,7 @@ def prefill(model, length: int, hidden: bool, device: str, vocab: int) -> dict:
     seconds = time.perf_counter() - start
     row = {
         "seconds": round(seconds, 3),
-        "kv_cache_measured": sum(l.keys.nbytes + l.values.nbytes for l in cache_layers(output_cache(out))),
+        "kv_cache_measured": sum(layer.keys.nbytes + layer.values.nbytes for layer in cache_layers(output_cache(out))),
         "hidden_states_measured": sum(h.nbytes for h in out.hidden_states) if hidden else 0,
         "resident_measured": torch.cuda.memory_allocated() if cuda else "",
         "peak_measured": torch.cuda.max_memory_allocated() if cuda else "",

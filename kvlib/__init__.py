@@ -10,7 +10,8 @@ from .coe import coe_scores, hidden_coe_extractor, hidden_coe_pass
 from .data import MathItem, answer_type, load_math
 from .difficulty import (DifficultyClassifier, FeatureSpec, TrainConfig, difficulty_label, live_features,
                          prompt_kv_extractor, split_by_question, train_classifier)
-from .early_exit import EarlyExitConfig, budget_generate, early_exit_generate
+from .answer_probe import answer_probes, probe_scores
+from .early_exit import BudgetConfig, EarlyExitConfig, budget_generate, early_exit_generate
 from .decoding import DecodeConfig, DecodeResult, DecodeState, decode, prefill
 from .embedding import (Embedder, HiddenStateEmbedder, KVEmbedder, KVPooling, Prefill, PrefillConfig, RandomEmbedder,
                         SentenceTransformerEmbedder, embed_all)
@@ -24,7 +25,8 @@ from .pooling import kv_trajectory_extractor, select_layers, token_trajectory
 from .probe import ProbeConfig, classification_scores, layer_sweep, run_probe_table
 from .selfeval import auroc_differences, coe_cost, kv_probe_scores, score_records, table2, table2_markdown
 from .switching import SwitchingPlan
-from .profiles import Profile, get_profile
+from .profiles import Profile, get_profile, hardware_label
+from .sampling import sampling_from_generation_config
 from .store import CorruptStoreError, ResultStore, StoreLockedError, StoreMismatchError
 from .textsets import TextSet, load_textsets
 from .thinking import ThinkingProtocol, protocol_for, render_prompt
@@ -34,7 +36,8 @@ __all__ = [
     "SwitchConfig", "adaptive_generate", "crop_cache",
     "DifficultyClassifier", "FeatureSpec", "TrainConfig", "difficulty_label", "live_features", "prompt_kv_extractor",
     "split_by_question", "train_classifier", "EarlyExitConfig", "budget_generate", "early_exit_generate",
-    "SwitchingPlan", "get_profile", "Profile",
+    "SwitchingPlan", "get_profile", "Profile", "hardware_label", "sampling_from_generation_config", "BudgetConfig",
+    "answer_probes", "probe_scores",
     "LayerKV", "cache_layers", "cache_length", "kv_layers", "masked_mean", "masked_sum", "output_cache",
     "coe_scores", "hidden_coe_extractor", "hidden_coe_pass",
     "measure_cache_bytes", "memory_estimate", "parameter_count", "prefill_peak", "shipped_configs", "vram_curve",

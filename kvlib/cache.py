@@ -77,7 +77,10 @@ def _cache_arg_name(model_type: type) -> str:
 
 
 def cache_kwargs(model, cache) -> dict:
-    """Keyword arguments that pass ``cache`` to ``model.forward`` (``cache`` in new releases, else ``past_key_values``)."""
+    """Keyword arguments that pass ``cache`` to ``model.forward``.
+
+    The keyword is ``cache`` in new releases, else ``past_key_values``.
+    """
     return {_cache_arg_name(type(model)): cache}
 
 

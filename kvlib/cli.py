@@ -170,7 +170,8 @@ def _describe(model: str) -> tuple[list[str], object]:
 
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is a folder without config.json: not a transformers model folder")
-        lines += [f"{model}: local folder", f"  weights    {path.resolve()} ({_human(_folder_size(path))} of weight files)"]
+        lines += [f"{model}: local folder",
+                  f"  weights    {path.resolve()} ({_human(_folder_size(path))} of weight files)"]
         return lines, AutoConfig.from_pretrained(path)
     shipped = next((p for stem, p in shipped_configs().items() if model.lower() in
                     (stem.lower(), json.loads(p.read_text()).get("_name_or_path", "").lower())), None)
@@ -248,6 +249,8 @@ def _reproduce(args, parser) -> int:
         argv += ["--only", *args.only]
     if args.out:
         argv += ["--out", args.out]
+    if args.publish:
+        argv += ["--publish"]
     return pipeline.main(argv)
 
 
@@ -282,6 +285,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="folder with theoremqa_test.json, amazon_counterfactual/, financial_phrasebank_allagree.txt")
     rep.add_argument("--only", nargs="+", type=_notebook_number, metavar="NN", help="notebook numbers, e.g. 01 03")
     rep.add_argument("--out", default="", metavar="DIR", help="where executed notebooks go (default build/executed)")
+    rep.add_argument("--publish", action="store_true",
+                     help="copy the executed outputs into notebooks/ (what the committed notebooks show)")
     info = sub.add_parser("info", help="where a model's weights come from and its memory at a few context lengths",
                           description="Print where MODEL's weights come from and kvlib.memory_estimate at a few "
                           "context lengths, without loading any weights.")

@@ -124,7 +124,8 @@ class Prefill:
             return tok(text, truncation=True, max_length=cfg.max_tokens)["input_ids"]
         ids = tok(text, add_special_tokens=False, truncation=True, max_length=cfg.max_tokens)["input_ids"]
         content = f"{cfg.instruction}\n\n{tok.decode(ids)}"
-        out = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=True, add_generation_prompt=False)
+        out = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+                                      add_generation_prompt=False)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
     @torch.inference_mode()
@@ -165,7 +166,8 @@ class Prefill:
                 logits_to_keep=1, output_hidden_states=want_hidden,
                 **cache_kwargs(self.model, DynamicCache(config=self.model.config)),
             )
-            batch = PrefillBatch(mask, cache_layers(output_cache(result)), result.hidden_states if want_hidden else None)
+            batch = PrefillBatch(mask, cache_layers(output_cache(result)),
+                                 result.hidden_states if want_hidden else None)
             for k, pooler in enumerate(poolers):
                 vec = pooler.pool(batch).float().cpu().numpy()
                 if out[k] is None:
@@ -229,7 +231,8 @@ class KVEmbedder:
         acc = None
         for i in self.layer_ids:
             layer = batch.layers[i]
-            pieces = {"keys": [layer.keys], "values": [layer.values], "both": [layer.keys, layer.values]}[self.pooling.part]
+            pieces = {"keys": [layer.keys], "values": [layer.values],
+                      "both": [layer.keys, layer.values]}[self.pooling.part]
             x = torch.cat(pieces, dim=-1).float().transpose(1, 2)  # [B, S_held, kv_heads, P*hd]
             held = batch.attention_mask[:, layer.first_position : layer.first_position + x.shape[1]]
             v = _pool_tokens(x, held, self.pooling.tokens).mean(dim=1)  # [B, P*hd]
@@ -258,7 +261,8 @@ class HiddenStateEmbedder:
 
     def pool(self, batch: PrefillBatch) -> torch.Tensor:
         # hidden_states[0] is the embedding output; hidden_states[i + 1] the output of decoder layer i
-        xs = [_pool_tokens(batch.hidden_states[i + 1].float(), batch.attention_mask, self.tokens) for i in self.layer_ids]
+        xs = [_pool_tokens(batch.hidden_states[i + 1].float(), batch.attention_mask, self.tokens)
+              for i in self.layer_ids]
         acc = torch.stack(xs).mean(0)
         return torch.nn.functional.normalize(acc, dim=-1) if self.normalize else acc
 

@@ -67,7 +67,8 @@ def probe_run(profile, model: str = "", seed: int = 0, max_train: int = 0, max_t
     batch = 16 if placement["device"] == "cpu" else 128  # a GPU prefills many texts at once
     config = ProbeConfig(n_experiments=3, samples_per_label=4, seed=42 + seed) if smoke else ProbeConfig(seed=42 + seed)
     return ProbeRun(
-        profile=profile.name, model=name, max_train=max_train or profile.probe_train, max_test=max_test or profile.probe_test,
+        profile=profile.name, model=name,
+        max_train=max_train or profile.probe_train, max_test=max_test or profile.probe_test,
         prefill=PrefillConfig(batch_size=batch, max_tokens=_TOKENS.get(profile.name, 512)), config=config,
         size_models=tuple(m for m in profile.probe_models if m != name), placement=placement,
     )
@@ -123,7 +124,8 @@ def table1(long: pd.DataFrame, run: ProbeRun, digits: int = 3) -> tuple[pd.DataF
     md.columns.name, md.index.name = None, "set"
     csv = pd.concat([mean, std.add_suffix(" std")], axis=1)[[c for col in cols for c in (col, f"{col} std")]]
     csv.insert(0, "stands_for", first.stands_for)
-    for k in ("n_labels", "n_test", "n_train_pool", "n_train_embedded", "samples_per_label", "n_experiments", "majority_acc"):
+    for k in ("n_labels", "n_test", "n_train_pool", "n_train_embedded", "samples_per_label", "n_experiments",
+              "majority_acc"):
         csv[k] = first[k]
     csv["model"], csv["profile"], csv["max_tokens"] = run.model, run.profile, run.prefill.max_tokens
     csv.columns.name = None
@@ -132,9 +134,10 @@ def table1(long: pd.DataFrame, run: ProbeRun, digits: int = 3) -> tuple[pd.DataF
               "MTEB's per-task training sample (8 texts per label; 32 for AmazonCounterfactual)")
     caption = (
         f"Table 1 (reproduction). Accuracy, mean ± std over {c.n_experiments} MTEB classification experiments "
-        f"(logistic regression, max_iter {c.max_iter}, fitted on {sample}). KV cache: keys ++ values, mean over tokens, "
-        f"KV heads and the last 4 layers, L2-normalised; hidden states: the same layers; random: Gaussian vector of the "
-        f"KV size; dedicated embedder: all-MiniLM-L6-v2. Model {run.model}, profile {run.profile}, raw text cut to "
+        f"(logistic regression, max_iter {c.max_iter}, fitted on {sample}). KV cache: keys ++ values, "
+        f"mean over tokens, KV heads and the last 4 layers, L2-normalised; hidden states: the same layers; "
+        f"random: Gaussian vector of the KV size; dedicated embedder: all-MiniLM-L6-v2. Model {run.model}, "
+        f"profile {run.profile}, raw text cut to "
         f"{run.prefill.max_tokens} tokens; test texts per set: "
         + ", ".join(f"{s} {int(first.loc[s, 'n_test'])}" for s in sets)
         + (f"; computed on {hardware_label(**run.placement)}." if run.placement else ".")
@@ -169,10 +172,10 @@ def plot_sweep(sweep: pd.DataFrame, ax=None):
     order = list(dict.fromkeys(sweep.layers))
     for k, (part, g) in enumerate(sweep.groupby("part", sort=False)):
         g = g.set_index("layers").loc[order]
-        ax.errorbar(np.arange(len(order)) + 0.06 * (k - 1), g.accuracy_mean, yerr=g.accuracy_std, marker="o", capsize=3, label=part)
-    ax.set_xticks(np.arange(len(order)), [f"{o}\n{ids}" for o, ids in
-                                          zip(order, sweep.drop_duplicates("layers").set_index("layers").loc[order, "layer_ids"])],
-                  fontsize=7)
+        ax.errorbar(np.arange(len(order)) + 0.06 * (k - 1), g.accuracy_mean, yerr=g.accuracy_std, marker="o",
+                    capsize=3, label=part)
+    layer_ids = sweep.drop_duplicates("layers").set_index("layers").loc[order, "layer_ids"]
+    ax.set_xticks(np.arange(len(order)), [f"{o}\n{ids}" for o, ids in zip(order, layer_ids)], fontsize=7)
     ax.set(xlabel="pooled layers (layer indices)", ylabel="probe accuracy (mean ± std)",
            title=f"KV embedding on {sweep.set.iloc[0]}")
     ax.legend(title="cache part")

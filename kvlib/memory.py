@@ -175,7 +175,8 @@ def parameter_count(config) -> int:
 
 def _element_size(dtype) -> int:
     if isinstance(dtype, str):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(dtype) or getattr(torch, dtype)
+        short = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        dtype = short.get(dtype) or getattr(torch, dtype)
     return torch.empty((), dtype=dtype).element_size()
 
 

@@ -22,8 +22,8 @@ TABLE2_SCORES = ("MaxProb", "PPL", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C
                  "Output-probe", "Output+KV")
 KEY_COMPARISONS = (("Output+KV", "Output-probe"), ("KV-probe", "Output-probe"), ("KV-probe", "MaxProb"),
                    ("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-C (V)", "CoE-C"))
-TABLE3_METHODS = ("fast", "slow", "KV-Classification", "KV-Generative", "DEER-style early exit", "random (same slow share)",
-                  "oracle (fast if fast is right)")
+TABLE3_METHODS = ("fast", "slow", "KV-Classification", "KV-Generative", "DEER-style early exit",
+                  "random (same slow share)", "oracle (fast if fast is right)")
 
 
 def _size(name: str) -> float:

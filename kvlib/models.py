@@ -59,7 +59,8 @@ class EmbeddedModel:
 
     def __post_init__(self):
         if len(self.packages) != len(self.files) or not self.files:
-            raise ValueError(f"{self.name}: need one package per file part, got {len(self.packages)} / {len(self.files)}")
+            raise ValueError(f"{self.name}: need one package per file part, "
+                             f"got {len(self.packages)} / {len(self.files)}")
         if self.sha256 is not None and len(self.sha256) != 64:
             raise ValueError(f"{self.name}: sha256 must be 64 hex digits")
 

@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default="", help="folder with theoremqa_test.json, amazon_counterfactual/, ...")
     ap.add_argument("--only", nargs="*", default=None, help="notebook number prefixes to run, e.g. 01 03")
     ap.add_argument("--out", default=str(ROOT / "build" / "executed"))
+    ap.add_argument("--publish", action="store_true",
+                    help="copy each executed notebook's outputs into notebooks/ (the committed copies show them)")
     args = ap.parse_args(argv)
 
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
@@ -166,10 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"==> {path.name} {params}", flush=True)
         try:
-            run_notebook(path, Path(args.out), params)
+            executed = run_notebook(path, Path(args.out), params)
         except RuntimeError as err:
             print(f"FAILED: {err}", file=sys.stderr)
             return 1
+        if args.publish:
+            from .notebook_outputs import publish_outputs
+
+            publish_outputs(executed, path)
         print(f"<== {path.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"all {len(todo)} notebooks done in {(time.perf_counter() - t_all) / 60:.1f} min")
     print("README tables refreshed:", ", ".join(update_readme()) or "none")

@@ -77,7 +77,10 @@ def token_trajectory(cache, row: int, slots: Sequence[int], part: Part = "values
 
 
 def kv_trajectory_extractor(parts: Sequence[Part] = ("keys", "values"), dtype=np.float16):
-    """An :data:`kvlib.generation.Extractor` storing ``traj_<part>`` ``[T_fed, D]`` per row (``T_fed = n_tokens - 1`` for plain decoding) for each part."""
+    """An :data:`kvlib.generation.Extractor` storing ``traj_<part>`` ``[T_fed, D]`` per row for each part.
+
+    ``T_fed = n_tokens - 1`` for plain decoding.
+    """
 
     def extract(model, result, input_ids, attention_mask) -> list[dict[str, np.ndarray]]:
         state = result.state

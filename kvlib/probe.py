@@ -173,7 +173,10 @@ def _span(ids: Sequence[int]) -> str:
 
 
 def sweep_frame(long: pd.DataFrame, embedders: Sequence[KVEmbedder]) -> pd.DataFrame:
-    """The rows of ``long`` that belong to the sweep ``embedders``, with ``layers``, ``layer_ids`` and ``part`` columns."""
+    """The rows of ``long`` that belong to the sweep ``embedders``.
+
+    Adds ``layers``, ``layer_ids`` and ``part`` columns.
+    """
     by_name = {e.name: e for e in embedders}
     out = long[long.embedder.isin(list(by_name))].copy()
     out["layers"] = [str(by_name[n].pooling.layers) for n in out.embedder]

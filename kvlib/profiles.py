@@ -27,7 +27,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``"auto"`` -> ``"cuda"`` when a CUDA device is visible, else ``"cpu"``; ``"cuda[:i]"`` without CUDA is an error."""
+    """``"auto"`` -> ``"cuda"`` when a CUDA device is visible, else ``"cpu"``.
+
+    ``"cuda[:i]"`` without CUDA is an error.
+    """
     import torch
 
     if device == "auto":

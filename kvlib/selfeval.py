@@ -101,7 +101,8 @@ def _costs(record: Mapping) -> dict[str, float]:
     kv_bytes = sum(4 * record_array(record, n).size for n in ("traj_keys", "traj_values") if n in arrays)
     return {"kv_seconds": ex.get("kv", np.nan), "hidden_seconds": ex.get("hidden_coe", np.nan),
             "kv_bytes": kv_bytes if kv_bytes else np.nan,
-            "hidden_bytes": float(record_array(record, "hidden_bytes").reshape(-1)[0]) if "hidden_bytes" in arrays else np.nan,
+            "hidden_bytes": (float(record_array(record, "hidden_bytes").reshape(-1)[0])
+                             if "hidden_bytes" in arrays else np.nan),
             "gen_seconds": record.get("seconds", np.nan)}
 
 
@@ -116,7 +117,8 @@ def score_records(records: Sequence[Mapping], forms: Sequence[str] = ("reference
     rows = []
     for rec in records:
         if "correct" not in rec:
-            raise KeyError(f"record {rec.get('item_id')!r} is not graded: read answers with kvlib.answers.answer_records")
+            raise KeyError(f"record {rec.get('item_id')!r} is not graded: "
+                           "read answers with kvlib.answers.answer_records")
         arrays = rec.get("arrays", {})
         row = {"item_id": rec["item_id"], "correct": bool(rec["correct"]), "n_tokens": rec["n_tokens"],
                "finish_reason": rec.get("finish_reason"), **output_scores(rec)}

@@ -50,7 +50,8 @@ def selfeval_sets(sizes: Mapping[str, int | str | None], data_dir: str | Path | 
 
 
 def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequence], max_new_tokens: int,
-                   batch_size: int = 16, root=None, seed: int = 0, min_class: int = MIN_CLASS) -> dict[str, pd.DataFrame]:
+                   batch_size: int = 16, root=None, seed: int = 0,
+                   min_class: int = MIN_CLASS) -> dict[str, pd.DataFrame]:
     """``{label: score_records(...)}`` for the graded slow answers of every set (generated if not stored).
 
     The result keeps ``sets.skipped`` (see :class:`kvlib.data.SelectedSets`) for :func:`caption`."""
@@ -71,7 +72,8 @@ def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequenc
             records = hidden_coe_pass(model, tokenizer, model_name, name, records,
                                       batch_size=max(1, batch_size // 2), root=root)
         else:  # the table shows no metric for this set: skip the costly re-forward
-            print(f"{name}: {n_ok} correct of {len(records)}: fewer than {min_class} per class, no hidden-state CoE pass")
+            print(f"{name}: {n_ok} correct of {len(records)}: fewer than {min_class} per class, "
+                  "no hidden-state CoE pass")
         scores[SET_LABELS.get(name, name)] = score_records(records, seed=seed)
     return SelectedSets(scores, skipped=skipped_sets(sets))
 

@@ -36,10 +36,6 @@ import io
 import json
 import os
 import re
-import socket
-import sys
-import threading
-import time
 import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -48,11 +44,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .identity import canonical, differences, digest
+from .writer_lock import StoreLockedError, acquire as _acquire, release as _release
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no cross-process lock
-    fcntl = None
 
 __all__ = ["ResultStore", "CorruptStoreError", "StoreLockedError", "StoreMismatchError", "StoreIdentityWarning",
            "FORMAT_VERSION", "encode_array", "decode_array", "default_store_dir"]
@@ -63,10 +56,6 @@ _SHOWN = 5  # items / fields named in an error before "..."
 
 class CorruptStoreError(RuntimeError):
     """A results file has an unreadable line that is not a partial last line, or a line of another run."""
-
-
-class StoreLockedError(RuntimeError):
-    """Another live process is writing this store."""
 
 
 class StoreMismatchError(ValueError):
@@ -105,55 +94,6 @@ def _slug(s: str) -> str:
 
 def _listing(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:_SHOWN]) + (f" ... ({len(names)} in all)" if len(names) > _SHOWN else "")
-
-
-# ---------- one writer per file ----------
-
-_HELD: dict[str, list] = {}  # lock path -> [fd, users, pid] of the locks this process holds
-_HELD_GUARD = threading.Lock()
-
-
-def _acquire(lock_path: Path, store_path: Path) -> str:
-    key = str(lock_path.resolve())
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None and held[2] == os.getpid():
-            held[1] += 1
-            return key
-        if fcntl is None:
-            _HELD[key] = [None, 1, os.getpid()]
-            return key
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace")
-            os.close(fd)
-            try:
-                h = json.loads(holder)
-                who = f"pid {h['pid']} on host {h['host']} (since {h['since']}, running {h.get('argv', '?')})"
-            except (ValueError, KeyError, TypeError):
-                who = "another process"
-            raise StoreLockedError(
-                f"{store_path} is being written by {who}. Two writers would mix their records: wait for that "
-                "run to finish, or stop it (its lock goes with it), then run again. In that process, "
-                "store.close() releases it; to only read, open the store with readonly=True."
-            ) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": " ".join(sys.argv)[:200]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        _HELD[key] = [fd, 1, os.getpid()]
-        return key
-
-
-def _release(key: str) -> None:
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None and held[2] == os.getpid():
-            held[1] -= 1
-            if held[1] == 0 and _HELD.pop(key)[0] is not None:
-                os.close(held[0])  # releases the flock; the lock file stays (deleting it would race)
 
 
 # ---------- the store ----------

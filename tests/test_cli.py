@@ -125,6 +125,8 @@ def test_reproduce_hands_its_arguments_to_the_pipeline(tmp_path, monkeypatch, ca
                      "--only", "01", "03"]]
     _run(capsys, "reproduce")
     assert seen[-1] == ["--profile", "small"]
+    _run(capsys, "reproduce", "--publish")
+    assert seen[-1] == ["--profile", "small", "--publish"]
 
 
 @pytest.mark.parametrize("argv, message", [

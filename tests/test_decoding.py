@@ -143,7 +143,7 @@ def test_finished_rows_leave_the_batch_without_changing_any_result(arch):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
     from kvlib.cache import cache_layers
 
-    full_attn = [i for i, l in enumerate(cache_layers(full.state.cache)) if l.sliding_window is None]
+    full_attn = [i for i, layer in enumerate(cache_layers(full.state.cache)) if layer.sliding_window is None]
     for part in parts:  # the handed-over cache rows hold the same keys/values as the full run's cache
         for j, row in enumerate(part.rows):
             assert part.tokens[j] == full.tokens[row] and part.finish_reason[j] == full.finish_reason[row]

@@ -58,7 +58,7 @@ def test_paper_recipe_by_hand():
     with torch.inference_mode():
         layers = cache_layers(output_cache(p.model(input_ids=ids, use_cache=True)))
     chosen = layers[-4:]  # the tiny model has 3 layers: all of them
-    per_layer = [torch.cat([l.keys, l.values], -1)[0].mean(1).mean(0) for l in chosen]  # [2*hd]
+    per_layer = [torch.cat([layer.keys, layer.values], -1)[0].mean(1).mean(0) for layer in chosen]  # [2*hd]
     want = torch.stack(per_layer).mean(0)
     want = (want / want.norm()).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -79,7 +79,8 @@ def test_shapes_gqa_and_mha(build, kv_heads):
     assert out["both"].shape == (len(TEXTS), 2 * p.head_dim)
     assert out["hidden states"].shape == (len(TEXTS), model.config.hidden_size)
     # the "both" vector is keys ++ values before normalisation: its halves point along the parts
-    unnorm = embed_all([KVEmbedder(p, KVPooling(part=pt, normalize=False), name=pt) for pt in ("keys", "values", "both")], TEXTS)
+    unnorm = embed_all([KVEmbedder(p, KVPooling(part=pt, normalize=False), name=pt)
+                        for pt in ("keys", "values", "both")], TEXTS)
     np.testing.assert_allclose(unnorm["both"], np.concatenate([unnorm["keys"], unnorm["values"]], 1), atol=1e-5)
 
 

@@ -1,7 +1,8 @@
 """End-to-end smoke run of every numbered notebook through papermill (SMOKE=True: tiny sizes, smallest model).
 
 Outputs go to build/smoke/ (never over the committed tables and figures); the generation store goes to a
-temporary folder. Each notebook must run top to bottom and write at least one table (CSV) and a figure or a Markdown table.
+temporary folder. Each notebook must run top to bottom and write at least one table (CSV) and a figure or a
+Markdown table.
 """
 
 import time

@@ -78,3 +78,26 @@ def test_dead_kernel_names_notebook_cause_and_executed_copy(tmp_path):
     assert str(tmp_path / "out" / "04_oom.ipynb") in msg
     assert err.value.cell == 3 and err.value.__cause__ is None and err.value.__suppress_context__
     assert "Traceback" not in msg
+
+
+def test_publish_copies_outputs_into_the_source_notebook(tmp_path, monkeypatch):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from kvlib import pipeline
+
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    nb = new_notebook(cells=[new_code_cell("PROFILE = 'x'", metadata={"tags": ["parameters"]}),
+                             new_code_cell("print('hello', PROFILE)")])
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "language_info": {"name": "python"}}
+    nbformat.write(nb, nb_dir / "01_t.ipynb")
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    monkeypatch.setattr(pipeline, "notebooks", lambda root=tmp_path: sorted(nb_dir.glob("*.ipynb")))
+    monkeypatch.setattr(pipeline, "update_readme", lambda root=tmp_path: [])
+    assert pipeline.main(["--profile", "small", "--out", str(tmp_path / "ex")]) == 0
+    assert nbformat.read(nb_dir / "01_t.ipynb", as_version=4).cells[1].outputs == []  # not without --publish
+    assert pipeline.main(["--profile", "small", "--out", str(tmp_path / "ex"), "--publish"]) == 0
+    out = nbformat.read(nb_dir / "01_t.ipynb", as_version=4).cells[1].outputs
+    assert [o.get("text") for o in out] == ["hello small\n"]

@@ -5,7 +5,8 @@ import pytest
 
 from kvlib import tiny_model
 from kvlib.embedding import KVEmbedder, Prefill, PrefillConfig, RandomEmbedder
-from kvlib.probe import ProbeConfig, classification_scores, layer_sweep, probe_textset, run_probe_table, undersample, wide_table
+from kvlib.probe import (ProbeConfig, classification_scores, layer_sweep, probe_textset, run_probe_table, undersample,
+                         wide_table)
 from kvlib.textsets import TextSet, cap, load_financial_phrasebank
 
 
@@ -82,7 +83,10 @@ def test_agrees_with_mteb_on_one_task(shared_data):
             raise NotImplementedError
 
     task = mteb.get_task("FinancialPhrasebankClassification")
-    split = lambda texts, labels: Dataset.from_dict({"text": list(texts), "label": list(labels)})
+
+    def split(texts, labels):
+        return Dataset.from_dict({"text": list(texts), "label": list(labels)})
+
     task.dataset = {"default": DatasetDict({"train": split(ts.train_texts, ts.train_labels),
                                             "test": split(ts.test_texts, ts.test_labels)})}
     task.data_loaded = True
