@@ -41,12 +41,11 @@ from .difficulty import DifficultyClassifier, last_n_sums, live_features
 from .generation import GenerationSettings, Prompt, generate, record_array
 from .identity import callable_identity, model_identity
 from .store import ResultStore, default_store_dir
-from .thinking import ThinkingProtocol, ThinkingWatch, protocol_for, render_prompt
+from .thinking import Mode, ThinkingProtocol, ThinkingWatch, protocol_for, render_prompt
 
 __all__ = ["SwitchConfig", "KVSwitchController", "classifier_difficulty", "adaptive_generate", "initial_difficulty",
            "as_questions", "trace_extractor", "controlled_generate"]
 
-Mode = Literal["fast", "slow"]
 # (state, rows) -> difficulty per row: the classifier on live features, or a scripted function in tests
 DifficultyFn = Callable[[DecodeState, list[int]], Sequence[float]]
 

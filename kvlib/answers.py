@@ -18,15 +18,14 @@ Grading happens when records are read (never stored), so a grading fix needs no 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 from .generation import GenerationSettings, Prompt, generate, open_store
 from .store import default_store_dir
-from .thinking import ThinkingProtocol, protocol_for, render_prompt
+from .thinking import Mode, ThinkingProtocol, protocol_for, render_prompt
 
 __all__ = ["answer_records", "answer_extractors", "answer_settings"]
 
-Mode = Literal["fast", "slow"]
 
 
 def answer_extractors() -> dict:

@@ -59,10 +59,13 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["MathItem", "load_math", "answer_type", "DATASETS", "TEST_FRACTION", "last_boxed", "select_sets",
-           "SelectedSets", "SkippedSet", "skipped_sets", "DATA_DIR_FILES", "ALL"]
+__all__ = ["MathItem", "load_math", "answer_type", "DATASETS", "SET_LABELS", "TEST_FRACTION", "last_boxed",
+           "select_sets", "SelectedSets", "SkippedSet", "skipped_sets", "DATA_DIR_FILES", "ALL"]
 
 DATASETS = ("gsm8k", "math", "math500", "svamp", "asdiv", "mawps", "theoremqa")
+# how tables and figures name each set
+SET_LABELS = {"gsm8k": "GSM8K", "svamp": "SVAMP", "math500": "MATH-500", "math": "MATH", "theoremqa": "TheoremQA",
+              "asdiv": "ASDiv", "mawps": "MAWPS"}
 NUMERIC_DATASETS = ("gsm8k", "svamp", "asdiv", "mawps")
 TEST_FRACTION = 0.5
 _SPLITS = {"gsm8k": ("train", "test"), "math": ("train", "test"), "math500": ("test",),

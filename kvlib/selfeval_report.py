@@ -21,15 +21,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .data import DATA_DIR_FILES, SelectedSets, select_sets, skipped_sets
+from .data import DATA_DIR_FILES, SET_LABELS, SelectedSets, select_sets, skipped_sets
 from .metrics import MIN_CLASS
 from .selfeval import score_records
 
 __all__ = ["SET_LABELS", "MAIN_SCORES", "selfeval_sets", "collect_scores", "caption", "skipped_note", "roc_figure",
            "score_figure", "save_table", "save_figure", "timing_columns", "TIMINGS_DIR"]
 
-SET_LABELS = {"gsm8k": "GSM8K", "svamp": "SVAMP", "math500": "MATH-500", "math": "MATH", "theoremqa": "TheoremQA",
-              "asdiv": "ASDiv", "mawps": "MAWPS"}
 MAIN_SCORES = ["MaxProb", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-probe", "Output+KV"]
 THEOREMQA_FILE = DATA_DIR_FILES["theoremqa"]
 TIMINGS_DIR = "timings"

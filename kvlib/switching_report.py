@@ -13,11 +13,11 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from .data import SET_LABELS
+
 __all__ = ["SET_LABELS", "caption", "table3_markdown", "table4_markdown", "pareto_figure", "classifier_table",
            "headline"]
 
-SET_LABELS = {"gsm8k": "GSM8K", "math500": "MATH-500", "svamp": "SVAMP", "math": "MATH", "asdiv": "ASDiv",
-              "mawps": "MAWPS", "theoremqa": "TheoremQA"}
 _ORDER = ["fast", "slow", "KV-Classification", "KV-Generative", "random (same slow share)",
           "oracle (fast if fast is right)", "DEER-style early exit"]
 
