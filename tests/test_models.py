@@ -46,6 +46,23 @@ def test_parts_are_concatenated_and_verified(fake_parts, tmp_path):
     assert path.read_bytes() == whole
 
 
+def test_an_assembled_file_in_kvlib_gguf_dir_replaces_the_packages(tmp_path, monkeypatch):
+    whole = b"GGUF" + bytes(range(256)) * 5
+    sha = hashlib.sha256(whole).hexdigest()
+    brought = tmp_path / "brought"
+    brought.mkdir()
+    (brought / "fake.gguf").write_bytes(whole)
+    monkeypatch.setenv("KVLIB_GGUF_DIR", str(brought))
+    spec = _spec(sha, module="kvlib_not_installed_part")  # no package holds its parts
+    assert assemble_gguf(spec, tmp_path / "work") == brought / "fake.gguf"
+    (brought / "fake.gguf").write_bytes(whole + b"x")  # the pinned hash still decides
+    with pytest.raises(ModelFileError, match="SHA-256 mismatch for model 'fake'"):
+        assemble_gguf(spec, tmp_path / "work")
+    monkeypatch.delenv("KVLIB_GGUF_DIR")
+    with pytest.raises(ModelFileError, match="needs package files that are not installed"):
+        assemble_gguf(spec, tmp_path / "work")
+
+
 def test_sha_mismatch_is_a_clear_error_and_leaves_no_cache(fake_parts, tmp_path, monkeypatch):
     _, sha = fake_parts
     wrong = "0" * 64
