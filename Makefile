@@ -62,7 +62,7 @@ venv-test: $(VENV)/.test
 
 reproduce: $(VENV)/.base $(if $(filter qwen2.5-1.5b,$(MODEL)),$(VENV)/.extra,)
 	@$(PY) $(PREFLIGHT)
-	$(PY) -m kvlib.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) \
+	$(PY) -m kvlib.experiments.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) \
 		$(if $(filter small,$(PROFILE)),$(if $(MODEL),,--publish),)
 
 test: $(VENV)/.test

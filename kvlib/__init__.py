@@ -1,7 +1,9 @@
 """kvlib: the KV cache of a language model as a free representation.
 
 Embeddings, Chain-of-Embedding self-evaluation and fast/slow thinking switches read from the cache
-that inference already holds. Every public name is re-exported here.
+that inference already holds. Every public name of the library is re-exported here; the paper's experiments
+(what notebooks/01-06 run: tables, captions, figures) live apart, in :mod:`kvlib.experiments`, which the
+library never imports.
 """
 
 from .adaptive import SwitchConfig, adaptive_generate
@@ -23,8 +25,7 @@ from .metrics import aupr, auroc, bootstrap_auroc_ci, evaluate_score, fpr_at_tpr
 from .models import DEFAULT_MODEL, EMBEDDED_MODELS, ModelFileError, load_model
 from .pooling import kv_trajectory_extractor, select_layers, token_trajectory
 from .probe import ProbeConfig, classification_scores, layer_sweep, run_probe_table
-from .selfeval import auroc_differences, coe_cost, kv_probe_scores, score_records, table2, table2_markdown
-from .switching import SwitchingPlan
+from .selfeval import kv_coe_scores, kv_probe_scores, output_scores, score_records
 from .profiles import Profile, get_profile, hardware_label
 from .sampling import sampling_from_generation_config
 from .store import CorruptStoreError, ResultStore, StoreLockedError, StoreMismatchError
@@ -36,14 +37,14 @@ __all__ = [
     "SwitchConfig", "adaptive_generate", "crop_cache",
     "DifficultyClassifier", "FeatureSpec", "TrainConfig", "difficulty_label", "live_features", "prompt_kv_extractor",
     "split_by_question", "train_classifier", "EarlyExitConfig", "budget_generate", "early_exit_generate",
-    "SwitchingPlan", "get_profile", "Profile", "hardware_label", "sampling_from_generation_config", "BudgetConfig",
+    "get_profile", "Profile", "hardware_label", "sampling_from_generation_config", "BudgetConfig",
     "answer_probes", "probe_scores",
     "LayerKV", "cache_layers", "cache_length", "kv_layers", "masked_mean", "masked_sum", "output_cache",
     "coe_scores", "hidden_coe_extractor", "hidden_coe_pass",
     "measure_cache_bytes", "memory_estimate", "parameter_count", "prefill_peak", "shipped_configs", "vram_curve",
     "aupr", "auroc", "bootstrap_auroc_ci", "evaluate_score", "fpr_at_tpr", "paired_auroc_difference",
     "DEFAULT_MODEL", "EMBEDDED_MODELS", "ModelFileError", "load_model",
-    "auroc_differences", "coe_cost", "kv_probe_scores", "score_records", "table2", "table2_markdown",
+    "kv_coe_scores", "kv_probe_scores", "output_scores", "score_records",
     "MathItem", "answer_type", "load_math", "extract_answer", "is_correct",
     "DecodeConfig", "DecodeResult", "DecodeState", "decode", "prefill",
     "Embedder", "HiddenStateEmbedder", "KVEmbedder", "KVPooling", "Prefill", "PrefillConfig", "RandomEmbedder",

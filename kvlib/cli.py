@@ -1,7 +1,7 @@
 """The ``kvlib`` command: ``kvlib reproduce`` runs the notebooks, ``kvlib info MODEL`` tells what a model costs.
 
 ``kvlib reproduce [--profile P] [--model M] [--data-dir D] [--only NN ...]`` hands its arguments to
-:func:`kvlib.pipeline.main` (papermill over ``notebooks/NN_*.ipynb`` of the source checkout).
+:func:`kvlib.experiments.pipeline.main` (papermill over ``notebooks/NN_*.ipynb`` of the source checkout).
 
 ``kvlib info MODEL`` loads no weights. It names where the weights come from (for an embedded model: its
 packages, pinned SHA-256 and converted folder; a local folder; a hub id) and prints
@@ -229,7 +229,7 @@ def _info(args) -> int:
 
 
 def _reproduce(args, parser) -> int:
-    from . import pipeline
+    from .experiments import pipeline  # the one way from the library's front door into the experiments
 
     available = sorted({p.name[:2] for p in pipeline.notebooks()})
     if not available:

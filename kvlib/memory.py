@@ -39,7 +39,7 @@ import torch
 
 __all__ = [
     "CONFIG_DIR", "shipped_configs", "load_config", "hf_config", "attention_layer_types", "parameter_count",
-    "memory_estimate", "prefill_peak", "vram_curve", "measure_cache_bytes", "fig1_table",
+    "memory_estimate", "prefill_peak", "vram_curve", "measure_cache_bytes",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().with_name("configs")
@@ -292,43 +292,3 @@ def measure_cache_bytes(model, tokenizer=None, lengths: Sequence[int] = (256, 51
         })
         del out
     return rows
-
-
-def fig1_table(config, lengths: Sequence[int], dtype=torch.bfloat16, gpu_csv=None, cpu_rows: Sequence[dict] = (),
-               cpu_model: str = ""):
-    """Every number of Fig. 1 in one long table (pandas): ``panel, model, dtype, source, quantity, context_length,
-    bytes, gb``.
-
-    ``panel="scale"``: the estimate for ``config`` over ``lengths`` (weights, kv_cache, hidden_states, model_kv,
-    model_kv_hidden, prefill_peak, prefill_peak_hidden) and, if ``gpu_csv`` (from benchmarks/gpu_vram.py) exists,
-    its measured ``resident`` / ``peak`` bytes (with and without hidden states). ``panel="model"``: the rows of
-    :func:`measure_cache_bytes` for ``cpu_model``, measured and estimated.
-    """
-    import pandas as pd
-
-    cfg = load_config(config)
-    name = str(config) if isinstance(config, str | Path) else cfg.get("_name_or_path", "config")
-    dname = str(dtype).replace("torch.", "")
-    rows = []
-    for t, (_, est) in zip(lengths, vram_curve(cfg, lengths, dtype).iterrows()):
-        for q in ("weights", "kv_cache", "hidden_states", "model_kv", "model_kv_hidden"):
-            rows.append(("scale", name, dname, "estimate", q, t, int(est[q])))
-        rows.append(("scale", name, dname, "estimate", "prefill_peak", t, prefill_peak(cfg, t, dtype)))
-        rows.append(("scale", name, dname, "estimate", "prefill_peak_hidden", t,
-                     prefill_peak(cfg, t, dtype, hidden_states=True)))
-    if gpu_csv is not None and Path(gpu_csv).exists():
-        gpu = pd.read_csv(gpu_csv)
-        for _, r in gpu[gpu["status"] == "ok"].iterrows():
-            suffix = "_hidden" if bool(r["output_hidden_states"]) else ""
-            source = f"measured ({r['gpu']})"
-            rows.append(("scale", r["config"], r["dtype"], source, "resident" + suffix, int(r["context_length"]),
-                         int(r["resident_measured"])))
-            rows.append(("scale", r["config"], r["dtype"], source, "peak" + suffix, int(r["context_length"]),
-                         int(r["peak_measured"])))
-    for r in cpu_rows:
-        for q in ("weights", "kv_cache", "hidden_states"):
-            for source in ("measured", "estimate"):
-                rows.append(("model", cpu_model, r["dtype"], source, q, r["context_length"], int(r[f"{q}_{source}"])))
-    df = pd.DataFrame(rows, columns=["panel", "model", "dtype", "source", "quantity", "context_length", "bytes"])
-    df["gb"] = df["bytes"] / 1e9
-    return df

@@ -1,4 +1,4 @@
-"""The MTEB classification protocol on local data, and the experiments of notebook 02 built on it.
+"""The MTEB classification protocol on local data, and a sweep of the layers and cache parts the KV embedding pools.
 
 Protocol (mteb 2.26, ``mteb/abstasks/classification.py`` ``AbsTaskClassification``; the same in
 mteb 1.x ``AbsTaskClassification`` + ``logRegClassificationEvaluator``):

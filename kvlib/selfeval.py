@@ -1,7 +1,8 @@
-"""Self-evaluation of generated answers (paper section 5, Table 2): every score, one table.
+"""Self-evaluation of generated answers (paper section 5): every score of every answer.
 
 :func:`score_records` turns graded answer records (see :func:`kvlib.answers.answer_records`) into one row
-per answer holding every score; :func:`table2` evaluates them per data set with :mod:`kvlib.metrics`.
+per answer holding every score; :mod:`kvlib.metrics` evaluates a score (AUROC, FPR95, AUPR), and notebook 03's
+Table 2 (:mod:`kvlib.experiments.kv_coe`) puts them together per data set.
 Every score is oriented so that larger means "more likely correct" (the positive class):
 
 ============================  ====================================================================
@@ -41,15 +42,9 @@ import pandas as pd
 from .answer_probe import answer_probes, pooled_kv, probe_scores
 from .coe import coe_scores
 from .generation import record_array
-from .metrics import MIN_CLASS, evaluate_score, paired_auroc_difference
 
 __all__ = ["PARTS", "HEADLINE", "METHODS", "output_scores", "kv_coe_scores", "score_records", "kv_probe_features",
-           "grouped_folds", "kv_probe_scores", "evaluate_sets", "table2", "table2_markdown", "auroc_differences",
-           "coe_cost", "COMPARISONS"]
-
-COMPARISONS = [("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-R (V)", "MaxProb"), ("KV-CoE-C (V)", "Entropy"),
-               ("KV-CoE-C (V)", "CoE-C"), ("KV-CoE-R (V)", "CoE-R"), ("KV-probe", "MaxProb"),
-               ("KV-probe", "Output-probe"), ("Output+KV", "Output-probe"), ("Output+KV", "MaxProb")]
+           "grouped_folds", "kv_probe_scores"]
 
 PARTS = {"V": ("values",), "K": ("keys",), "KV": ("keys", "values")}
 HEADLINE = ["MaxProb", "PPL", "Entropy", "CoE-R", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)",
@@ -159,85 +154,3 @@ def kv_probe_scores(records: Sequence[Mapping], groups: Sequence | None = None, 
     y = np.array([bool(r["correct"]) for r in records], dtype=int)
     g = groups if groups is not None else [r["item_id"] for r in records]
     return probe_scores(X, y, g, n_splits=n_splits, Cs=Cs, seed=seed)
-
-
-def evaluate_sets(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | None = None,
-                  min_class: int = MIN_CLASS, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Long table: one row per (set, method) with :func:`kvlib.metrics.evaluate_score`'s fields."""
-    rows = []
-    for name, df in scores_by_set.items():
-        for method in methods or [m for m in METHODS if m in df]:
-            if method not in df:
-                continue
-            rows.append({"set": name, "method": method,
-                         **evaluate_score(df["correct"], df[method], min_class=min_class, n_boot=n_boot, seed=seed)})
-    return pd.DataFrame(rows)
-
-
-def table2(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | None = None,
-           min_class: int = MIN_CLASS, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Table 2: rows = methods, columns ``"{set} AUROC"``, ``"... AUROC lo"``, ``"... AUROC hi"``,
-    ``"... FPR95"``, ``"... AUPR"``, ``"... n correct"``, ``"... n wrong"`` per set (x100; NaN = too few)."""
-    long = evaluate_sets(scores_by_set, methods, min_class, n_boot, seed)
-    cols = {"AUROC": "AUROC", "AUROC_lo": "AUROC lo", "AUROC_hi": "AUROC hi", "FPR95": "FPR95", "AUPR": "AUPR",
-            "n_correct": "n correct", "n_wrong": "n wrong"}
-    parts = []
-    for name in scores_by_set:
-        sub = long[long["set"] == name].set_index("method")[list(cols)].rename(columns=cols)
-        parts.append(sub.add_prefix(f"{name} "))
-    order = list(dict.fromkeys(long["method"]))
-    return pd.concat(parts, axis=1).reindex(order).rename_axis("method")
-
-
-def table2_markdown(table: pd.DataFrame, sets: Sequence[str], caption: str = "") -> str:
-    """Markdown of :func:`table2`: ``AUROC [lo, hi]``, FPR95 and AUPR per set, counts in the header."""
-    def fmt(x):
-        return "–" if pd.isna(x) else f"{x:.1f}"
-
-    show = pd.DataFrame(index=table.index)
-    for s in sets:
-        nc, nw = table[f"{s} n correct"].max(), table[f"{s} n wrong"].max()
-        head = f"{s} ({int(nc)}✓/{int(nw)}✗)"
-        show[f"{head} AUROC [95% CI]"] = [
-            "–" if pd.isna(a) else f"{a:.1f} [{lo:.1f}, {hi:.1f}]"
-            for a, lo, hi in zip(table[f"{s} AUROC"], table[f"{s} AUROC lo"], table[f"{s} AUROC hi"])]
-        show[f"{head} FPR95↓"] = table[f"{s} FPR95"].map(fmt)
-        show[f"{head} AUPR"] = table[f"{s} AUPR"].map(fmt)
-    md = show.reset_index().to_markdown(index=False)
-    return f"{caption}\n\n{md}\n" if caption else md + "\n"
-
-
-def auroc_differences(scores_by_set: Mapping[str, pd.DataFrame],
-                      pairs: Sequence[tuple[str, str]] = COMPARISONS, min_class: int = MIN_CLASS,
-                      n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """AUROC(a) - AUROC(b) per set with a paired bootstrap 95% interval (NaN when a class is too small)."""
-    rows = []
-    for name, df in scores_by_set.items():
-        n_ok = int(df["correct"].sum())
-        for a, b in pairs:
-            if a not in df or b not in df:
-                continue
-            d = (np.nan,) * 3
-            if min(n_ok, len(df) - n_ok) >= max(1, min_class):
-                d = paired_auroc_difference(df["correct"], df[a], df[b], n_boot=n_boot, seed=seed)
-            rows.append({"set": name, "score": a, "baseline": b, "AUROC difference": d[0], "lo": d[1], "hi": d[2],
-                         "n_correct": n_ok, "n_wrong": len(df) - n_ok})
-    return pd.DataFrame(rows)
-
-
-def coe_cost(scores_by_set: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per set: mean extra seconds and bytes per answer of KV-CoE (reductions over the live cache) and of
-    hidden-state CoE (a re-forward with hidden states), their ratio, and the mean answer length.
-
-    The ``*seconds*`` columns are wall-clock measurements that change from run to run:
-    :func:`kvlib.selfeval_report.save_table` writes them to ``timings/coe_cost.csv``, apart from the
-    deterministic columns (sizes, bytes, tokens)."""
-    rows = []
-    for name, df in scores_by_set.items():
-        kv_s, hid_s = df["kv_seconds"].mean(), df["hidden_seconds"].mean()
-        kv_b, hid_b = df["kv_bytes"].mean(), df["hidden_bytes"].mean()
-        rows.append({"set": name, "n": len(df), "mean_tokens": df["n_tokens"].mean(),
-                     "gen_seconds": df["gen_seconds"].mean(), "kv_coe_seconds": kv_s, "hidden_coe_seconds": hid_s,
-                     "seconds_ratio": hid_s / kv_s if kv_s > 0 else np.nan, "kv_coe_bytes": kv_b,
-                     "hidden_coe_bytes": hid_b, "bytes_ratio": hid_b / kv_b if kv_b > 0 else np.nan})
-    return pd.DataFrame(rows)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kvlib import cli, pipeline
+from kvlib import cli
+from kvlib.experiments import pipeline
 from kvlib.models import EMBEDDED_MODELS
 
 SMOL = EMBEDDED_MODELS["smollm2-135m"]

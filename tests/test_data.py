@@ -162,9 +162,8 @@ def test_selection_functions_of_the_notebooks_pass_skipped_sets_to_captions():
     """03 and 04 select through select_sets: a skipped optional set is named in both tables' captions."""
     from types import SimpleNamespace
 
-    from kvlib.selfeval_report import selfeval_sets
-    from kvlib.switching import SwitchingPlan, switching_items
-    from kvlib.switching_report import caption
+    from kvlib.experiments.kv_coe import selfeval_sets
+    from kvlib.experiments.switching import SwitchingPlan, caption, switching_items
 
     sets = selfeval_sets({"gsm8k": 2, "theoremqa": 2})
     assert list(sets) == ["gsm8k"] and [s.name for s in sets.skipped] == ["theoremqa"]

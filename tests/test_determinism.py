@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kvlib.pipeline import run_notebook
-from kvlib.selfeval_report import TIMINGS_DIR, timing_columns
+from kvlib.experiments.pipeline import run_notebook
+from kvlib.experiments.report import TIMINGS_DIR, timing_columns
 from kvlib.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from kvlib.model_size import differences_by_model, model_dirs, table2_by_model, table3_by_model
+from kvlib.experiments.model_size import differences_by_model, model_dirs, table2_by_model, table3_by_model
 
 
 def _table2(folder, auroc):
@@ -39,3 +39,18 @@ def test_differences_keep_sign_and_interval(tmp_path):
                   "lo": [-0.5], "hi": [6.0]}).to_csv(d / "table2_differences.csv", index=False)
     out = differences_by_model({"m-1b": d})
     assert out.loc["KV-probe − MaxProb", ("GSM8K", "m-1b")] == "+3.2 [-0.5, +6.0]"
+
+
+def test_captions_and_flat_tables_for_the_csv(tmp_path):
+    from kvlib.experiments.model_size import caption, flat_table
+
+    _table2(tmp_path / "qwen-0.5b", 60.0)
+    dirs = model_dirs(tmp_path)
+    assert caption("gpu", dirs, "table2") == ("Profile gpu; models: qwen-0.5b; each cell copied from that model's "
+                                              "table (its caption gives sets, sizes and hardware). Table 2: AUROC x100 "
+                                              "[95% CI].")
+    assert "none yet" in caption("gpu", {})
+    flat = flat_table(table2_by_model(dirs), names="score")
+    assert list(flat.columns) == ["score", "GSM8K · qwen-0.5b (40✓/60✗)"] and list(flat["score"]) == ["MaxProb",
+                                                                                                        "KV-probe"]
+    assert flat_table(pd.DataFrame(), names=["set", "method"]).empty

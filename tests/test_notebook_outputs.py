@@ -4,7 +4,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from kvlib.notebook_outputs import publish_outputs
+from kvlib.experiments.notebook_outputs import publish_outputs
 
 
 def _source(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvlib.pipeline import notebooks, run_notebook
+from kvlib.experiments.pipeline import notebooks, run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -4,7 +4,7 @@ when the kernel died and what to try, and exits non-zero."""
 import nbformat
 import pytest
 
-from kvlib import pipeline
+from kvlib.experiments import pipeline
 
 
 def _notebook(path, cells, parameters=True):
@@ -84,7 +84,7 @@ def test_publish_copies_outputs_into_the_source_notebook(tmp_path, monkeypatch):
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook
 
-    from kvlib import pipeline
+    from kvlib.experiments import pipeline
 
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()

@@ -13,10 +13,11 @@ from kvlib.coe import hidden_coe_pass
 from kvlib.data import MathItem
 from kvlib.early_exit import EarlyExitConfig
 from kvlib.embedding import KVEmbedder, Prefill, PrefillConfig
+from kvlib.experiments.budget_sweep import budget_grid
+from kvlib.experiments.switching import SwitchingPlan, best_spec, evaluate_methods, fit_classifiers, label_frame
 from kvlib.models import load_model
 from kvlib.profiles import PROFILES, Profile, get_profile, resolve_device, resolve_dtype
 from kvlib.selfeval import score_records
-from kvlib.switching import (SwitchingPlan, best_spec, budget_grid, evaluate_methods, fit_classifiers, label_frame)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device")])]

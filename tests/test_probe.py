@@ -126,7 +126,7 @@ def test_table1_files_and_figures(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from kvlib.embedding_probe import plot_sweep, plot_table1, probe_run, table1
+    from kvlib.experiments.kv_embedding_probe import plot_sweep, plot_table1, probe_run, table1
     from kvlib.profiles import get_profile
 
     run = probe_run(get_profile("small"), model="tiny-qwen2")

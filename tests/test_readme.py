@@ -19,3 +19,29 @@ def test_readme_python_example_runs(monkeypatch):
     assert np.asarray(scope["emb"]).shape[0] == 1
     assert set(scope["scores"]) == {"R", "C"}
     assert scope["layers"][0][0].dim() == 4 and scope["sizes"]["kv_cache"] > 0
+
+
+def _module_table(title: str) -> list[str]:
+    """Module names in the first column of the table under the README heading ``### {title}``."""
+    text = README.read_text(encoding="utf-8")
+    section = re.search(rf"^### {re.escape(title)}\n(.*?)(?=^#)", text, re.S | re.M)
+    assert section, f"README.md has no section '### {title}'"
+    rows = [ln for ln in section.group(1).splitlines() if ln.startswith("| `")]
+    return [name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])]
+
+
+def _modules(folder: Path) -> set[str]:
+    return {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
+
+
+def test_readme_lists_every_module_in_its_group():
+    """The module table names every library module (kvlib/) and every experiment module (kvlib/experiments/),
+    each once and in its own group, and nothing that does not exist."""
+    package = Path(kvlib.__file__).parent
+    groups = {"Library (`kvlib/`)": package, "Experiments (`kvlib/experiments/`)": package / "experiments"}
+    for title, folder in groups.items():
+        listed = _module_table(title)
+        assert len(listed) == len(set(listed)), f"{title}: a module is listed twice: {sorted(listed)}"
+        assert set(listed) == _modules(folder), (
+            f"{title}: missing {sorted(_modules(folder) - set(listed))}, "
+            f"not a module there {sorted(set(listed) - _modules(folder))}")

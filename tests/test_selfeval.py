@@ -8,9 +8,9 @@ import pytest
 
 from kvlib import record_array
 from kvlib.coe import coe_scores
+from kvlib.experiments.kv_coe import coe_cost, table2, table2_markdown
 from kvlib.metrics import auroc
-from kvlib.selfeval import (HEADLINE, coe_cost, grouped_folds, kv_probe_scores, output_scores, score_records, table2,
-                            table2_markdown)
+from kvlib.selfeval import HEADLINE, grouped_folds, kv_probe_scores, output_scores, score_records
 from kvlib.store import encode_array
 
 D = 6
@@ -136,7 +136,7 @@ def test_coe_cost(synthetic):
 
 
 def test_auroc_differences(synthetic):
-    from kvlib.selfeval import auroc_differences
+    from kvlib.experiments.kv_coe import auroc_differences
 
     df = score_records(synthetic)
     diffs = auroc_differences({"A": df}, pairs=[("MaxProb", "KV-CoE-C (V)"), ("MaxProb", "missing")], n_boot=200)
@@ -150,7 +150,7 @@ def test_auroc_differences(synthetic):
 
 def test_save_table_writes_timings_apart(synthetic, tmp_path):
     """Wall-clock columns leave the result table (which must be byte-identical across runs) for timings/."""
-    from kvlib.selfeval_report import save_table, timing_columns
+    from kvlib.experiments.report import save_table, timing_columns
 
     cost = coe_cost({"A": score_records(synthetic, probe=False)}).assign(model="m", profile="p")
     assert set(timing_columns(cost)) == {"gen_seconds", "kv_coe_seconds", "hidden_coe_seconds", "seconds_ratio"}
@@ -177,7 +177,7 @@ def test_collect_scores_keeps_skipped_sets_for_the_caption(synthetic, monkeypatc
     """A missing optional set reaches the Table 2 caption, not only a print; an empty set is an error naming it."""
     from kvlib import answers
     from kvlib.data import SelectedSets, SkippedSet
-    from kvlib.selfeval_report import caption, collect_scores
+    from kvlib.experiments.kv_coe import caption, collect_scores
 
     monkeypatch.setattr(answers, "answer_records", lambda *a, **k: synthetic[:12])
     sets = SelectedSets({"gsm8k": ["item"] * 12},
@@ -191,3 +191,17 @@ def test_collect_scores_keeps_skipped_sets_for_the_caption(synthetic, monkeypatc
         collect_scores(None, None, "m", {"svamp": []}, 24)
     with pytest.raises(ValueError, match="no data sets to score"):
         collect_scores(None, None, "m", {}, 24)
+
+
+def test_the_captions_of_notebook_03_name_the_run_and_the_table(synthetic):
+    from kvlib.experiments.kv_coe import caption
+
+    scores = {"GSM8K": score_records(synthetic, probe=False)}
+    full = caption("m", "small", scores, 24, hardware="CPU (2 threads), fp32")
+    assert full.startswith("Model m, profile small on CPU (2 threads), fp32; greedy slow answers up to 24 new tokens")
+    assert caption("m", "small", scores, 24, "CPU (2 threads), fp32", table="differences") == (
+        "Model m, profile small on CPU (2 threads), fp32; AUROC differences x100 with paired bootstrap 95% intervals.")
+    cost = caption("m", "small", scores, 24, table="cost")
+    assert cost == "Model m, profile small; extra cost per answer of each trajectory."
+    with pytest.raises(ValueError, match="unknown table 'x'"):
+        caption("m", "small", scores, 24, table="x")

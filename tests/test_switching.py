@@ -12,10 +12,10 @@ from kvlib.data import MathItem
 from kvlib.decoding import DecodeConfig, decode
 from kvlib.difficulty import prompt_kv_extractor, question_key
 from kvlib.early_exit import BudgetConfig, EarlyExitConfig, early_exit_generate
+from kvlib.experiments.budget_sweep import budget_grid, table4_markdown
+from kvlib.experiments.switching import (SwitchingPlan, best_spec, evaluate_methods, fit_classifiers, label_frame,
+                                         method_row, pareto_figure, route, table3_markdown)
 from kvlib.generation import GenerationSettings, Prompt, generate, open_store
-from kvlib.switching import (SwitchingPlan, best_spec, budget_grid, evaluate_methods, fit_classifiers, label_frame,
-                             method_row, route)
-from kvlib.switching_report import pareto_figure, table3_markdown, table4_markdown
 from kvlib.thinking import protocol_for, render_prompt
 
 QS = [(f"q{i}", f"What is {i} + {3 * i}?" + " Think." * (i % 3)) for i in range(4)]
@@ -150,3 +150,36 @@ def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert list(only_class["method"]) == ["KV-Classification"] * 2
     fig = pareto_figure(points)
     assert len(fig.axes) == 1
+
+
+def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, capsys):
+    """switching_setup: the smoke plan, items, graded answer pairs and labelled rows of every set; Table 3's caption
+    names the classifier's features and the live sets, Table 4's caption neither (it compares features)."""
+    from types import SimpleNamespace
+
+    from kvlib.experiments import budget_sweep
+    from kvlib.experiments.switching import PARETO, TABLE3, caption, switching_setup
+    from kvlib.profiles import get_profile
+
+    model, tok = tiny
+    profile = get_profile("smoke")
+    run = switching_setup(profile, model, tok, smoke=True, root=tmp_path, progress=False)
+    assert "train {'svamp': 8, 'mawps': 8}, test {'svamp': 4}" in capsys.readouterr().out
+    assert run.plan.check_every == 8 and run.plan.budgets == (8,) and run.plan.random_seeds == 20
+    assert list(run.train_items) == ["svamp", "mawps"] and [len(v) for v in run.test_pairs["svamp"]] == [4, 4]
+    assert len(run.frame) == 16 == len(run.train_records) and len(run.evaluation_questions) == 4
+    counts = run.label_counts()
+    assert set(counts.index) == {("train", "svamp"), ("train", "mawps"), ("evaluation", "svamp")}
+    assert counts.to_numpy().sum() == 20
+    clf = SimpleNamespace(spec=SimpleNamespace(n_tokens=32, n_layers=8), info={"train_sets": ["mawps", "svamp"]})
+    plan = run.plan.with_sizes(live_sets=("svamp",))
+    full = caption("m", "smoke", plan, run.test_items, clf, TABLE3)
+    assert "features: last 32 tokens x last 8 layers; tau=50" in full and "Live methods" in full
+    bare = caption("m", "smoke", plan, run.test_items, clf, TABLE3, features=False, live=False)
+    assert bare == full.replace("features: last 32 tokens x last 8 layers; ", "").replace(
+        " Live methods (KV-Generative, DEER-style early exit, token budgets) run on SVAMP; the other sets show the "
+        "offline rows only.", "")
+    assert run.caption(clf, PARETO).endswith("check every 8 tokens. Every swept point.")
+    table4 = budget_sweep.caption(run, {(32, 8): clf})
+    assert "features:" not in table4 and "Live methods" not in table4
+    assert table4.endswith("cells: accuracy / mean generated tokens. KV-Generative runs live on: SVAMP.")

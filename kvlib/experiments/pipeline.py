@@ -1,6 +1,6 @@
 """Execute every numbered notebook headlessly with papermill, in order.
 
-``python -m kvlib.pipeline --profile small [--model NAME] [--data-dir DIR] [--only 03]``
+``python -m kvlib.experiments.pipeline --profile small [--model NAME] [--data-dir DIR] [--only 03]``
 
 Each notebook runs with its working directory set to ``notebooks/`` (as in JupyterLab) and the
 parameters ``PROFILE``, ``MODEL``, ``DATA_DIR``; the executed copy is kept in ``build/executed/``.
@@ -22,7 +22,7 @@ from pathlib import Path
 __all__ = ["notebooks", "run_notebook", "update_readme", "main", "NotebookError", "KernelDiedError",
            "source_cell_index"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the source checkout, two levels above kvlib/experiments/
 _INJECTED = "injected-parameters"
 _ERROR_MARKER = "papermill-error-cell-tag"
 
@@ -129,7 +129,7 @@ _TABLE = re.compile(r"(<!-- table: *(?P<name>[\w.-]+(?:/[\w.-]+)*) *-->\n)(?P<bo
 def update_readme(root: Path = ROOT) -> list[str]:
     """Copy each generated ``tables/NAME.md`` into README.md between ``<!-- table: NAME -->`` and
     ``<!-- /table -->``, so the README never holds a typed number. ``NAME`` may name a subfolder, e.g.
-    ``timings/coe_cost`` (wall-clock columns, see :func:`kvlib.selfeval_report.save_table`). Returns the
+    ``timings/coe_cost`` (wall-clock columns, see :func:`kvlib.experiments.report.save_table`). Returns the
     names filled in."""
     readme = root / "README.md"
     text = readme.read_text(encoding="utf-8")

@@ -1,4 +1,5 @@
-"""The model-size axis: the same tables of several models side by side, read from their result folders.
+"""Notebook 06's experiment, the model-size axis: the same tables of several models side by side, read from their
+result folders.
 
 A profile with a ``results_dir`` (``gpu``) writes each model's tables to ``tables/<results_dir>/<model>/``
 (:meth:`kvlib.profiles.Profile.output_dirs`); this module reads every such folder and lines the models up:
@@ -15,15 +16,40 @@ from pathlib import Path
 
 import pandas as pd
 
+from .report import flat_columns
+
 __all__ = ["model_dirs", "table1_by_model", "table2_by_model", "differences_by_model", "table3_by_model",
-           "size_figure", "KEY_COMPARISONS"]
+           "size_figure", "caption", "flat_table", "KEY_COMPARISONS", "CAPTIONS"]
 
 TABLE2_SCORES = ("MaxProb", "PPL", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-CoE-C (K)", "KV-probe",
                  "Output-probe", "Output+KV")
 KEY_COMPARISONS = (("Output+KV", "Output-probe"), ("KV-probe", "Output-probe"), ("KV-probe", "MaxProb"),
                    ("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-C (V)", "CoE-C"))
+# what each of notebook 06's tables shows, after the caption's profile and models
+CAPTIONS = {"table1": "Table 1: mean accuracy.", "table2": "Table 2: AUROC x100 [95% CI].",
+            "differences": "AUROC differences x100 with paired bootstrap 95% intervals.",
+            "table3": "Table 3: accuracy / mean generated tokens."}
 TABLE3_METHODS = ("fast", "slow", "KV-Classification", "KV-Generative", "DEER-style early exit",
                   "random (same slow share)", "oracle (fast if fast is right)")
+
+
+def caption(profile: str, dirs: dict[str, Path], table: str | None = None) -> str:
+    """Profile and models of notebook 06's tables, and (``table``: a key of :data:`CAPTIONS`) what one shows."""
+    line = (f"Profile {profile}; models: {', '.join(dirs) or 'none yet'}; each cell copied from that model's table "
+            f"(its caption gives sets, sizes and hardware).")
+    if table is None:
+        return line
+    if table not in CAPTIONS:
+        raise ValueError(f"unknown table {table!r}: choose one of {', '.join(CAPTIONS)}")
+    return f"{line} {CAPTIONS[table]}"
+
+
+def flat_table(table: pd.DataFrame, names=None) -> pd.DataFrame:
+    """A by-model table ready for a CSV: ``(set, model)`` columns joined as ``"set · model"``, the index turned into
+    columns (named ``names``); an empty table as it is."""
+    if not len(table):
+        return table
+    return flat_columns(table).reset_index(names=names)
 
 
 def _size(name: str) -> float:

@@ -1,4 +1,5 @@
-"""Notebook 02's experiment: which model and sizes, the four embedders, Table 1 and its figures.
+"""Notebook 02's experiment (Table 1): which model and sizes, the four embedders, Table 1, the layer sweep and their
+figures.
 
 The protocol lives in :mod:`kvlib.probe`, the embedders in :mod:`kvlib.embedding`, the data in
 :mod:`kvlib.textsets`; this module wires them for one run so that the notebook stays a few short cells.
@@ -17,12 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .embedding import (HiddenStateEmbedder, KVEmbedder, KVPooling, Prefill, PrefillConfig, RandomEmbedder,
-                        SentenceTransformerEmbedder)
-from .probe import ProbeConfig
-from .profiles import hardware_label
+from ..embedding import (HiddenStateEmbedder, KVEmbedder, KVPooling, Prefill, PrefillConfig, RandomEmbedder,
+                         SentenceTransformerEmbedder)
+from ..probe import ProbeConfig, run_probe_table
+from ..profiles import hardware_label
 
-__all__ = ["PAPER_TABLE1", "ProbeRun", "probe_run", "load_lm", "standard_embedders", "table1", "plot_table1",
+__all__ = ["PAPER_TABLE1", "ProbeRun", "probe_run", "load_lm", "standard_embedders", "sweep_set", "add_size_models",
+           "main_rows", "table1", "table1_markdown", "paper_ordering", "layer_table", "layer_pivot", "plot_table1",
            "plot_sweep", "release"]
 
 # The paper's Table 1 (Llama-3.1-8B-Instruct KV cache, gemini-embedding-001), accuracy.
@@ -33,6 +35,8 @@ PAPER_TABLE1 = {
     "TweetTopicSingle": (0.3714, 0.7111),
 }
 COLUMNS = ("KV cache", "hidden states", "random", "dedicated embedder")
+LAYER_COLUMNS = ["set", "layers", "layer_ids", "part", "accuracy_mean", "accuracy_std", "dim", "n_test",
+                 "samples_per_label", "n_experiments"]
 _TOKENS = {"smoke": 32, "small": 64}
 
 
@@ -78,11 +82,11 @@ def load_lm(name: str, device=None, dtype=None):
     """``(model, tokenizer)``: ``"tiny-<arch>"`` builds an in-process random model, anything else goes to
     :func:`kvlib.models.load_model` with ``device`` / ``dtype`` (e.g. ``**run.placement``)."""
     if name.startswith("tiny-"):
-        from .tiny import tiny_model
+        from ..tiny import tiny_model
 
         model, tok = tiny_model(name[5:])
         return model.to(device=device or "cpu", dtype=dtype or model.dtype), tok
-    from .models import load_model
+    from ..models import load_model
 
     return load_model(name, device=device, dtype=dtype)
 
@@ -96,6 +100,33 @@ def standard_embedders(model, tokenizer, run: ProbeRun, seed: int = 0, dedicated
     if dedicated:
         out.append(SentenceTransformerEmbedder(name=COLUMNS[3], device=str(next(model.parameters()).device)))
     return out
+
+
+def sweep_set(data_dir=None) -> str:
+    """The set the layer sweep runs on: FinancialPhrasebank when ``data_dir`` holds it, else Rotten Tomatoes."""
+    return "FinancialPhrasebank" if data_dir else "RottenTomatoes"
+
+
+def add_size_models(long: pd.DataFrame, sets, run: ProbeRun) -> pd.DataFrame:
+    """``long`` plus one ``KV cache (<model>)`` column per model of ``run.size_models`` (the model-size column).
+
+    Each model is loaded in turn and released; a model that cannot be loaded (its optional package is not
+    installed, say) is skipped with a printed note."""
+    for name in run.size_models:
+        try:
+            model, tok = load_lm(name, **run.placement)
+        except Exception as err:  # the larger model is optional: its package may not be installed
+            print(f"model-size column skipped: {name} is not available ({type(err).__name__}: {err})")
+            continue
+        kv = KVEmbedder(Prefill(model, tok, run.prefill), name=f"KV cache ({name})")
+        long = pd.concat([long, run_probe_table(sets, [kv], run.config)], ignore_index=True)
+        release(model, tok)
+    return long
+
+
+def main_rows(long: pd.DataFrame) -> pd.DataFrame:
+    """The rows of Table 1's embedders (the layer sweep's ``sweep:`` rows left out)."""
+    return long[~long.embedder.str.startswith("sweep:")]
 
 
 def release(*objects) -> None:
@@ -143,6 +174,33 @@ def table1(long: pd.DataFrame, run: ProbeRun, digits: int = 3) -> tuple[pd.DataF
         + (f"; computed on {hardware_label(**run.placement)}." if run.placement else ".")
     )
     return md, csv.reset_index(), caption
+
+
+def table1_markdown(table: pd.DataFrame, caption: str) -> str:
+    """Table 1's Markdown file: the caption, then the table of :func:`table1`."""
+    return f"{caption}\n\n{table.to_markdown()}\n"
+
+
+def paper_ordering(main: pd.DataFrame) -> pd.DataFrame:
+    """Per set, the paper's ordering read off :func:`main_rows`: KV cache below the dedicated embedder, above
+    random, and its gaps to random and to the hidden states."""
+    acc = main.pivot(index="set", columns="embedder", values="accuracy_mean")
+    return pd.DataFrame({
+        "KV < dedicated": acc["KV cache"] < acc["dedicated embedder"],
+        "KV > random": acc["KV cache"] > acc["random"],
+        "KV - random": (acc["KV cache"] - acc["random"]).round(3),
+        "KV - hidden": (acc["KV cache"] - acc["hidden states"]).round(3),
+    })
+
+
+def layer_table(layers: pd.DataFrame, run: ProbeRun) -> pd.DataFrame:
+    """The layer sweep's CSV: :data:`LAYER_COLUMNS` of :func:`kvlib.probe.sweep_frame`, with the model and profile."""
+    return layers[LAYER_COLUMNS].assign(model=run.model, profile=run.profile)
+
+
+def layer_pivot(layers: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy per pooled-layer choice (rows, in sweep order) and cache part (columns)."""
+    return layers.pivot(index="layers", columns="part", values="accuracy_mean").loc[list(dict.fromkeys(layers.layers))]
 
 
 def plot_table1(long: pd.DataFrame, ax=None):

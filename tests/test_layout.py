@@ -1,0 +1,59 @@
+"""The library (kvlib/) and the paper's experiments (kvlib/experiments/) stay apart: the library never imports the
+experiments; only the console script reaches them, inside the command that runs the notebooks."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import kvlib
+
+PACKAGE = Path(kvlib.__file__).parent
+# the one way from the library into the experiments: `kvlib reproduce` hands over to the notebook runner
+ALLOWED = {("cli", "_reproduce")}
+
+
+def _experiment_imports(path: Path) -> list[tuple[str, int]]:
+    """``(enclosing function or "<module>", line)`` of every import of kvlib.experiments in a library module."""
+    found = []
+
+    def visit(node, where):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else where
+            if isinstance(child, ast.ImportFrom):
+                module = child.module or ""
+                absolute = child.level == 0 and module.split(".")[:2] == ["kvlib", "experiments"]
+                relative = child.level == 1 and (module.split(".")[0] == "experiments"
+                                                 or (not module and any(a.name == "experiments" for a in child.names)))
+                if absolute or relative:
+                    found.append((where, child.lineno))
+            elif isinstance(child, ast.Import):
+                if any(a.name.split(".")[:2] == ["kvlib", "experiments"] for a in child.names):
+                    found.append((where, child.lineno))
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), "<module>")
+    return found
+
+
+def test_the_library_never_imports_the_experiments():
+    bad = [f"kvlib/{p.name}:{line} ({where})" for p in sorted(PACKAGE.glob("*.py"))
+           for where, line in _experiment_imports(p) if (p.stem, where) not in ALLOWED]
+    assert not bad, f"library modules import kvlib.experiments: {bad}"
+    assert [where for where, _ in _experiment_imports(PACKAGE / "cli.py")] == ["_reproduce"]
+
+
+def test_importing_the_library_loads_no_experiment():
+    code = ("import sys, kvlib, kvlib.cli; import importlib, pkgutil\n"
+            "for m in pkgutil.iter_modules(kvlib.__path__):\n"
+            "    if m.name != 'experiments': importlib.import_module('kvlib.' + m.name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('kvlib.experiments')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_package_exports_library_names_only():
+    """Every name ``kvlib`` re-exports is defined in a library module."""
+    from_experiments = [name for name in kvlib.__all__
+                        if (getattr(getattr(kvlib, name), "__module__", None) or "").startswith("kvlib.experiments")]
+    assert not from_experiments, f"kvlib re-exports experiment names: {from_experiments}"
