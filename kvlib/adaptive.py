@@ -30,7 +30,7 @@ on that mode's prompts (tested).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -243,10 +243,12 @@ def trace_extractor(holder: dict):
 def controlled_generate(model, tokenizer, prompts: list[Prompt], make_controller, identity: dict, *,
                         model_name: str, dataset: str, settings: GenerationSettings, root=None,
                         batch_size: int = 16, extra: dict | None = None, progress: bool = True,
-                        kind: str = "adaptive") -> list[dict]:
+                        kind: str = "adaptive", references: Mapping[str, Mapping] | None = None) -> list[dict]:
     """:func:`~kvlib.generation.generate` with a per-batch controller whose trace is stored with each record.
 
     ``make_controller(chunk) -> controller or None``; ``identity`` (method settings) joins the store identity.
+    ``references`` (item id -> the stored plain greedy answer of the same prompt): replay those answers and
+    decode live only from where the controller changes them (:func:`kvlib.replay.replay_generate`; same records).
     """
     holder: dict = {"extra": extra or {}}
 
@@ -256,10 +258,15 @@ def controlled_generate(model, tokenizer, prompts: list[Prompt], make_controller
         return holder["controller"]
 
     extractors = {"trace": trace_extractor(holder)}
+    desc = f"{dataset} {identity.get('method', kind)}"
     with _method_store(model, tokenizer, extractors, identity, model_name, dataset, settings, root, kind) as store:
+        if references:
+            from .replay import replay_generate
+
+            return replay_generate(model, tokenizer, prompts, store, references, settings, batch_size=batch_size,
+                                   extractors=extractors, controller_factory=factory, progress=progress, desc=desc)
         return generate(model, tokenizer, prompts, store, settings, batch_size=batch_size, extractors=extractors,
-                        controller_factory=factory, progress=progress,
-                        desc=f"{dataset} {identity.get('method', kind)}")
+                        controller_factory=factory, progress=progress, desc=desc)
 
 
 def _method_store(model, tokenizer, extractors: dict, identity: dict, model_name: str, dataset: str,
@@ -274,7 +281,8 @@ def adaptive_generate(model, tokenizer, questions, classifier: DifficultyClassif
                       config: SwitchConfig, *, model_name: str = "model", dataset: str = "questions",
                       settings: GenerationSettings = GenerationSettings(), root=None, batch_size: int = 16,
                       protocol: ThinkingProtocol | None = None, difficulty: DifficultyFn | None = None,
-                      progress: bool = True) -> list[dict]:
+                      progress: bool = True, references: Mapping[str, Mapping[str, Mapping]] | None = None
+                      ) -> list[dict]:
     """Answer ``questions`` with KV-based fast/slow switching; one stored record per question, in order.
 
     Args:
@@ -282,6 +290,9 @@ def adaptive_generate(model, tokenizer, questions, classifier: DifficultyClassif
         classifier: the difficulty MLP (``None`` only when ``config`` needs none).
         config: see :class:`SwitchConfig`.
         difficulty: overrides the live difficulty function (tests script it); ``d0`` still uses ``classifier``.
+        references: ``{mode: {item id: stored plain greedy answer}}`` (the fast and slow answers of the same
+            prompts, e.g. :func:`kvlib.answers.answer_records`): each item replays the answer of its start mode
+            and is decoded live only from its first switch (:mod:`kvlib.replay`); the records are the same.
 
     Returns:
         generation records (see :mod:`kvlib.generation`) plus ``question``, ``start_mode``, ``d0``
@@ -329,9 +340,12 @@ def adaptive_generate(model, tokenizer, questions, classifier: DifficultyClassif
         return KVSwitchController(difficulty, start, switch_ids, config.check_every, config.tau_fast,
                                   config.tau_slow, config.fast_tokens, watch=watch)
 
+    refs = None
+    if references:
+        refs = {i: references[modes[i]][i] for i, _ in todo if i in references.get(modes[i], {})}
     records = controlled_generate(model, tokenizer, prompts, make_controller, identity, model_name=model_name,
                                   dataset=dataset, settings=settings, root=root, batch_size=batch_size,
-                                  extra=extra, progress=progress)
+                                  extra=extra, progress=progress, references=refs)
     out = []
     for (i, q), rec in zip(qs, records):
         arrays = rec.get("arrays", {})

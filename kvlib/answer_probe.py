@@ -25,13 +25,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .generation import record_array
+from .records import AnswerRecord, GenerationRecord
 
 __all__ = ["pooled_kv", "output_features", "probe_scores", "answer_probes", "OUTPUT_FEATURES"]
 
 OUTPUT_FEATURES = ("MaxProb", "PPL", "Entropy")
 
 
-def pooled_kv(record: Mapping) -> np.ndarray:
+def pooled_kv(record: GenerationRecord) -> np.ndarray:
     """``[2 * kv_heads * head_dim]``: token-mean of the answer's layer-averaged keys, then values (zeros if empty)."""
     parts = [record_array(record, f"traj_{p}").astype(np.float64) for p in ("keys", "values")]
     return np.concatenate([p.mean(axis=0) if len(p) else np.zeros(p.shape[-1]) for p in parts])
@@ -76,7 +77,8 @@ def probe_scores(X: np.ndarray, y: np.ndarray, groups: Sequence, n_splits: int =
     return out
 
 
-def answer_probes(records: Sequence[Mapping], scores: "pd.DataFrame", seed: int = 0) -> dict[str, np.ndarray]:  # noqa: F821
+def answer_probes(records: Sequence[AnswerRecord], scores: "pd.DataFrame",  # noqa: F821
+                  seed: int = 0) -> dict[str, np.ndarray]:
     """``{"KV-probe", "Output-probe", "Output+KV": [N]}`` out-of-fold scores for graded ``records`` whose
     fixed scores are the rows of ``scores`` (same order: :func:`kvlib.selfeval.score_records`)."""
     if len(records) != len(scores):

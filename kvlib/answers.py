@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .generation import GenerationSettings, Prompt, generate, open_store
+from .records import AnswerRecord
 from .store import default_store_dir
 from .thinking import Mode, ThinkingProtocol, protocol_for, render_prompt
 
@@ -55,11 +56,12 @@ def answer_records(
     batch_size: int = 16,
     protocol: ThinkingProtocol | None = None,
     progress: bool = True,
-) -> list[dict]:
+) -> list[AnswerRecord]:
     """Graded ``mode`` answers of ``model`` to ``items`` (``kvlib.data.MathItem``), in item order.
 
     Each record is a store record (see :mod:`kvlib.generation`) plus ``question``, ``gold``,
-    ``correct`` (graded with :func:`kvlib.grading.is_correct`; an unfinished answer is wrong) and ``mode``.
+    ``correct`` (graded with :func:`kvlib.grading.is_correct`; an unfinished answer is wrong) and ``mode``:
+    :class:`kvlib.records.AnswerRecord`.
     """
     from .grading import is_correct
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import re
 import struct
 import sys
@@ -299,9 +300,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_log() -> None:
+    """kvlib's log (e.g. converting an embedded model once) on stderr as plain lines; other libraries keep
+    showing their warnings only (the same set-up as the notebook runner's, kvlib.experiments.pipeline)."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("kvlib").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _show_log()
     if args.command == "reproduce":
         return _reproduce(args, parser)
     if any(t < 0 for t in args.context or []):

@@ -37,13 +37,14 @@ answer with ``output_hidden_states=True`` -- the extra cost that KV-CoE avoids, 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from .cache import masked_mean
 from .decoding import prefill_positions
+from .records import GenerationRecord
 
 __all__ = ["coe_scores", "coe_steps", "step_angles", "hidden_coe_extractor", "hidden_trajectories"]
 
@@ -177,8 +178,11 @@ def hidden_coe_extractor(dtype=np.float32):
     return extract
 
 
-def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: list[dict], batch_size: int = 8,
-                    root=None, progress: bool = True) -> list[dict]:
+_Record = TypeVar("_Record", bound=GenerationRecord)  # answer records stay answer records
+
+
+def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Sequence[_Record], batch_size: int = 8,
+                    root=None, progress: bool = True) -> list[_Record]:
     """Add the original CoE's ``hidden_traj`` to stored answer records by a re-forward (resumable).
 
     Hidden-state CoE needs every layer's hidden states of the answer, which generation does not keep:

@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ import numpy as np
 
 __all__ = ["MathItem", "load_math", "answer_type", "DATASETS", "SET_LABELS", "TEST_FRACTION", "last_boxed",
            "select_sets", "SelectedSets", "SkippedSet", "skipped_sets", "DATA_DIR_FILES", "ALL"]
+
+_log = logging.getLogger(__name__)
 
 DATASETS = ("gsm8k", "math", "math500", "svamp", "asdiv", "mawps", "theoremqa")
 # how tables and figures name each set
@@ -354,9 +357,9 @@ def select_sets(sizes: Mapping[str, int | str | None], split: str = "test", data
 
     ``n``: a positive int, or ``None`` / ``"all"`` for the whole split. A set with a single split (MATH-500,
     TheoremQA) uses it whatever ``split`` asks. A set of :data:`DATA_DIR_FILES` is read from ``data_dir``; when
-    ``data_dir`` is empty or lacks its file the set is left out with a printed notice and listed in the result's
-    ``skipped``. Every other problem (an empty set, a size of 0 or larger than the set, repeated ids) is an
-    error naming the set.
+    ``data_dir`` is empty or lacks its file the set is left out, listed in the result's ``skipped`` and logged
+    (an info without ``data_dir``, a warning when ``data_dir`` lacks the file). Every other problem (an empty
+    set, a size of 0 or larger than the set, repeated ids) is an error naming the set.
     """
     if not sizes:
         raise ValueError("no data sets asked for: give sizes as {name: n}, e.g. {'gsm8k': 32}")
@@ -378,7 +381,9 @@ def select_sets(sizes: Mapping[str, int | str | None], split: str = "test", data
             if path is None or not path.is_file():
                 reason = (f"no {fname} in DATA_DIR={str(data_dir)!r}" if data_dir else
                           f"needs DATA_DIR holding {fname}")
-                print(f"skipping {name}: {reason} (the table caption says so)")
+                # expected without DATA_DIR (a notice); a DATA_DIR that lacks the file is a problem
+                _log.log(logging.WARNING if data_dir else logging.INFO, "skipping %s: %s (the table caption says so)",
+                         name, reason)
                 out.skipped.append(SkippedSet(name, reason))
                 continue
         out[name] = load_math(name, use, n=n, seed=seed, path=path)

@@ -39,8 +39,8 @@ from transformers import DynamicCache
 
 from .cache import cache_kwargs, keep_rows, output_cache, rows_view
 
-__all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "decode", "prefill", "prefill_positions",
-           "next_token_probs"]
+__all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "RowHistory", "decode", "prefill",
+           "prefill_positions", "next_token_probs", "stop_ids"]
 
 LN2 = math.log(2.0)
 
@@ -72,6 +72,36 @@ class DecodeConfig:
             raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), not {self.top_k!r}")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+
+
+@dataclass(frozen=True)
+class RowHistory:
+    """What one row has already appended after its prompt, to resume decoding it (see :mod:`kvlib.replay`).
+
+    The tokens must be the last ``len(tokens)`` real ids of the row's ``input_ids``: they are prefilled with the
+    prompt and count towards ``max_new_tokens`` exactly as if this loop had appended them.
+
+    Attributes:
+        tokens: the appended ids (sampled and injected), ``[n]``.
+        sampled: per token, True when the model chose it (``[n]``).
+        max_prob, entropy: the statistics of the sampled tokens (one entry per True in ``sampled``).
+        switches: ``(tokens before it, label)`` of each injection so far.
+        withdrawn: tokens a controller has withdrawn so far.
+    """
+
+    tokens: tuple[int, ...]
+    sampled: tuple[bool, ...]
+    max_prob: tuple[float, ...]
+    entropy: tuple[float, ...]
+    switches: tuple[tuple[int, str], ...] = ()
+    withdrawn: int = 0
+
+    def __post_init__(self):
+        n_sampled = sum(map(bool, self.sampled))
+        if len(self.sampled) != len(self.tokens) or not len(self.max_prob) == len(self.entropy) == n_sampled:
+            raise ValueError(f"a row history needs one sampled flag per token ({len(self.tokens)}) and one "
+                             f"max_prob / entropy per sampled token ({n_sampled}); got {len(self.sampled)}, "
+                             f"{len(self.max_prob)}, {len(self.entropy)}")
 
 
 @dataclass
@@ -182,7 +212,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwar
                  position_ids=prefill_positions(attention_mask), **kwargs)
 
 
-def _stop_ids(model, config: DecodeConfig) -> set[int]:
+def stop_ids(model, config: DecodeConfig) -> set[int]:
+    """The token ids that end an item: ``config.stop_token_ids``, else the model's EOS id(s)."""
     if config.stop_token_ids is not None:
         return set(config.stop_token_ids)
     eos = getattr(model.generation_config, "eos_token_id", None)
@@ -246,6 +277,7 @@ def decode(
     seeds: list[int] | None = None,
     on_step: Callable[[int], None] | None = None,
     on_finish: Callable[[DecodeResult], None] | None = None,
+    history: list[RowHistory | None] | None = None,
 ) -> DecodeResult:
     """Decode a left-padded batch on one live cache.
 
@@ -262,6 +294,9 @@ def decode(
             logical indices; ``.state.cache`` a copy of their cache rows), e.g. to read KV features; every
             row reaches it exactly once. The returned result still lists every item, but its
             ``state.cache`` then holds only the rows in ``state.rows``.
+        history: per row, what it has already appended (``None``: nothing): those tokens end the row's
+            ``input_ids``, are prefilled with the prompt and count as appended (resuming a row, e.g. from a
+            stored answer: :mod:`kvlib.replay`). A controller sees them in ``state.tokens``.
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError("input_ids and attention_mask must both be [batch, seq]")
@@ -270,8 +305,18 @@ def decode(
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device).long()
     batch, prompt_len = input_ids.shape
-    _check_context(model, prompt_len + config.max_new_tokens)
-    stop = _stop_ids(model, config)
+    history = list(history) if history is not None else [None] * batch
+    if len(history) != batch:
+        raise ValueError(f"history needs one entry per row ({batch}), got {len(history)}")
+    done_before = [h is not None and len(h.tokens) >= config.max_new_tokens for h in history]
+    if any(done_before):
+        raise ValueError(f"rows {[i for i, d in enumerate(done_before) if d]} have already appended max_new_tokens "
+                         f"({config.max_new_tokens}) tokens: there is nothing left to decode for them")
+    for i, h in enumerate(history):
+        if h is not None and h.tokens and input_ids[i, prompt_len - len(h.tokens):].tolist() != list(h.tokens):
+            raise ValueError(f"row {i}: its history tokens must be the last {len(h.tokens)} ids of its input_ids")
+    _check_context(model, prompt_len + config.max_new_tokens - min(len(h.tokens) if h else 0 for h in history))
+    stop = stop_ids(model, config)
     generators = None
     if config.do_sample:
         seeds = seeds or [0] * batch
@@ -305,6 +350,14 @@ def decode(
     entropy = [[] for _ in range(batch)]
     sampled = [[] for _ in range(batch)]
     finish = ["length"] * batch
+    for i, h in enumerate(history):
+        if h is None or not h.tokens:
+            continue
+        n = len(h.tokens)
+        state.tokens[i], state.slots[i] = list(h.tokens), list(range(prompt_len - n, prompt_len))
+        state.prompt_lengths[i] -= n
+        state.switches[i], state.withdrawn[i] = [tuple(x) for x in h.switches], h.withdrawn
+        sampled[i], max_prob[i], entropy[i] = list(h.sampled), list(h.max_prob), list(h.entropy)
     logits = out.logits[:, -1, :].float()
 
     def partial(phys: list[int]) -> DecodeResult:

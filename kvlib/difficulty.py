@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .cache import cache_layers
+from .records import GenerationRecord
 
 __all__ = [
     "difficulty_label", "FeatureSpec", "last_n_sums", "prompt_kv_extractor", "features_from_sums",
@@ -143,7 +144,7 @@ def features_from_sums(sums: np.ndarray, n_grid: Sequence[int], spec: FeatureSpe
     return sums[..., g, sums.shape[-2] - spec.n_layers :, :].mean(axis=-2)
 
 
-def record_features(records: Sequence[Mapping], spec: FeatureSpec) -> np.ndarray:
+def record_features(records: Sequence[GenerationRecord], spec: FeatureSpec) -> np.ndarray:
     """``[len(records), D]`` prompt features of stored records (written by :func:`prompt_kv_extractor`)."""
     from .generation import record_array
 

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -322,8 +322,12 @@ def _stop_ids(model, tokenizer) -> set[int]:
 def early_exit_generate(model, tokenizer, questions, config: EarlyExitConfig = EarlyExitConfig(), *,
                         model_name: str = "model", dataset: str = "questions",
                         settings: GenerationSettings = GenerationSettings(), root=None, batch_size: int = 16,
-                        protocol: ThinkingProtocol | None = None, progress: bool = True) -> list[dict]:
+                        protocol: ThinkingProtocol | None = None, progress: bool = True,
+                        references: Mapping[str, Mapping] | None = None) -> list[dict]:
     """Slow answers with DEER-style early exit.
+
+    ``references`` (item id -> the stored plain greedy slow answer): replayed, decoded live only from the first
+    exit or cap (:mod:`kvlib.replay`; the same records).
 
     Records gain ``question``, ``trial_tokens``, ``withdrawn_tokens`` and ``early_exit_trials`` (a list of
     ``(thinking tokens before the word, confidence, trial tokens)``); the thinking cap is
@@ -339,7 +343,8 @@ def early_exit_generate(model, tokenizer, questions, config: EarlyExitConfig = E
         return EarlyExitController(tokenizer, protocol, config, len(chunk), stop, settings.max_new_tokens)
 
     records = controlled_generate(model, tokenizer, prompts, make, identity, model_name=model_name, dataset=dataset,
-                                  settings=settings, root=root, batch_size=batch_size, progress=progress)
+                                  settings=settings, root=root, batch_size=batch_size, progress=progress,
+                                  references=references)
     return [{**rec, "question": q, "trial_tokens": int(record_array(rec, "trial_tokens")[0]),
              "withdrawn_tokens": int(record_array(rec, "withdrawn_tokens")[0]),
              "early_exit_trials": record_array(rec, "early_exit_trials").tolist()}
@@ -349,8 +354,12 @@ def early_exit_generate(model, tokenizer, questions, config: EarlyExitConfig = E
 def budget_generate(model, tokenizer, questions, budget: int, answer_tokens: int = BudgetConfig.answer_tokens, *,
                     model_name: str = "model", dataset: str = "questions",
                     settings: GenerationSettings = GenerationSettings(), root=None, batch_size: int = 16,
-                    protocol: ThinkingProtocol | None = None, progress: bool = True) -> list[dict]:
+                    protocol: ThinkingProtocol | None = None, progress: bool = True,
+                    references: Mapping[str, Mapping] | None = None) -> list[dict]:
     """Slow answers cut at ``budget`` tokens and forced to answer in at most ``answer_tokens`` more tokens.
+
+    ``references`` (item id -> the stored plain greedy slow answer): replayed up to the budget, then decoded live
+    (:mod:`kvlib.replay`; the same records).
 
     The run's ``max_new_tokens`` is ``budget + len(switch text) + answer_tokens`` (it replaces
     ``settings.max_new_tokens``), so a forced answer always has its room. Records gain ``question``,
@@ -372,7 +381,8 @@ def budget_generate(model, tokenizer, questions, budget: int, answer_tokens: int
         return BudgetController(to_fast, cfg.budget, len(chunk), watch)
 
     records = controlled_generate(model, tokenizer, prompts, make, identity, model_name=model_name, dataset=dataset,
-                                  settings=run_settings, root=root, batch_size=batch_size, progress=progress)
+                                  settings=run_settings, root=root, batch_size=batch_size, progress=progress,
+                                  references=references)
     out = []
     for (_, q), rec in zip(qs, records):
         thinking = int(record_array(rec, "thinking_tokens")[0])

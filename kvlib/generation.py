@@ -34,7 +34,7 @@ from .identity import callable_identity, digest, model_identity
 from .store import ResultStore, decode_array, encode_array
 
 __all__ = ["Prompt", "GenerationSettings", "Extractor", "generate", "open_store", "record_array", "decode_config",
-           "prompt_hash"]
+           "prompt_hash", "make_record"]
 
 # An extractor reads per-row arrays from a finished batch while its cache is alive:
 # (model, result, input_ids, attention_mask) -> one dict of numpy arrays per row.
@@ -176,7 +176,8 @@ def generate(
                             on_finish=finished)
             gen_seconds = time.perf_counter() - t_batch - sum(extract_seconds.values())
             extract_seconds = {k: v / len(chunk) for k, v in extract_seconds.items()}
-            store.add([{**_record(tokenizer, p, result, row, per_row[row], gen_seconds / len(chunk), extract_seconds),
+            per_item = gen_seconds / len(chunk)
+            store.add([{**make_record(tokenizer, p, result, row, per_row[row], per_item, extract_seconds),
                         "input_sha256": hashes[p.id]} for row, p in enumerate(chunk)])
             n_tok += sum(len(t) for t in result.tokens)
             bar.update(len(chunk))
@@ -200,8 +201,9 @@ def _check_lengths(model, lengths: Mapping[str, int], max_new_tokens: int) -> No
         )
 
 
-def _record(tokenizer, prompt: Prompt, result: DecodeResult, row: int, arrays: dict, seconds: float,
-            extract_seconds: dict) -> dict:
+def make_record(tokenizer, prompt: Prompt, result: DecodeResult, row: int, arrays: dict, seconds: float,
+                extract_seconds: dict) -> dict:
+    """The stored record of ``result``'s row ``row`` (see the module docstring for its fields)."""
     tokens = result.tokens[row]
     rec = {
         "item_id": prompt.id,

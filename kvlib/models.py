@@ -9,7 +9,8 @@ conversion never leaves a half-written entry; a marker file records the hash it 
 pinned hash triggers a fresh conversion.
 
 The packages are located with ``importlib.util.find_spec`` and never imported: their own imports pull heavy
-dependencies or fail. Everything loads in fp32 on CPU unless asked otherwise (bf16 is slower on CPU).
+dependencies or fail. Everything loads in fp32 on CPU unless asked otherwise (the profiles ask for bf16 on a
+CPU that computes it natively, see :func:`kvlib.profiles.cpu_has_bf16`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,10 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 __all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "ModelFileError", "load_model", "cache_root",
            "embedded_model_dir", "assemble_gguf"]
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "qwen2.5-0.5b"
 _MARKER = "kvlib-source.json"
@@ -160,6 +162,7 @@ def assemble_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
 
 
 def _convert(spec: EmbeddedModel, final: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +200,7 @@ def embedded_model_dir(name: str) -> Path:
     spec = EMBEDDED_MODELS[name]
     folder = cache_root() / name
     if not _is_current(folder, spec):
-        print(f"kvlib: converting {spec.description} into {folder} (once; a few minutes on 2 cores)", flush=True)
+        _log.info("kvlib: converting %s into %s (once; a few minutes on 2 cores)", spec.description, folder)
         _convert(spec, folder)
     return folder
 
@@ -218,6 +221,8 @@ def _resolve(name: str | os.PathLike) -> str:
 
 
 def _placement(source: str, device, dtype) -> dict:
+    import torch
+
     if device in (None, "cpu"):
         return {}
     if device != "auto":
@@ -250,6 +255,7 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None)
     Raises:
         ValueError: an unknown name. ModelFileError: embedded package files missing or damaged.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device not in (None, "auto"):

@@ -11,7 +11,8 @@
 * ``smoke``: a few items on the smallest model, for the test suite.
 
 Every profile carries where it runs (``device``, ``dtype``): ``"auto"`` takes the GPU in bf16 when CUDA is
-present and the CPU in fp32 otherwise; asking for CUDA where there is none is an error that says so.
+present and the CPU otherwise, in bf16 where the CPU computes it natively (:func:`cpu_has_bf16`), else in fp32;
+asking for CUDA where there is none is an error that says so.
 Every table records the profile, model, sets and sizes that produced it.
 """
 
@@ -21,7 +22,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Profile", "get_profile", "PROFILES", "resolve_device", "resolve_dtype", "hardware_label"]
+__all__ = ["Profile", "get_profile", "PROFILES", "resolve_device", "resolve_dtype", "hardware_label",
+           "cpu_has_bf16"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -55,14 +57,28 @@ def hardware_label(device: str = "cpu", dtype=None) -> str:
     return f"{where}, {name}" if name else where
 
 
+def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag; Linux only).
+
+    There bf16 decoding is much faster than fp32 (the 0.5B model, batch 16, 2 cores of an AMD EPYC with
+    AVX512-BF16: 31 vs 10-12 tokens/s, measured in one run); elsewhere bf16 is emulated and slow.
+    """
+    try:
+        flags = set(Path(cpuinfo).read_text(errors="ignore").split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def resolve_dtype(dtype: str, device: str):
-    """The torch dtype for a dtype name: ``"auto"`` is bf16 on CUDA and fp32 elsewhere (bf16 is slow on CPUs)."""
+    """The torch dtype for a dtype name: ``"auto"`` is bf16 on CUDA and on a CPU with native bf16
+    (:func:`cpu_has_bf16`), fp32 on any other CPU."""
     import torch
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return torch.bfloat16 if device.startswith("cuda") or cpu_has_bf16() else torch.float32
     return getattr(torch, dtype)
 
 
@@ -92,7 +108,7 @@ class Profile:
             budgets); ``None``: every evaluation set. Offline rows (fast, slow, KV-Classification, random,
             oracle) cover every set.
         device: ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
-        dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU) or a torch dtype name.
+        dtype: ``"auto"`` (bf16 on CUDA and on a CPU with native bf16, else fp32) or a torch dtype name.
         results_dir: where tables and figures go, relative to the repository root: ``""`` writes
             ``tables/`` and ``figures/``; ``"gpu"`` writes ``tables/gpu/<model>/`` and ``figures/gpu/<model>/``.
     """

@@ -34,7 +34,7 @@ in one fold; inside each training fold the L2 strength ``C`` is chosen by a grou
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,7 @@ import pandas as pd
 from .answer_probe import answer_probes, pooled_kv, probe_scores
 from .coe import coe_scores
 from .generation import record_array
+from .records import AnswerRecord, GenerationRecord
 
 __all__ = ["PARTS", "HEADLINE", "METHODS", "output_scores", "kv_coe_scores", "score_records", "kv_probe_features",
            "grouped_folds", "kv_probe_scores"]
@@ -53,7 +54,7 @@ _FORM_SUFFIX = {"reference": "", "paper": " [paper]"}
 METHODS = HEADLINE + [f"{m} [paper]" for m in HEADLINE if "CoE" in m]
 
 
-def output_scores(record: Mapping) -> dict[str, float]:
+def output_scores(record: GenerationRecord) -> dict[str, float]:
     """MaxProb, 1/PPL and -Entropy from a record's per-token ``max_prob`` and ``entropy`` (NaN if empty)."""
     mp = np.asarray(record.get("max_prob", []), dtype=np.float64)
     ent = np.asarray(record.get("entropy", []), dtype=np.float64)
@@ -64,12 +65,12 @@ def output_scores(record: Mapping) -> dict[str, float]:
             "Entropy": float(-ent.mean()) if ent.size else np.nan}
 
 
-def _traj(record: Mapping, part: str) -> np.ndarray:
+def _traj(record: GenerationRecord, part: str) -> np.ndarray:
     arrs = [record_array(record, f"traj_{p}").astype(np.float64) for p in PARTS[part]]
     return np.concatenate(arrs, axis=-1)
 
 
-def kv_coe_scores(record: Mapping, forms: Sequence[str] = ("reference", "paper")) -> dict[str, float]:
+def kv_coe_scores(record: GenerationRecord, forms: Sequence[str] = ("reference", "paper")) -> dict[str, float]:
     """KV-CoE-R/C over the answer's token trajectory for parts V, K, KV and each form (needs ``traj_*``)."""
     out = {}
     for part in PARTS:
@@ -81,7 +82,7 @@ def kv_coe_scores(record: Mapping, forms: Sequence[str] = ("reference", "paper")
     return out
 
 
-def _hidden_coe(record: Mapping, forms: Sequence[str]) -> dict[str, float]:
+def _hidden_coe(record: GenerationRecord, forms: Sequence[str]) -> dict[str, float]:
     traj = record_array(record, "hidden_traj")
     out = {}
     for form in forms:
@@ -90,7 +91,7 @@ def _hidden_coe(record: Mapping, forms: Sequence[str]) -> dict[str, float]:
     return out
 
 
-def _costs(record: Mapping) -> dict[str, float]:
+def _costs(record: GenerationRecord) -> dict[str, float]:
     ex = record.get("extract_seconds", {})
     arrays = record.get("arrays", {})
     kv_bytes = sum(4 * record_array(record, n).size for n in ("traj_keys", "traj_values") if n in arrays)
@@ -101,7 +102,7 @@ def _costs(record: Mapping) -> dict[str, float]:
             "gen_seconds": record.get("seconds", np.nan)}
 
 
-def score_records(records: Sequence[Mapping], forms: Sequence[str] = ("reference", "paper"),
+def score_records(records: Sequence[AnswerRecord], forms: Sequence[str] = ("reference", "paper"),
                   probe: bool = True, seed: int = 0) -> pd.DataFrame:
     """One row per graded record: ``item_id``, ``correct``, ``n_tokens``, ``finish_reason``, every score,
     and the extraction costs (``kv_seconds``, ``hidden_seconds``, ``kv_bytes``, ``hidden_bytes``).
@@ -129,7 +130,7 @@ def score_records(records: Sequence[Mapping], forms: Sequence[str] = ("reference
     return df
 
 
-def kv_probe_features(record: Mapping) -> np.ndarray:
+def kv_probe_features(record: GenerationRecord) -> np.ndarray:
     """``[2 * kv_heads * head_dim]``: token-mean of the answer's layer-averaged keys, then values (zeros if empty)."""
     return pooled_kv(record)
 
@@ -146,7 +147,7 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 
     return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
 
 
-def kv_probe_scores(records: Sequence[Mapping], groups: Sequence | None = None, n_splits: int = 5,
+def kv_probe_scores(records: Sequence[AnswerRecord], groups: Sequence | None = None, n_splits: int = 5,
                     Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), seed: int = 0) -> np.ndarray:
     """Out-of-fold P(correct) per record from a standardised logistic regression on :func:`kv_probe_features`
     (:func:`kvlib.answer_probe.probe_scores`; groups default to ``item_id``, i.e. folds by question)."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import logging
 import subprocess
 import sys
 import tarfile
@@ -48,6 +49,8 @@ __all__ = [
     "load_vader_snippets", "fetch_vader", "load_textsets", "cap", "describe", "STANDIN_SETS", "DATA_DIR_SETS",
     "VADER_SDIST", "VADER_SHA256", "TextSets",
 ]
+
+_log = logging.getLogger(__name__)
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -254,7 +257,7 @@ def load_textsets(data_dir: str | Path | None = None, max_train: int | None = No
                   seed: int = 0, names: tuple[str, ...] | None = None) -> TextSets:
     """The probe's sets: the two MTEB sets when ``data_dir`` is given (error if it lacks them), then the stand-ins.
 
-    Without ``data_dir`` (and without ``names``) the two MTEB sets are left out with a printed notice and
+    Without ``data_dir`` (and without ``names``) the two MTEB sets are left out with a logged notice and
     listed in the result's ``skipped``. An empty set is an error naming it.
     """
     loaders = {"BBCNews": load_bbc_news, "RottenTomatoes": load_rotten_tomatoes, "AmazonSnippets": load_vader_snippets}
@@ -267,7 +270,7 @@ def load_textsets(data_dir: str | Path | None = None, max_train: int | None = No
     skipped = [] if names or data_dir else [(n, "needs DATA_DIR holding " + ", ".join(_DATA_FILES[n]))
                                              for n in DATA_DIR_SETS]
     for n, reason in skipped:
-        print(f"skipping {n}: {reason}")
+        _log.info("skipping %s: %s", n, reason)
     out = TextSets(skipped=skipped)
     for n in wanted:
         if n in DATA_DIR_SETS:

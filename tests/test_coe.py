@@ -1,6 +1,7 @@
 """Chain-of-Embedding scores (both forms) and the trajectories they are computed on."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -185,16 +186,26 @@ def test_hidden_coe_extractor_equals_direct_computation(arch, tmp_path):
 
 
 def test_hidden_coe_pass_equals_the_extractor_and_is_computed_once(tmp_path, monkeypatch):
-    """The separate re-forward pass over stored answers gives the extractor's hidden_traj, and a second call
-    reads its store instead of re-forwarding."""
+    """The separate re-forward pass over stored answers gives the extractor's hidden_traj and records its cost per
+    item; a second call reads its store (trajectories and cost) instead of re-forwarding."""
     from kvlib import coe
 
     model, tok, recs = _records("qwen2", tmp_path / "a", {"hidden_coe": hidden_coe_extractor()})
     _, _, plain = _records("qwen2", tmp_path / "b", {})
+    forward = coe.hidden_trajectories
+
+    def slow_forward(*args, **kwargs):  # each batch's re-forward takes at least 0.05 s more
+        out = forward(*args, **kwargs)
+        time.sleep(0.05)
+        return out
+
+    monkeypatch.setattr(coe, "hidden_trajectories", slow_forward)
     got = coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=2, root=tmp_path / "h", progress=False)
     for a, b in zip(recs, got):
         np.testing.assert_allclose(record_array(b, "hidden_traj"), record_array(a, "hidden_traj"), rtol=1e-4, atol=1e-5)
-        assert b["extract_seconds"]["hidden_coe"] >= 0
+        # the batch's measured time over its (at most 2) items: the re-forward is inside the timed span
+        assert 0.025 <= b["extract_seconds"]["hidden_coe"] < 30
     monkeypatch.setattr(coe, "hidden_trajectories", lambda *a, **k: pytest.fail("recomputed a stored pass"))
     again = coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=2, root=tmp_path / "h", progress=False)
     assert [r["item_id"] for r in again] == [r["item_id"] for r in plain]
+    assert [r["extract_seconds"] for r in again] == [r["extract_seconds"] for r in got]  # the stored cost, not 0

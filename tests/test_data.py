@@ -1,6 +1,7 @@
 """Data loaders: counts, ids, seeded subsets, question-disjoint splits, clear errors."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -139,13 +140,20 @@ def test_select_sets_sizes_and_errors():
         select_sets({"gsm9k": 3})
 
 
-def test_missing_optional_set_is_skipped_with_its_reason(tmp_path, capsys):
+def test_missing_optional_set_is_skipped_with_its_reason(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="kvlib")
     sel = select_sets({"gsm8k": 3, "theoremqa": 4})
     assert list(sel) == ["gsm8k"]
     assert sel.skipped == [SkippedSet("theoremqa", "needs DATA_DIR holding theoremqa_test.json")]
-    assert "skipping theoremqa: needs DATA_DIR" in capsys.readouterr().out
+    (notice,) = caplog.records  # without DATA_DIR the skip is expected: a notice
+    assert notice.levelno == logging.INFO and notice.name == "kvlib.data"
+    assert notice.getMessage() == "skipping theoremqa: needs DATA_DIR holding theoremqa_test.json (the table caption " \
+        "says so)"
+    caplog.clear()
     sel = select_sets({"gsm8k": 3, "theoremqa": 4}, data_dir=tmp_path)
     assert sel.skipped[0].reason == f"no theoremqa_test.json in DATA_DIR={str(tmp_path)!r}"
+    (problem,) = caplog.records  # a DATA_DIR without the file is a problem: a warning
+    assert problem.levelno == logging.WARNING and "no theoremqa_test.json in DATA_DIR" in problem.getMessage()
     with pytest.raises(ValueError, match=r"every data set asked for was skipped: theoremqa \(needs DATA_DIR"):
         select_sets({"theoremqa": 4})
 

@@ -53,7 +53,7 @@ def test_split_by_question_keeps_questions_whole_and_excludes_test():
 
 
 def test_split_rejects_bad_fractions():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="fractions must be >= 0 and sum to 1"):
         split_by_question(["a"], {"train": 0.5, "val": 0.2})
 
 

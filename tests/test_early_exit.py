@@ -90,11 +90,18 @@ def test_trial_confidence_policies_on_hand_made_probabilities():
 
 def test_config_validation():
     assert EarlyExitConfig(words="Alternatively").words == ("Alternatively",)
-    for bad in (dict(threshold=0), dict(words=()), dict(words=("",)), dict(trial_tokens=1), dict(policy="max"),
-                dict(max_trials=-1), dict(think_ratio=0), dict(min_gap=0), dict(answer_inducing="")):
-        with pytest.raises(ValueError):
+    for bad, message in ((dict(threshold=0), r"threshold must be in \(0, 1\]"),
+                         (dict(words=()), "words must be non-empty strings"),
+                         (dict(words=("",)), "words must be non-empty strings"),
+                         (dict(trial_tokens=1), "trial_tokens must be >= 2"),
+                         (dict(policy="max"), "policy must be 'avg2', 'avg1' or 'min', not 'max'"),
+                         (dict(max_trials=-1), "need max_trials >= 0 and min_gap >= 1"),
+                         (dict(think_ratio=0), r"think_ratio must be in \(0, 1\]"),
+                         (dict(min_gap=0), "need max_trials >= 0 and min_gap >= 1"),
+                         (dict(answer_inducing=""), "answer_inducing must be a non-empty text")):
+        with pytest.raises(ValueError, match=message):
             EarlyExitConfig(**bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="budget and answer_tokens must be >= 1"):
         BudgetConfig(budget=8, answer_tokens=0)
 
 

@@ -79,3 +79,14 @@ def test_every_long_install_is_announced_first(tmp_path):
     for i, line in enumerate(lines):
         if re.search(r"pip install .*(torch==|-e \"?\.|requirements-assets)", line):
             assert "--announce" in lines[i - 1], f"nothing announces {line!r}"
+
+
+def test_lab_extra_brings_the_widgets_that_the_progress_bars_need(tmp_path):
+    """The library's progress bars come from tqdm.auto, which draws widgets in JupyterLab only when ipywidgets is
+    installed (otherwise it warns and prints plain text): `make lab` installs the lab extra, so it lists them."""
+    users = [p.name for p in (ROOT / "kvlib").rglob("*.py") if "tqdm.auto" in p.read_text(encoding="utf-8")]
+    assert users, "no module uses tqdm.auto any more: this check can go"
+    lab = {Requirement(s).name.lower() for s in PROJECT["optional-dependencies"]["lab"]}
+    assert {"jupyterlab", "ipywidgets"} <= lab
+    lines = _dry_run("lab", tmp_path)
+    assert any(re.search(r'pip install -q -e "\.\[lab\]"', line) for line in lines)

@@ -1,10 +1,13 @@
 """The library (kvlib/) and the paper's experiments (kvlib/experiments/) stay apart: the library never imports the
-experiments; only the console script reaches them, inside the command that runs the notebooks."""
+experiments; only the console script reaches them, inside the command that runs the notebooks. The package
+itself is cheap to import: its names load lazily from their submodules."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import kvlib
 
@@ -57,3 +60,33 @@ def test_the_package_exports_library_names_only():
     from_experiments = [name for name in kvlib.__all__
                         if (getattr(getattr(kvlib, name), "__module__", None) or "").startswith("kvlib.experiments")]
     assert not from_experiments, f"kvlib re-exports experiment names: {from_experiments}"
+
+
+def test_importing_kvlib_loads_no_heavy_module():
+    """``import kvlib`` (and the console script's parser, so ``kvlib --help``) load neither torch, transformers
+    nor pandas: the package's names load on first use."""
+    code = ("import sys, kvlib, kvlib.cli; kvlib.cli._parser()\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_public_name_resolves_from_the_module_that_defines_it():
+    """Each name of ``kvlib.__all__`` loads lazily from its submodule (the same object as there), the lazy map
+    and the type-checking imports name exactly ``__all__``, and ``dir(kvlib)`` lists them all."""
+    import importlib
+
+    tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
+    typed = {a.asname or a.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+             and node.level == 1 for a in node.names}
+    assert len(kvlib.__all__) == len(set(kvlib.__all__))
+    assert kvlib._WHERE == typed and set(typed) == set(kvlib.__all__)
+    for name in kvlib.__all__:
+        assert getattr(kvlib, name) is getattr(importlib.import_module(f"kvlib.{typed[name]}"), name), name
+    scope: dict = {}
+    exec(f"from kvlib import {', '.join(kvlib.__all__)}", scope)
+    assert all(scope[name] is getattr(kvlib, name) for name in kvlib.__all__)
+    assert set(kvlib.__all__) | set(kvlib._SUBMODULES) <= set(dir(kvlib))
+    assert kvlib.store.ResultStore is kvlib.ResultStore  # submodules are attributes, as when the package was eager
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        kvlib.no_such_name

@@ -38,7 +38,7 @@ def test_config_forms_agree_and_unknown_names_raise():
     assert memory_estimate(dict(load_config("Qwen3-8B")), 1000, dtype="bfloat16") == by_name
     with pytest.raises(ValueError, match="Qwen3-32B"):
         memory_estimate("Qwen9-1T", 10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need context_length >= 0 and batch_size >= 1, got -1, 1"):
         memory_estimate("Qwen3-8B", -1)
 
 

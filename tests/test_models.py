@@ -85,7 +85,7 @@ def test_missing_packages_name_the_pip_command(tmp_path, monkeypatch):
 
 def test_unknown_names_list_the_known_ones():
     for bad in ("gpt-17", "./no/such/dir", "a b/c"):
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(ValueError, match="unknown model") as info:
             load_model(bad)
         assert all(name in str(info.value) for name in EMBEDDED_MODELS)
 

@@ -1,6 +1,8 @@
 """The papermill runner names the notebook and the cell that failed (numbered as in the source notebook), says
 when the kernel died and what to try, and exits non-zero."""
 
+import logging
+
 import nbformat
 import pytest
 
@@ -21,7 +23,7 @@ def _notebook(path, cells, parameters=True):
 
 
 @pytest.mark.slow
-def test_failing_cell_is_named(tmp_path, monkeypatch, capsys):
+def test_failing_cell_is_named(tmp_path, monkeypatch, caplog):
     nbdir = tmp_path / "notebooks"
     nbdir.mkdir()
     _notebook(nbdir / "01_ok.ipynb", ["x = 1"])
@@ -31,7 +33,8 @@ def test_failing_cell_is_named(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pipeline, "ROOT", tmp_path)
     monkeypatch.setattr(pipeline, "notebooks", lambda root=tmp_path: sorted(nbdir.glob("[0-9][0-9]_*.ipynb")))
     assert pipeline.main(["--out", str(tmp_path / "out")]) == 1
-    assert "FAILED: 02_bad.ipynb" in capsys.readouterr().err
+    failed = [r for r in caplog.records if r.getMessage().startswith("FAILED: 02_bad.ipynb")]
+    assert [r.levelno for r in failed] == [logging.ERROR]
     assert (tmp_path / "out" / "01_ok.ipynb").exists()
 
 

@@ -14,9 +14,11 @@ from kvlib.data import MathItem
 from kvlib.early_exit import EarlyExitConfig
 from kvlib.embedding import KVEmbedder, Prefill, PrefillConfig
 from kvlib.experiments.budget_sweep import budget_grid
+from kvlib.experiments.labels import Method
 from kvlib.experiments.switching import SwitchingPlan, best_spec, evaluate_methods, fit_classifiers, label_frame
 from kvlib.models import load_model
-from kvlib.profiles import PROFILES, Profile, get_profile, resolve_device, resolve_dtype
+from kvlib import profiles
+from kvlib.profiles import PROFILES, Profile, cpu_has_bf16, get_profile, resolve_device, resolve_dtype
 from kvlib.selfeval import score_records
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -27,9 +29,14 @@ def _no_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-def test_auto_placement_is_cpu_fp32_without_cuda(monkeypatch):
+def test_auto_placement_on_cpu_is_bf16_only_where_the_cpu_computes_it(monkeypatch, tmp_path):
     _no_cuda(monkeypatch)
-    assert get_profile("small").placement() == {"device": "cpu", "dtype": torch.float32}
+    for flags, dtype in (("fpu sse avx2 avx512f", torch.float32), ("fpu avx512f avx512_bf16", torch.bfloat16),
+                         ("fpu amx_tile amx_bf16", torch.bfloat16)):
+        (tmp_path / "cpuinfo").write_text(f"processor : 0\nflags : {flags}\n")
+        monkeypatch.setattr(profiles, "cpu_has_bf16", lambda f=tmp_path / "cpuinfo": cpu_has_bf16(f))
+        assert get_profile("small").placement() == {"device": "cpu", "dtype": dtype}
+    assert cpu_has_bf16(tmp_path / "missing") is False  # no /proc/cpuinfo (macOS, Windows): fp32
 
 
 def test_auto_placement_is_cuda_bf16_with_cuda(monkeypatch):
@@ -119,9 +126,9 @@ def test_every_experiment_path_runs_in_bf16(device, tmp_path):
     test = {"svamp": _items("svamp/test", 4, 2)}
     table, _ = evaluate_methods(model, tok, "m", test, {"svamp": pairs["test"]}, clf, plan, root=tmp_path,
                                 progress=False)
-    assert {"KV-Generative", "DEER-style early exit", "budget 3"} <= set(table["method"])
+    assert {Method.KV_GENERATIVE, Method.DEER, Method.budget(3)} <= set(table["method"])
     grid = budget_grid(model, tok, "m", test, {"svamp": pairs["test"]}, clfs, plan, root=tmp_path, progress=False)
-    assert "KV-Generative" in set(grid["method"])
+    assert Method.KV_GENERATIVE in set(grid["method"])
     offline = evaluate_methods(model, tok, "m", test, {"svamp": pairs["test"]}, clf, plan.with_sizes(live_sets=()),
                                root=tmp_path, progress=False)[0]
-    assert "KV-Generative" not in set(offline["method"]) and "KV-Classification" in set(offline["method"])
+    assert Method.KV_GENERATIVE not in set(offline["method"]) and Method.KV_CLASSIFICATION in set(offline["method"])

@@ -116,9 +116,9 @@ def test_table_and_layer_sweep_on_tiny_model():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_experiments and max_iter must be >= 1"):
         ProbeConfig(n_experiments=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="samples_per_label must be >= 1"):
         ProbeConfig(samples_per_label=0)
 
 

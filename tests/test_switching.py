@@ -1,8 +1,10 @@
 """Baselines (DEER-style early exit, budgets, routing) and the switching experiment end to end on a tiny model."""
 
+import logging
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from kvlib.decoding import DecodeConfig, decode
 from kvlib.difficulty import prompt_kv_extractor, question_key
 from kvlib.early_exit import BudgetConfig, EarlyExitConfig, early_exit_generate
 from kvlib.experiments.budget_sweep import budget_grid, table4_markdown
+from kvlib.experiments.labels import Method
 from kvlib.experiments.switching import (SwitchingPlan, best_spec, evaluate_methods, fit_classifiers, label_frame,
                                          method_row, pareto_figure, route, table3_markdown)
 from kvlib.generation import GenerationSettings, Prompt, generate, open_store
@@ -42,7 +45,7 @@ def test_crop_cache_rolls_back(tiny):
     crop_cache(cache, n - 2)
     assert cache_length(cache) == n - 2
     assert all(torch.equal(k, b[:, :, : n - 2]) for (k, _), b in zip(kv_layers(cache), before))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"cannot crop a cache of {n - 2} positions to {n}"):
         crop_cache(cache, n)
 
 
@@ -130,29 +133,32 @@ def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     leaked = train["svamp"][0].question
     assert used == len(frame) - sum(question_key(q) == question_key(leaked) for q in frame["question"])
     table, points = evaluate_methods(model, tok, "m", test, test_pairs, clf, plan, root=tmp_path, progress=False)
+    live, live_points = evaluate_methods(model, tok, "m", test, test_pairs, clf, plan.with_sizes(replay=False),
+                                         root=tmp_path / "live", progress=False)
+    pd.testing.assert_frame_equal(table, live)  # replaying the stored answers changes no number
+    pd.testing.assert_frame_equal(points, live_points)
     methods = set(table["method"])
-    assert {"fast", "slow", "KV-Classification", "KV-Generative", "random (same slow share)",
-            "oracle (fast if fast is right)", "DEER-style early exit", "budget 3"} <= methods
+    assert {*Method.TABLE3_ORDER, Method.budget(3)} <= methods
     by = table.set_index("method")
     fast, slow = test_pairs["svamp"]
-    assert by.loc["slow", "mean_tokens"] == np.mean([r["n_tokens"] for r in slow])
-    assert by.loc["oracle (fast if fast is right)", "accuracy"] >= max(by.loc["fast", "accuracy"],
-                                                                       by.loc["slow", "accuracy"])
+    assert by.loc[Method.SLOW, "mean_tokens"] == np.mean([r["n_tokens"] for r in slow])
+    assert by.loc[Method.ORACLE, "accuracy"] >= max(by.loc[Method.FAST, "accuracy"], by.loc[Method.SLOW, "accuracy"])
     to_fast = tok(protocol_for(tok).to_fast, add_special_tokens=False).input_ids
-    assert by.loc["budget 3", "mean_tokens"] <= 3 + len(to_fast) + BudgetConfig(3).answer_tokens  # room to answer
-    assert {"KV-Classification", "KV-Generative", "token budget"} <= set(points["method"])
+    assert by.loc[Method.budget(3), "mean_tokens"] <= 3 + len(to_fast) + BudgetConfig(3).answer_tokens  # room to answer
+    assert {Method.KV_CLASSIFICATION, Method.KV_GENERATIVE, Method.TOKEN_BUDGET} <= set(points["method"])
     md = table3_markdown(table, "caption")
-    assert "KV-Generative" in md and "SVAMP" in md
+    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("|")][2:]
+    assert rows == [*Method.TABLE3_ORDER, Method.budget(3)] and "SVAMP" in md  # the paper's order, budgets last
     grid = budget_grid(model, tok, "m", test, test_pairs, clfs, plan, root=tmp_path, progress=False)
     assert len(grid) == 2 * 2 and "2L" not in table4_markdown(grid, "c") and "3L x 4" in table4_markdown(grid, "c")
     only_class = budget_grid(model, tok, "m", test, test_pairs, clfs, plan.with_sizes(grid_live_sets=("gsm8k",)),
                              root=tmp_path, progress=False)  # svamp not listed: no live KV-Generative rows
-    assert list(only_class["method"]) == ["KV-Classification"] * 2
+    assert list(only_class["method"]) == [Method.KV_CLASSIFICATION] * 2
     fig = pareto_figure(points)
     assert len(fig.axes) == 1
 
 
-def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, capsys):
+def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, caplog):
     """switching_setup: the smoke plan, items, graded answer pairs and labelled rows of every set; Table 3's caption
     names the classifier's features and the live sets, Table 4's caption neither (it compares features)."""
     from types import SimpleNamespace
@@ -163,8 +169,10 @@ def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, cap
 
     model, tok = tiny
     profile = get_profile("smoke")
-    run = switching_setup(profile, model, tok, smoke=True, root=tmp_path, progress=False)
-    assert "train {'svamp': 8, 'mawps': 8}, test {'svamp': 4}" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="kvlib"):
+        run = switching_setup(profile, model, tok, smoke=True, root=tmp_path, progress=False)
+    assert any(r.name == "kvlib.experiments.switching" and "train {'svamp': 8, 'mawps': 8}, test {'svamp': 4}"
+               in r.getMessage() for r in caplog.records)
     assert run.plan.check_every == 8 and run.plan.budgets == (8,) and run.plan.random_seeds == 20
     assert list(run.train_items) == ["svamp", "mawps"] and [len(v) for v in run.test_pairs["svamp"]] == [4, 4]
     assert len(run.frame) == 16 == len(run.train_records) and len(run.evaluation_questions) == 4
@@ -177,9 +185,9 @@ def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, cap
     assert "features: last 32 tokens x last 8 layers; tau=50" in full and "Live methods" in full
     bare = caption("m", "smoke", plan, run.test_items, clf, TABLE3, features=False, live=False)
     assert bare == full.replace("features: last 32 tokens x last 8 layers; ", "").replace(
-        " Live methods (KV-Generative, DEER-style early exit, token budgets) run on SVAMP; the other sets show the "
+        f" Live methods ({Method.KV_GENERATIVE}, {Method.DEER}, token budgets) run on SVAMP; the other sets show the "
         "offline rows only.", "")
     assert run.caption(clf, PARETO).endswith("check every 8 tokens. Every swept point.")
     table4 = budget_sweep.caption(run, {(32, 8): clf})
     assert "features:" not in table4 and "Live methods" not in table4
-    assert table4.endswith("cells: accuracy / mean generated tokens. KV-Generative runs live on: SVAMP.")
+    assert table4.endswith(f"cells: accuracy / mean generated tokens. {Method.KV_GENERATIVE} runs live on: SVAMP.")

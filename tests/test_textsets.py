@@ -1,5 +1,7 @@
 """Text classification loaders: real MTEB files from a data directory, stand-ins from installed packages."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -95,12 +97,15 @@ def test_empty_set_and_empty_cap_are_errors_naming_the_set():
     assert cap(ts, 10, 10) == ts  # a cap, not a size: a smaller set is kept whole
 
 
-def test_sets_left_out_without_data_dir_are_listed(monkeypatch, capsys):
+def test_sets_left_out_without_data_dir_are_listed(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="kvlib")
     fake = TextSet("Fake", ("a", "b"), (0, 1), ("c", "d"), (0, 1), ("x", "y"), "-", "-")
     for name in ("load_bbc_news", "load_rotten_tomatoes", "load_vader_snippets"):
         monkeypatch.setattr(textsets, name, lambda *a, **k: fake)
     sets = load_textsets(None)
     assert len(sets) == 3 and [n for n, _ in sets.skipped] == ["AmazonCounterfactual", "FinancialPhrasebank"]
     assert "needs DATA_DIR holding financial_phrasebank_allagree.txt" in dict(sets.skipped)["FinancialPhrasebank"]
-    assert "skipping AmazonCounterfactual: needs DATA_DIR" in capsys.readouterr().out
+    notices = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert notices == [("kvlib.textsets", logging.INFO, f"skipping {n}: {reason}") for n, reason in sets.skipped]
+    assert notices[0][2].startswith("skipping AmazonCounterfactual: needs DATA_DIR")
     assert load_textsets(None, names=("BBCNews",)).skipped == []  # asked for by name: nothing left out

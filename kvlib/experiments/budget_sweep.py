@@ -16,14 +16,15 @@ import pandas as pd
 
 from ..adaptive import SwitchConfig, adaptive_generate
 from ..difficulty import DifficultyClassifier, record_features
+from .labels import Method
 from .report import set_label
-from .switching import SwitchingPlan, SwitchingRun, live_row, method_row, route
+from .switching import AnswerPair, SwitchingPlan, SwitchingRun, live_row, method_row, route, stored_answers
 
 __all__ = ["budget_grid", "caption", "table4_markdown"]
 
 
 def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],
-                pairs: Mapping[str, tuple[list[dict], list[dict]]],
+                pairs: Mapping[str, AnswerPair],
                 classifiers: Mapping[tuple[int, int], DifficultyClassifier], plan: SwitchingPlan, root=None,
                 live: bool = True, progress: bool = True) -> pd.DataFrame:
     """Table 4: KV-Classification and KV-Generative (the a-priori thresholds) for each ``(N, L)`` classifier.
@@ -38,12 +39,14 @@ def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequ
             slow_mean = float(np.mean([s["n_tokens"] for s in slow]))
             d0 = clf.predict(record_features(slow, clf.spec))
             grid = {"layers": n_layers, "tokens": n_tokens, "val_rmse": clf.info["val_rmse"]}
-            rows.append({**method_row("KV-Classification", name, *route(fast, slow, d0 > plan.tau), slow_mean), **grid})
+            correct, tokens = route(fast, slow, d0 > plan.tau)
+            rows.append({**method_row(Method.KV_CLASSIFICATION, name, correct, tokens, slow_mean), **grid})
             if live and (plan.grid_live_sets is None or name in plan.grid_live_sets):
                 recs = adaptive_generate(model, tokenizer, items, clf, cfg, model_name=model_name, dataset=name,
                                          settings=plan.generation(), root=root, batch_size=plan.batch_size,
-                                         progress=progress)
-                rows.append({**live_row([], "KV-Generative", name, items, recs, slow_mean)[0], **grid})
+                                         progress=progress, references=stored_answers(fast, slow) if plan.replay
+                                         else None)
+                rows.append({**live_row([], Method.KV_GENERATIVE, name, items, recs, slow_mean)[0], **grid})
     return pd.DataFrame(rows)
 
 
@@ -54,7 +57,7 @@ def caption(run: SwitchingRun, classifiers: Mapping[tuple[int, int], DifficultyC
     grid_live = run.plan.grid_live_sets
     live_sets = run.test_items if grid_live is None else grid_live
     what = ("Rows: set and controller; columns: last L layers x last N tokens; cells: accuracy / mean generated "
-            f"tokens. KV-Generative runs live on: {', '.join(set_label(s) for s in live_sets) or 'no set'}.")
+            f"tokens. {Method.KV_GENERATIVE} runs live on: {', '.join(set_label(s) for s in live_sets) or 'no set'}.")
     return run.caption(first, what, features=False, live=False)
 
 

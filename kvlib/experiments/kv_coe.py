@@ -11,6 +11,7 @@ curves and score distributions for the main scores. Sets are labelled as in the 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -25,6 +26,8 @@ from .report import run_label, set_label, skipped_note
 __all__ = ["MAIN_SCORES", "COMPARISONS", "CAPTIONS", "selfeval_sets", "collect_scores", "answer_summary",
            "evaluate_sets", "table2", "table2_markdown", "auroc_differences", "coe_cost", "caption", "roc_figure",
            "score_figure"]
+
+_log = logging.getLogger(__name__)
 
 MAIN_SCORES = ["MaxProb", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-probe", "Output+KV"]
 COMPARISONS = [("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-R (V)", "MaxProb"), ("KV-CoE-C (V)", "Entropy"),
@@ -70,8 +73,8 @@ def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequenc
             records = hidden_coe_pass(model, tokenizer, model_name, name, records,
                                       batch_size=max(1, batch_size // 2), root=root)
         else:  # the table shows no metric for this set: skip the costly re-forward
-            print(f"{name}: {n_ok} correct of {len(records)}: fewer than {min_class} per class, "
-                  "no hidden-state CoE pass")
+            _log.info("%s: %d correct of %d: fewer than %d per class, no hidden-state CoE pass", name, n_ok,
+                      len(records), min_class)
         scores[set_label(name)] = score_records(records, seed=seed)
     return SelectedSets(scores, skipped=skipped_sets(sets))
 

@@ -13,6 +13,7 @@ shorter), the smoke profile runs 3 experiments of 4 samples per label on ~40 tex
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,8 @@ from ..profiles import hardware_label
 __all__ = ["PAPER_TABLE1", "ProbeRun", "probe_run", "load_lm", "standard_embedders", "sweep_set", "add_size_models",
            "main_rows", "table1", "table1_markdown", "paper_ordering", "layer_table", "layer_pivot", "plot_table1",
            "plot_sweep", "release"]
+
+_log = logging.getLogger(__name__)
 
 # The paper's Table 1 (Llama-3.1-8B-Instruct KV cache, gemini-embedding-001), accuracy.
 PAPER_TABLE1 = {
@@ -111,12 +114,12 @@ def add_size_models(long: pd.DataFrame, sets, run: ProbeRun) -> pd.DataFrame:
     """``long`` plus one ``KV cache (<model>)`` column per model of ``run.size_models`` (the model-size column).
 
     Each model is loaded in turn and released; a model that cannot be loaded (its optional package is not
-    installed, say) is skipped with a printed note."""
+    installed, say) is skipped with a logged warning."""
     for name in run.size_models:
         try:
             model, tok = load_lm(name, **run.placement)
         except Exception as err:  # the larger model is optional: its package may not be installed
-            print(f"model-size column skipped: {name} is not available ({type(err).__name__}: {err})")
+            _log.warning("model-size column skipped: %s is not available (%s: %s)", name, type(err).__name__, err)
             continue
         kv = KVEmbedder(Prefill(model, tok, run.prefill), name=f"KV cache ({name})")
         long = pd.concat([long, run_probe_table(sets, [kv], run.config)], ignore_index=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .labels import Method
 from .report import flat_columns
 
 __all__ = ["model_dirs", "table1_by_model", "table2_by_model", "differences_by_model", "table3_by_model",
@@ -29,8 +30,8 @@ KEY_COMPARISONS = (("Output+KV", "Output-probe"), ("KV-probe", "Output-probe"), 
 CAPTIONS = {"table1": "Table 1: mean accuracy.", "table2": "Table 2: AUROC x100 [95% CI].",
             "differences": "AUROC differences x100 with paired bootstrap 95% intervals.",
             "table3": "Table 3: accuracy / mean generated tokens."}
-TABLE3_METHODS = ("fast", "slow", "KV-Classification", "KV-Generative", "DEER-style early exit",
-                  "random (same slow share)", "oracle (fast if fast is right)")
+TABLE3_METHODS = (Method.FAST, Method.SLOW, Method.KV_CLASSIFICATION, Method.KV_GENERATIVE, Method.DEER,
+                  Method.RANDOM, Method.ORACLE)
 
 
 def caption(profile: str, dirs: dict[str, Path], table: str | None = None) -> str:
@@ -132,7 +133,7 @@ def table3_by_model(dirs: dict[str, Path], methods=TABLE3_METHODS) -> pd.DataFra
     """Rows ``(set, method)``; columns per model: ``accuracy / mean tokens``."""
     cols = {}
     for model, df in _read(dirs, "table3_switching").items():
-        df = df[df["method"].isin(methods) | df["method"].str.startswith("budget ")]
+        df = df[df["method"].isin(methods) | df["method"].str.startswith(Method.BUDGET_PREFIX)]
         cols[model] = pd.Series({(r.set, r.method): f"{r.accuracy:.3f} / {r.mean_tokens:.0f}" for r in df.itertuples()})
     out = pd.DataFrame(cols)
     if not len(out):

@@ -13,6 +13,7 @@ try next, instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -21,6 +22,8 @@ from pathlib import Path
 
 __all__ = ["notebooks", "run_notebook", "update_readme", "main", "NotebookError", "KernelDiedError",
            "source_cell_index"]
+
+_log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout, two levels above kvlib/experiments/
 _INJECTED = "injected-parameters"
@@ -156,30 +159,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--publish", action="store_true",
                     help="copy each executed notebook's outputs into notebooks/ (the committed copies show them)")
     args = ap.parse_args(argv)
+    _show_log()
 
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
     todo = [p for p in notebooks() if not args.only or p.name[:2] in args.only]
     if not todo:
-        print("no notebooks matched", file=sys.stderr)
+        _log.error("no notebooks matched")
         return 2
     params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": data_dir}
     t_all = time.perf_counter()
     for path in todo:
         t0 = time.perf_counter()
-        print(f"==> {path.name} {params}", flush=True)
+        _log.info("==> %s %s", path.name, params)
         try:
             executed = run_notebook(path, Path(args.out), params)
         except RuntimeError as err:
-            print(f"FAILED: {err}", file=sys.stderr)
+            _log.error("FAILED: %s", err)
             return 1
         if args.publish:
             from .notebook_outputs import publish_outputs
 
             publish_outputs(executed, path)
-        print(f"<== {path.name} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"all {len(todo)} notebooks done in {(time.perf_counter() - t_all) / 60:.1f} min")
-    print("README tables refreshed:", ", ".join(update_readme()) or "none")
+        _log.info("<== %s done in %.0f s", path.name, time.perf_counter() - t0)
+    _log.info("all %d notebooks done in %.1f min", len(todo), (time.perf_counter() - t_all) / 60)
+    _log.info("README tables refreshed: %s", ", ".join(update_readme()) or "none")
     return 0
+
+
+def _show_log() -> None:
+    """Show kvlib's log on stderr as plain lines (what the runner and the library report: progress, notices,
+    failures); other libraries (papermill, transformers) keep showing their warnings only. Does nothing to a
+    root logger that is already configured (beyond letting kvlib's info through)."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("kvlib").setLevel(logging.INFO)
 
 
 if __name__ == "__main__":

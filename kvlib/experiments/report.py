@@ -7,11 +7,14 @@ runs with one seed write byte-identical result tables. :func:`save_figure` write
 Captions name what produced a table: :func:`run_label` (model, profile, hardware), :func:`set_label` (the
 paper's set names, ``GSM8K``, ``MATH-500`` ...) and :func:`skipped_note` (optional sets a selection left out).
 :func:`flat_columns` turns a frame's two-level columns into one level for a CSV or Markdown table.
+:func:`show_log` makes the library's notices (a skipped set, a model converted once) part of a notebook's output.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -20,11 +23,35 @@ import pandas as pd
 from ..data import SET_LABELS, skipped_sets
 
 __all__ = ["SET_LABELS", "TIMINGS_DIR", "set_label", "run_label", "skipped_note", "flat_columns", "timing_columns",
-           "save_table", "save_figure"]
+           "save_table", "save_figure", "show_log"]
 
 TIMINGS_DIR = "timings"
 _TIMING = re.compile(r"seconds|tok_s|tokens?[ _]?/[ _]?s\b|per[ _]second"
                      r"|(^|[ _])(s|ms|us|time|elapsed|duration|wall)($|[ _])", re.I)
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes each record to the ``sys.stdout`` of the moment (a kernel or a test may swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def show_log(level: int = logging.INFO) -> None:
+    """Show kvlib's log in a notebook: every record of the ``kvlib`` loggers at ``level`` or above, as a plain
+    line on stdout, like a print.
+
+    The library reports progress and notices through :mod:`logging` and configures nothing itself, so without
+    this a notebook would show its warnings only (on stderr, which :mod:`.notebook_outputs` drops when
+    publishing). Other libraries' logs are left alone. Calling it again changes only the level.
+    """
+    logger = logging.getLogger("kvlib")
+    logger.setLevel(level)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
 
 
 def set_label(name: str) -> str:

@@ -23,6 +23,7 @@ and DEER's trial answers are overhead columns, never mixed into the token counts
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -35,12 +36,19 @@ from ..difficulty import (PAPER_GRID, DifficultyClassifier, FeatureSpec, TrainCo
                           record_features, split_by_question, train_classifier)
 from ..early_exit import EarlyExitConfig, budget_generate, early_exit_generate
 from ..generation import GenerationSettings
+from ..records import AnswerRecord, GenerationRecord
+from .labels import Method
 from .report import run_label, set_label
 
 __all__ = ["SwitchingPlan", "SwitchingRun", "switching_plan", "switching_setup", "switching_items", "answer_pairs",
-           "label_frame", "fit_classifiers", "best_spec", "classifier_quality", "classifier_qualities",
+           "AnswerPair", "label_frame", "fit_classifiers", "best_spec", "classifier_quality", "classifier_qualities",
            "save_classifier", "route", "method_row", "live_row", "grade", "evaluate_methods", "TABLE3", "PARETO",
            "caption", "table3_markdown", "classifier_table", "pareto_figure", "headline"]
+
+_log = logging.getLogger(__name__)
+
+# one set's graded answers, aligned item by item: (fast records, slow records)
+AnswerPair = tuple[list[AnswerRecord], list[AnswerRecord]]
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,9 @@ class SwitchingPlan:
         grid_live_sets: sets where Table 4 runs KV-Generative live (``None``: every evaluation set).
         live_sets: sets where Table 3 runs the live methods (``None``: every evaluation set).
         random_seeds: draws averaged for random routing.
+        replay: the live methods replay the stored plain fast/slow answers of the same prompts and decode only
+            from where their controller changes them (:mod:`kvlib.replay`: the same records, in a fraction of the
+            time); ``False`` decodes every token live.
     """
 
     train_sets: Mapping[str, int]
@@ -82,6 +93,7 @@ class SwitchingPlan:
     val_fraction: float = 0.2
     random_seeds: int = 200
     seed: int = 0
+    replay: bool = True
 
     def __post_init__(self):
         if not self.train_sets or not self.test_sets:
@@ -126,7 +138,7 @@ def _capped(name: str, n, cap: int | None):
         return cap
 
 
-def grade(record: Mapping, item) -> bool:
+def grade(record: GenerationRecord, item) -> bool:
     """Whether a live record answers ``item`` (unfinished = wrong), with :func:`kvlib.grading.is_correct`."""
     from ..grading import is_correct
 
@@ -134,7 +146,7 @@ def grade(record: Mapping, item) -> bool:
 
 
 def answer_pairs(model, tokenizer, model_name: str, items_by_set: Mapping[str, Sequence], plan: SwitchingPlan,
-                 root=None, progress: bool = True) -> dict[str, tuple[list[dict], list[dict]]]:
+                 root=None, progress: bool = True) -> dict[str, AnswerPair]:
     """``{set: (fast records, slow records)}`` in item order (generated once, then read from the store)."""
     from ..answers import answer_records
 
@@ -147,8 +159,7 @@ def answer_pairs(model, tokenizer, model_name: str, items_by_set: Mapping[str, S
     return out
 
 
-def label_frame(pairs: Mapping[str, tuple[list[dict], list[dict]]], short: int = 128
-                ) -> tuple[pd.DataFrame, list[dict]]:
+def label_frame(pairs: Mapping[str, AnswerPair], short: int = 128) -> tuple[pd.DataFrame, list[AnswerRecord]]:
     """One row per question: ``set, item_id, question, fast_correct, fast_tokens, slow_correct, slow_tokens, label``;
     and the matching slow records (whose prompt features the classifier reads)."""
     rows, feats = [], []
@@ -164,7 +175,7 @@ def label_frame(pairs: Mapping[str, tuple[list[dict], list[dict]]], short: int =
     return pd.DataFrame(rows), feats
 
 
-def fit_classifiers(frame: pd.DataFrame, records: Sequence[dict], plan: SwitchingPlan,
+def fit_classifiers(frame: pd.DataFrame, records: Sequence[GenerationRecord], plan: SwitchingPlan,
                     exclude_questions: Sequence[str]) -> dict[tuple[int, int], DifficultyClassifier]:
     """One classifier per grid point (or ``plan.spec``), split by question; evaluation questions never enter.
 
@@ -193,7 +204,8 @@ def best_spec(classifiers: Mapping[tuple[int, int], DifficultyClassifier]) -> tu
     return min(classifiers, key=lambda k: classifiers[k].info["val_rmse"])
 
 
-def classifier_quality(classifier: DifficultyClassifier, frame: pd.DataFrame, records: Sequence[dict]) -> dict:
+def classifier_quality(classifier: DifficultyClassifier, frame: pd.DataFrame,
+                       records: Sequence[GenerationRecord]) -> dict:
     """On evaluation items: RMSE to the label, Spearman rho, and AUROC of d for "the fast answer is wrong"."""
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
@@ -207,7 +219,8 @@ def classifier_quality(classifier: DifficultyClassifier, frame: pd.DataFrame, re
             "mean_d": float(d.mean())}
 
 
-def route(fast: Sequence[dict], slow: Sequence[dict], to_slow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def route(fast: Sequence[AnswerRecord], slow: Sequence[AnswerRecord], to_slow: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
     """Correctness and tokens per item when item ``i`` takes its slow answer iff ``to_slow[i]``."""
     to_slow = np.asarray(to_slow, bool)
     correct = np.where(to_slow, [s["correct"] for s in slow], [f["correct"] for f in fast]).astype(bool)
@@ -223,12 +236,19 @@ def method_row(method: str, name: str, correct, tokens, slow_tokens: float, **ex
             "mean_tokens": mean, "token_change_vs_slow_pct": 100.0 * (mean / slow_tokens - 1.0), **extra}
 
 
-def live_row(rows: list, method: str, name: str, items, records, slow_mean: float, **extra) -> list:
+def live_row(rows: list, method: str, name: str, items, records: Sequence[GenerationRecord], slow_mean: float,
+             **extra) -> list:
     correct = [grade(r, it) for r, it in zip(records, items)]
     switched = float(np.mean([bool(r["switches"]) for r in records]))
     rows.append(method_row(method, name, correct, [r["n_tokens"] for r in records], slow_mean,
                            switched_share=switched, **extra))
     return rows
+
+
+def stored_answers(fast: Sequence[AnswerRecord], slow: Sequence[AnswerRecord]
+                   ) -> dict[str, dict[str, AnswerRecord]]:
+    """``{"fast": {item id: record}, "slow": {...}}``: the stored plain answers the live methods replay."""
+    return {"fast": {r["item_id"]: r for r in fast}, "slow": {r["item_id"]: r for r in slow}}
 
 
 def _sweep(plan: SwitchingPlan) -> list[tuple[float, float, float]]:
@@ -237,7 +257,7 @@ def _sweep(plan: SwitchingPlan) -> list[tuple[float, float, float]]:
 
 
 def evaluate_methods(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],
-                     pairs: Mapping[str, tuple[list[dict], list[dict]]], classifier: DifficultyClassifier,
+                     pairs: Mapping[str, AnswerPair], classifier: DifficultyClassifier,
                      plan: SwitchingPlan, root=None, live: bool = True, progress: bool = True
                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Table 3 rows and Pareto points for every method on the same evaluation items.
@@ -255,14 +275,14 @@ def evaluate_methods(model, tokenizer, model_name: str, test_items: Mapping[str,
         prefill = float(np.mean([len(tokenizer(s["prompt"], add_special_tokens=False).input_ids) for s in slow]))
         d0 = classifier.predict(record_features(slow, classifier.spec))
         n = len(items)
-        for method, to_slow in (("fast", np.zeros(n)), ("slow", np.ones(n))):
+        for method, to_slow in ((Method.FAST, np.zeros(n)), (Method.SLOW, np.ones(n))):
             rows.append(method_row(method, name, *route(fast, slow, to_slow), slow_mean, slow_share=to_slow.mean()))
         for tau in sorted(set(plan.class_taus) | {plan.tau}):
             c, t = route(fast, slow, d0 > tau)
-            points.append({"method": "KV-Classification", "set": name, "param": f"tau={tau:g}",
+            points.append({"method": Method.KV_CLASSIFICATION, "set": name, "param": f"tau={tau:g}",
                            "accuracy": c.mean(), "mean_tokens": t.mean()})
         rate_slow = d0 > plan.tau
-        rows.append(method_row("KV-Classification", name, *route(fast, slow, rate_slow), slow_mean,
+        rows.append(method_row(Method.KV_CLASSIFICATION, name, *route(fast, slow, rate_slow), slow_mean,
                                slow_share=rate_slow.mean(), decision_prefill_tokens=prefill, tau=plan.tau))
         rng = np.random.default_rng(plan.seed)
         k = int(rate_slow.sum())
@@ -272,34 +292,38 @@ def evaluate_methods(model, tokenizer, model_name: str, test_items: Mapping[str,
             pick[rng.choice(n, size=k, replace=False)] = True
             draws.append([x.mean() for x in route(fast, slow, pick)])
         acc, tok = np.mean(draws, axis=0)
-        rows.append({**method_row("random (same slow share)", name, [acc], [tok], slow_mean), "n": n,
+        rows.append({**method_row(Method.RANDOM, name, [acc], [tok], slow_mean), "n": n,
                      "slow_share": k / n, "accuracy_sd": float(np.std([d[0] for d in draws]))})
         oracle = ~np.array([f["correct"] for f in fast], bool)
-        rows.append(method_row("oracle (fast if fast is right)", name, *route(fast, slow, oracle), slow_mean,
+        rows.append(method_row(Method.ORACLE, name, *route(fast, slow, oracle), slow_mean,
                                slow_share=oracle.mean()))
         if not live or (plan.live_sets is not None and name not in plan.live_sets):
             continue
+        refs = stored_answers(fast, slow) if plan.replay else None
         for tau, tf, ts in _sweep(plan):
             cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.fast_tokens)
-            recs = adaptive_generate(model, tokenizer, items, classifier, cfg, dataset=name, **common)
-            probe = live_row([], "KV-Generative", name, items, recs, slow_mean)[0]
-            points.append({"method": "KV-Generative", "set": name, "param": f"tau={tau:g},{tf:g},{ts:g}",
+            recs = adaptive_generate(model, tokenizer, items, classifier, cfg, dataset=name, references=refs,
+                                     **common)
+            probe = live_row([], Method.KV_GENERATIVE, name, items, recs, slow_mean)[0]
+            points.append({"method": Method.KV_GENERATIVE, "set": name, "param": f"tau={tau:g},{tf:g},{ts:g}",
                            "accuracy": probe["accuracy"], "mean_tokens": probe["mean_tokens"]})
             if (tau, tf, ts) == (plan.tau, plan.tau_fast, plan.tau_slow):
                 rows.append({**probe, "slow_share": float(np.mean([r["start_mode"] == "slow" for r in recs])),
                              "decision_prefill_tokens": prefill, "tau": tau, "tau_fast": tf, "tau_slow": ts})
-        recs = early_exit_generate(model, tokenizer, items, plan.early_exit, dataset=name, **common)
-        live_row(rows, "DEER-style early exit", name, items, recs, slow_mean,
+        recs = early_exit_generate(model, tokenizer, items, plan.early_exit, dataset=name,
+                                   references=refs and refs["slow"], **common)
+        live_row(rows, Method.DEER, name, items, recs, slow_mean,
               trial_tokens=float(np.mean([r["trial_tokens"] for r in recs])), threshold=plan.early_exit.threshold)
         points.append({**{k: rows[-1][k] for k in ("method", "set", "accuracy", "mean_tokens")},
                        "param": f"p>={plan.early_exit.threshold:g}"})
         for b in plan.budgets:
-            recs = budget_generate(model, tokenizer, items, b, dataset=name, **common)
-            live_row(rows, f"budget {b}", name, items, recs, slow_mean, budget=b)
-            points.append({"method": "token budget", "set": name, "param": f"B={b}",
+            recs = budget_generate(model, tokenizer, items, b, dataset=name, references=refs and refs["slow"],
+                                   **common)
+            live_row(rows, Method.budget(b), name, items, recs, slow_mean, budget=b)
+            points.append({"method": Method.TOKEN_BUDGET, "set": name, "param": f"B={b}",
                            "accuracy": rows[-1]["accuracy"], "mean_tokens": rows[-1]["mean_tokens"]})
     for r in rows:
-        if r["method"] in ("fast", "slow", "oracle (fast if fast is right)", "random (same slow share)"):
+        if r["method"] in (Method.FAST, Method.SLOW, Method.ORACLE, Method.RANDOM):  # fixed points, no sweep
             points.append({"method": r["method"], "set": r["set"], "param": "", "accuracy": r["accuracy"],
                            "mean_tokens": r["mean_tokens"]})
     return pd.DataFrame(rows), pd.DataFrame(points)
@@ -344,12 +368,12 @@ class SwitchingRun:
     plan: SwitchingPlan
     train_items: Mapping[str, Sequence]
     test_items: Mapping[str, Sequence]
-    train_pairs: Mapping[str, tuple[list[dict], list[dict]]]
-    test_pairs: Mapping[str, tuple[list[dict], list[dict]]]
+    train_pairs: Mapping[str, AnswerPair]
+    test_pairs: Mapping[str, AnswerPair]
     frame: pd.DataFrame
-    train_records: list[dict]
+    train_records: list[AnswerRecord]
     test_frame: pd.DataFrame
-    test_records: list[dict]
+    test_records: list[AnswerRecord]
 
     @property
     def evaluation_questions(self) -> list[str]:
@@ -371,11 +395,11 @@ def switching_setup(profile, model, tokenizer, seed: int = 0, smoke: bool = Fals
                     progress: bool = True) -> SwitchingRun:
     """The set-up of notebooks 04 and 05: the profile's :func:`switching_plan`, the seeded items of every
     training and evaluation set (:func:`switching_items`), their graded fast and slow answers (generated once,
-    then read from the store; :func:`answer_pairs`) and their labelled rows (:func:`label_frame`). Prints the plan's
+    then read from the store; :func:`answer_pairs`) and their labelled rows (:func:`label_frame`). Logs the plan's
     sizes first."""
     plan = switching_plan(profile, seed=seed, smoke=smoke)
-    print(f"{profile.name}, {profile.model}: train {dict(plan.train_sets)}, test {dict(plan.test_sets)}, fast/slow "
-          f"budgets {plan.fast_tokens}/{plan.slow_tokens}, grid (N, L) {list(plan.grid)}", flush=True)
+    _log.info("%s, %s: train %s, test %s, fast/slow budgets %d/%d, grid (N, L) %s", profile.name, profile.model,
+              dict(plan.train_sets), dict(plan.test_sets), plan.fast_tokens, plan.slow_tokens, list(plan.grid))
     train_items = switching_items(plan.train_sets, "train", seed=seed, data_dir=data_dir)
     test_items = switching_items(plan.test_sets, "test", seed=seed, data_dir=data_dir)
     train_pairs = answer_pairs(model, tokenizer, profile.model, train_items, plan, root=root, progress=progress)
@@ -387,7 +411,7 @@ def switching_setup(profile, model, tokenizer, seed: int = 0, smoke: bool = Fals
 
 
 def classifier_qualities(classifiers: Mapping[tuple[int, int], DifficultyClassifier], frame: pd.DataFrame,
-                         records: Sequence[dict]) -> dict[tuple[int, int], dict[str, dict]]:
+                         records: Sequence[GenerationRecord]) -> dict[tuple[int, int], dict[str, dict]]:
     """``{grid point: {set: classifier_quality(...)}}`` on the evaluation rows ``frame`` (and their slow
     ``records``, in the same order), set by set."""
     sets = frame["set"].to_numpy()
@@ -416,8 +440,6 @@ def save_classifier(classifier: DifficultyClassifier, model_name: str, folder=No
 
 TABLE3 = "Accuracy / mean generated tokens per item (change vs always-slow)."
 PARETO = "Every swept point."
-_ORDER = ["fast", "slow", "KV-Classification", "KV-Generative", "random (same slow share)",
-          "oracle (fast if fast is right)", "DEER-style early exit"]
 
 
 def _skipped(test_items: Mapping, plan, classifier) -> list[str]:
@@ -446,7 +468,7 @@ def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier
     note = f" Skipped: {'; '.join(skipped)}." if skipped else ""
     live_sets = getattr(plan, "live_sets", None)
     if live and live_sets is not None:
-        note += (f" Live methods (KV-Generative, DEER-style early exit, token budgets) run on "
+        note += (f" Live methods ({Method.KV_GENERATIVE}, {Method.DEER}, token budgets) run on "
                  f"{', '.join(set_label(k) for k in live_sets if k in test_items) or 'no set'}; the other sets "
                  "show the offline rows only.")
     feats = f"features: last {spec.n_tokens} tokens x last {spec.n_layers} layers; " if features else ""
@@ -458,10 +480,9 @@ def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier
 
 
 def _order(methods) -> list[str]:
-    known = [m for m in _ORDER if m in set(methods)]
+    known = [m for m in Method.TABLE3_ORDER if m in set(methods)]
     rest = set(methods) - set(known)
-    budget = lambda m: int(m.split()[-1]) if m.startswith("budget ") and m.split()[-1].isdigit() else 0  # noqa: E731
-    return known + sorted(rest, key=lambda m: (not m.startswith("budget "), budget(m), m))
+    return known + sorted(rest, key=lambda m: (Method.budget_tokens(m) is None, Method.budget_tokens(m) or 0, m))
 
 
 def table3_markdown(table: pd.DataFrame, caption_line: str) -> str:
@@ -469,7 +490,7 @@ def table3_markdown(table: pd.DataFrame, caption_line: str) -> str:
     sets = list(dict.fromkeys(table["set"]))
     out = pd.DataFrame(index=_order(table["method"].unique()), columns=[set_label(s) for s in sets], dtype=object)
     for _, r in table.iterrows():
-        change = "" if r["method"] == "slow" else f" ({r['token_change_vs_slow_pct']:+.1f}%)"
+        change = "" if r["method"] == Method.SLOW else f" ({r['token_change_vs_slow_pct']:+.1f}%)"
         cell = f"{r['accuracy']:.3f} / {r['mean_tokens']:.0f}{change}"
         if pd.notna(r.get("trial_tokens", np.nan)):
             cell += f" [+{r['trial_tokens']:.0f} trial]"
@@ -503,13 +524,13 @@ def pareto_figure(points: pd.DataFrame, title: str | None = None):
 
     sets = list(dict.fromkeys(points["set"]))
     fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.4), squeeze=False)
-    style = {"KV-Classification": ("C0", "o", "-"), "KV-Generative": ("C3", "s", "-"),
-             "token budget": ("C2", "^", "-"), "DEER-style early exit": ("C4", "D", ""),
-             "fast": ("k", "<", ""), "slow": ("k", ">", ""), "oracle (fast if fast is right)": ("C1", "*", ""),
-             "random (same slow share)": ("grey", "x", "")}
+    style = {Method.KV_CLASSIFICATION: ("C0", "o", "-"), Method.KV_GENERATIVE: ("C3", "s", "-"),
+             Method.TOKEN_BUDGET: ("C2", "^", "-"), Method.DEER: ("C4", "D", ""),
+             Method.FAST: ("k", "<", ""), Method.SLOW: ("k", ">", ""), Method.ORACLE: ("C1", "*", ""),
+             Method.RANDOM: ("grey", "x", "")}
     for ax, name in zip(axes[0], sets):
         df = points[points["set"] == name]
-        ends = df[df["method"].isin(["fast", "slow"])].sort_values("mean_tokens")
+        ends = df[df["method"].isin([Method.FAST, Method.SLOW])].sort_values("mean_tokens")
         ax.plot(ends["mean_tokens"], ends["accuracy"], ls="--", c="grey", lw=1,
                 label="random routing (expected)")
         for method, sub in df.groupby("method", sort=False):
@@ -533,11 +554,11 @@ def pareto_figure(points: pd.DataFrame, title: str | None = None):
 
 
 def headline(table: pd.DataFrame,
-             methods=("KV-Generative", "KV-Classification", "DEER-style early exit")) -> pd.DataFrame:
+             methods=(Method.KV_GENERATIVE, Method.KV_CLASSIFICATION, Method.DEER)) -> pd.DataFrame:
     """Per set and method: times fewer tokens than always-slow and the accuracy change in points (x100)."""
     rows = []
     for name, df in table.groupby("set", sort=False):
-        slow = df[df["method"] == "slow"].iloc[0]
+        slow = df[df["method"] == Method.SLOW].iloc[0]
         for m in methods:
             hit = df[df["method"] == m]
             if hit.empty:
