@@ -36,6 +36,22 @@ def test_failing_cell_is_named(tmp_path, monkeypatch, caplog):
     failed = [r for r in caplog.records if r.getMessage().startswith("FAILED: 02_bad.ipynb")]
     assert [r.levelno for r in failed] == [logging.ERROR]
     assert (tmp_path / "out" / "01_ok.ipynb").exists()
+    recorded = pipeline.read_times(tmp_path / pipeline.NOTEBOOK_TIMES)  # the run that finished is timed
+    assert list(recorded) == [("small", "qwen2.5-0.5b", "01_ok.ipynb")]
+    assert any("02_bad.ipynb" in m and "time left" in m for m in caplog.messages)
+
+
+def test_time_left_comes_from_the_last_recorded_runs(tmp_path):
+    path = tmp_path / "t.csv"
+    assert pipeline.time_left({}, "small", "m", ["01.ipynb"]).startswith("unknown")
+    pipeline.record_time(path, "small", "m", "01.ipynb", 100.0)
+    pipeline.record_time(path, "small", "m", "02.ipynb", 500.0)
+    pipeline.record_time(path, "small", "m", "01.ipynb", 80.0)  # the latest run wins
+    pipeline.record_time(path, "gpu", "m", "02.ipynb", 9.0)
+    times = pipeline.read_times(path)
+    assert times[("small", "m", "01.ipynb")] == 80.0 and len(times) == 3
+    assert pipeline.time_left(times, "small", "m", ["01.ipynb", "02.ipynb"]) == "about 10 min"
+    assert "1 of 2 notebooks" in pipeline.time_left(times, "gpu", "m", ["01.ipynb", "02.ipynb"])
 
 
 def test_readme_tables_are_copied_from_generated_files(tmp_path):

@@ -7,7 +7,9 @@ parameters ``PROFILE``, ``MODEL``, ``DATA_DIR``; the executed copy is kept in ``
 A failing cell stops the run with a non-zero exit naming the notebook and the cell, numbered as in the
 source notebook (papermill inserts a cell with the injected parameters; that shift is undone). A kernel
 that dies (most often killed by the system for running out of memory) is reported as such, with what to
-try next, instead of a traceback.
+try next, instead of a traceback. Before each notebook the runner says how long the rest should take,
+from the durations it recorded last time (``tables/timings/notebooks.csv``, one row per profile, model and
+notebook); inside a notebook every long loop shows a progress bar with its own estimate.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 __all__ = ["notebooks", "run_notebook", "update_readme", "main", "NotebookError", "KernelDiedError",
-           "source_cell_index"]
+           "source_cell_index", "read_times", "record_time", "time_left"]
 
 _log = logging.getLogger(__name__)
 
@@ -149,6 +151,44 @@ def update_readme(root: Path = ROOT) -> list[str]:
     return filled
 
 
+NOTEBOOK_TIMES = Path("tables") / "timings" / "notebooks.csv"
+
+
+def read_times(path: Path) -> dict[tuple[str, str, str], float]:
+    """``{(profile, model, notebook): seconds}`` of the last recorded run of each notebook (empty if none)."""
+    import csv
+
+    if not path.exists():
+        return {}
+    with path.open(newline="", encoding="utf-8") as f:
+        return {(r["profile"], r["model"], r["notebook"]): float(r["seconds"]) for r in csv.DictReader(f)}
+
+
+def record_time(path: Path, profile: str, model: str, notebook: str, seconds: float) -> None:
+    """Store the duration of a notebook run (one row per profile, model and notebook; the latest wins)."""
+    import csv
+
+    times = read_times(path)
+    times[(profile, model, notebook)] = round(seconds, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["profile", "model", "notebook", "seconds"])
+        for key in sorted(times):
+            w.writerow([*key, times[key]])
+
+
+def time_left(times: dict, profile: str, model: str, names: list[str]) -> str:
+    """``"about 12 min"`` for notebooks ``names`` from their last recorded durations, or what is unknown."""
+    known = [times[(profile, model, n)] for n in names if (profile, model, n) in times]
+    if not names:
+        return "nothing"
+    if not known:
+        return "unknown (no earlier run of this profile and model recorded)"
+    note = "" if len(known) == len(names) else f" for the {len(known)} of {len(names)} notebooks timed before"
+    return f"about {sum(known) / 60:.0f} min{note}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="small")
@@ -167,10 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         _log.error("no notebooks matched")
         return 2
     params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": data_dir}
+    from ..profiles import get_profile
+
+    model = args.model or get_profile(args.profile).model
+    times_path = ROOT / NOTEBOOK_TIMES
+    times = read_times(times_path)
     t_all = time.perf_counter()
-    for path in todo:
+    for k, path in enumerate(todo):
         t0 = time.perf_counter()
-        _log.info("==> %s %s", path.name, params)
+        _log.info("==> %s %s; time left for this and the remaining notebooks: %s (last recorded run)", path.name,
+                  params, time_left(times, args.profile, model, [p.name for p in todo[k:]]))
         try:
             executed = run_notebook(path, Path(args.out), params)
         except RuntimeError as err:
@@ -180,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             from .notebook_outputs import publish_outputs
 
             publish_outputs(executed, path)
-        _log.info("<== %s done in %.0f s", path.name, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        record_time(times_path, args.profile, model, path.name, seconds)
+        _log.info("<== %s done in %.0f s", path.name, seconds)
     _log.info("all %d notebooks done in %.1f min", len(todo), (time.perf_counter() - t_all) / 60)
     _log.info("README tables refreshed: %s", ", ".join(update_readme()) or "none")
     return 0
