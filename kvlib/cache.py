@@ -9,7 +9,9 @@ Sliding-window layers (Gemma 3, Mistral with a window) keep only the last positi
 records which absolute positions such a layer still holds, so that pooling never silently mixes a
 window with a full history.
 
-Masked pooling helpers live here too, because every pooled feature needs the attention mask of the
+The one model call of every loop (:func:`forward`, :func:`step_logits`) and the cache constructor
+(:func:`new_cache`) live here too, so that a change of the cache keyword or of the cache class touches one file.
+Masked pooling helpers live here as well, because every pooled feature needs the attention mask of the
 positions the cache holds.
 """
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["LayerKV", "output_cache", "cache_kwargs", "cache_layers", "kv_layers", "cache_length", "crop_cache",
-           "rows_view", "keep_rows", "masked_mean", "masked_sum"]
+           "rows_view", "keep_rows", "masked_mean", "masked_sum", "new_cache", "forward", "step_logits"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,41 @@ def cache_kwargs(model, cache) -> dict:
     The keyword is ``cache`` in new releases, else ``past_key_values``.
     """
     return {_cache_arg_name(type(model)): cache}
+
+
+def new_cache(model):
+    """An empty cache for ``model``: a ``DynamicCache`` built from its config (so sliding-window layers get
+    their window)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache=None,
+            logits_to_keep: int = 1, **kwargs):
+    """The one model call of every kvlib loop: ``input_ids`` ``[batch, n]`` appended to ``cache`` (a new one
+    when ``None``; ``False``: no cache at all), with the attention mask over the cache *and* the new columns
+    (``[batch, cache_len + n]``) and explicit position ids ``[batch, n]`` that count real tokens only.
+
+    Returns ``(output, cache)``: the model output (logits of the last ``logits_to_keep`` positions, plus
+    whatever ``kwargs`` ask for, e.g. ``output_hidden_states=True``) and the cache after the call.
+    """
+    if cache is False:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=logits_to_keep, **kwargs)
+        return out, None
+    cache = new_cache(model) if cache is None else cache
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=logits_to_keep, **cache_kwargs(model, cache), **kwargs)
+    return out, output_cache(out)
+
+
+def step_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache
+                ) -> tuple[torch.Tensor, object]:
+    """One decoding step (:func:`forward` keeping the last position): ``(logits [batch, vocab] in fp32, cache)``.
+    Used by the decoding loop and by DEER-style trials alike."""
+    out, cache = forward(model, input_ids, attention_mask, position_ids, cache)
+    return out.logits[:, -1, :].float(), cache
 
 
 def output_cache(output):

@@ -42,7 +42,7 @@ from typing import Literal, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .cache import masked_mean
+from .cache import forward, masked_mean
 from .decoding import prefill_positions
 from .records import GenerationRecord
 
@@ -152,8 +152,7 @@ def hidden_trajectories(model, prompt_ids: list[list[int]], output_ids: list[lis
         mask[i, width - len(s):] = 1
         out_mask[i, width - len(o):] = 1 if len(o) else 0
     ids, mask, out_mask = ids.to(device), mask.to(device), out_mask.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=prefill_positions(mask),
-                output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    out, _ = forward(model, ids, mask, prefill_positions(mask), cache=False, output_hidden_states=True)
     hs = out.hidden_states  # L+1 tensors [B, S, hidden]
     per_layer = torch.stack([masked_mean(h, out_mask) for h in hs], dim=1)  # [B, L+1, hidden]
     nbytes = [len(hs) * len(s) * hs[0].shape[-1] * hs[0].element_size() for s in seqs]

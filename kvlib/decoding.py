@@ -32,12 +32,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
-from transformers import DynamicCache
 
-from .cache import cache_kwargs, keep_rows, output_cache, rows_view
+from .cache import forward, keep_rows, rows_view, step_logits
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 __all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "RowHistory", "decode", "prefill",
            "prefill_positions", "next_token_probs", "stop_ids"]
@@ -207,9 +209,10 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwar
     """
     device = next(model.parameters()).device
     attention_mask = attention_mask.to(device)
-    kwargs.setdefault("use_cache", True)
-    return model(input_ids=input_ids.to(device), attention_mask=attention_mask,
-                 position_ids=prefill_positions(attention_mask), **kwargs)
+    cache = False if kwargs.pop("use_cache", True) is False else kwargs.pop("cache", None)
+    out, _ = forward(model, input_ids.to(device), attention_mask, prefill_positions(attention_mask), cache,
+                     logits_to_keep=kwargs.pop("logits_to_keep", 0), **kwargs)
+    return out
 
 
 def stop_ids(model, config: DecodeConfig) -> set[int]:
@@ -322,16 +325,7 @@ def decode(
         seeds = seeds or [0] * batch
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=prefill_positions(attention_mask),
-        use_cache=True,
-        logits_to_keep=1,
-        **cache_kwargs(model, cache),
-    )
-    cache = output_cache(out)
+    logits, cache = step_logits(model, input_ids, attention_mask, prefill_positions(attention_mask), None)
     next_pos = attention_mask.sum(-1).tolist()  # next position id of each cache row
     state = DecodeState(
         model=model,
@@ -358,7 +352,6 @@ def decode(
         state.prompt_lengths[i] -= n
         state.switches[i], state.withdrawn[i] = [tuple(x) for x in h.switches], h.withdrawn
         sampled[i], max_prob[i], entropy[i] = list(h.sampled), list(h.max_prob), list(h.entropy)
-    logits = out.logits[:, -1, :].float()
 
     def partial(phys: list[int]) -> DecodeResult:
         """The results of cache rows ``phys`` (a copy of their cache when others stay in the batch)."""
@@ -451,17 +444,8 @@ def decode(
         positions = torch.tensor(pos_l, dtype=torch.long, device=device)
         attention_mask = torch.cat([attention_mask, chunk_mask], dim=1)
         state.attention_mask = attention_mask
-        out = model(
-            input_ids=chunk,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **cache_kwargs(model, cache),
-        )
-        cache = output_cache(out)
+        logits, cache = step_logits(model, chunk, attention_mask, positions, cache)
         state.cache = cache
-        logits = out.logits[:, -1, :].float()
 
     if on_finish is not None and state.rows:
         on_finish(partial(list(range(len(state.rows)))))

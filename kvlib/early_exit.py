@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from .adaptive import as_questions, controlled_generate
-from .cache import cache_kwargs, crop_cache, output_cache
+from .cache import crop_cache, step_logits
 from .decoding import DecodeState
 from .generation import GenerationSettings, Prompt, record_array
 from .thinking import TextWatch, ThinkingProtocol, ThinkingWatch, protocol_for, render_prompt
@@ -239,10 +239,8 @@ class EarlyExitController:
         running = set(toks)
         try:
             for _ in range(self.config.trial_tokens):
-                out = model(input_ids=chunk, attention_mask=mask, position_ids=pos, use_cache=True,
-                            logits_to_keep=1, **cache_kwargs(model, cache))
-                cache = output_cache(out)
-                mp, nxt = torch.softmax(out.logits[:, -1, :].float(), dim=-1).max(-1)
+                logits, cache = step_logits(model, chunk, mask, pos, cache)
+                mp, nxt = torch.softmax(logits, dim=-1).max(-1)
                 mp, nxt = mp.tolist(), nxt.tolist()
                 for i in sorted(running):
                     toks[i].append(nxt[phys[i]])

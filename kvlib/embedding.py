@@ -44,7 +44,7 @@ from typing import Literal, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from .cache import cache_kwargs, cache_layers, masked_mean, output_cache
+from .cache import cache_layers, forward, masked_mean
 from .decoding import prefill_positions
 from .pooling import select_layers
 
@@ -149,8 +149,6 @@ class Prefill:
 
             names = ", ".join(p.name for p in poolers[:3]) + (", ..." if len(poolers) > 3 else "")
             bar = tqdm(total=len(texts), desc=f"prefill [{names}]", unit="text")
-        from transformers import DynamicCache
-
         bs = self.config.batch_size
         for start in range(0, len(order), bs):
             rows = order[start : start + bs]
@@ -161,12 +159,9 @@ class Prefill:
                 input_ids[r, width - len(ids[i]) :] = torch.tensor(ids[i])
                 mask[r, width - len(ids[i]) :] = 1
             input_ids, mask = input_ids.to(device), mask.to(device)
-            result = self.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=prefill_positions(mask), use_cache=True,
-                logits_to_keep=1, output_hidden_states=want_hidden,
-                **cache_kwargs(self.model, DynamicCache(config=self.model.config)),
-            )
-            batch = PrefillBatch(mask, cache_layers(output_cache(result)),
+            result, cache = forward(self.model, input_ids, mask, prefill_positions(mask),
+                                    output_hidden_states=want_hidden)
+            batch = PrefillBatch(mask, cache_layers(cache),
                                  result.hidden_states if want_hidden else None)
             for k, pooler in enumerate(poolers):
                 vec = pooler.pool(batch).float().cpu().numpy()

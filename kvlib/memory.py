@@ -269,7 +269,8 @@ def measure_cache_bytes(model, tokenizer=None, lengths: Sequence[int] = (256, 51
         one dict per length: ``context_length``, ``batch_size``, ``dtype``, ``seconds`` and, for each of
         ``weights``, ``kv_cache``, ``hidden_states``, a ``*_measured`` and a ``*_estimate`` byte count.
     """
-    from .cache import cache_layers, output_cache
+    from .cache import cache_layers, forward
+    from .decoding import prefill_positions
 
     device = next(model.parameters()).device
     weights = sum(p.nbytes for p in {id(p): p for p in model.parameters()}.values())
@@ -277,10 +278,11 @@ def measure_cache_bytes(model, tokenizer=None, lengths: Sequence[int] = (256, 51
     for length in lengths:
         ids = _prompt_ids(tokenizer, int(length), batch_size, int(model.config.vocab_size), seed).to(device)
         start = time.perf_counter()
+        mask = torch.ones_like(ids)
         with torch.inference_mode():
-            out = model(input_ids=ids, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+            out, cache = forward(model, ids, mask, prefill_positions(mask), output_hidden_states=True)
         seconds = time.perf_counter() - start
-        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache_layers(output_cache(out)))
+        kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache_layers(cache))
         hidden = sum(h.nbytes for h in out.hidden_states)
         est = memory_estimate(model.config, int(length), model.dtype, batch_size)
         rows.append({

@@ -90,3 +90,19 @@ def test_every_public_name_resolves_from_the_module_that_defines_it():
     assert kvlib.store.ResultStore is kvlib.ResultStore  # submodules are attributes, as when the package was eager
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         kvlib.no_such_name
+
+
+def test_only_the_cache_module_calls_the_model_with_a_cache():
+    """Every loop goes through :func:`kvlib.cache.forward` / :func:`~kvlib.cache.step_logits`: no other library
+    module builds a ``DynamicCache``, passes ``logits_to_keep`` or names the cache keyword."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "cache.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                fn = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                if fn in ("DynamicCache", "cache_kwargs") or any(k.arg == "logits_to_keep" for k in node.keywords
+                                                                  if fn not in ("prefill", "forward")):
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {fn}")
+    assert offenders == [], offenders
