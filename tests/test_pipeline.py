@@ -120,3 +120,14 @@ def test_publish_copies_outputs_into_the_source_notebook(tmp_path, monkeypatch):
     assert pipeline.main(["--profile", "small", "--out", str(tmp_path / "ex"), "--publish"]) == 0
     out = nbformat.read(nb_dir / "01_t.ipynb", as_version=4).cells[1].outputs
     assert [o.get("text") for o in out] == ["hello small\n"]
+
+
+def test_the_runner_shows_its_progress_when_run_as_a_program():
+    """``python -m kvlib.experiments.pipeline`` (what ``make reproduce`` runs) shows kvlib's info lines: the
+    module's logger must not be ``__main__``, which no kvlib log setting reaches."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kvlib.experiments.pipeline", "--dry-run", "--only", "01"],
+                         capture_output=True, text=True, check=True)
+    assert "1 notebook(s) to run (01_vram.ipynb)" in out.stderr and "took last time" in out.stderr

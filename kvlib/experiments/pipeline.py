@@ -25,7 +25,7 @@ from pathlib import Path
 __all__ = ["notebooks", "run_notebook", "update_readme", "main", "NotebookError", "KernelDiedError",
            "source_cell_index", "read_times", "record_time", "time_left"]
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("kvlib.experiments.pipeline")  # not __name__: "__main__" under python -m
 
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout, two levels above kvlib/experiments/
 _INJECTED = "injected-parameters"
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default="", help="folder with theoremqa_test.json, amazon_counterfactual/, ...")
     ap.add_argument("--only", nargs="*", default=None, help="notebook number prefixes to run, e.g. 01 03")
     ap.add_argument("--out", default=str(ROOT / "build" / "executed"))
+    ap.add_argument("--dry-run", action="store_true",
+                    help="only say which notebooks would run and how long they took last time")
     ap.add_argument("--publish", action="store_true",
                     help="copy each executed notebook's outputs into notebooks/ (the committed copies show them)")
     args = ap.parse_args(argv)
@@ -212,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or get_profile(args.profile).model
     times_path = ROOT / NOTEBOOK_TIMES
     times = read_times(times_path)
+    _log.info("%d notebook(s) to run (%s), profile %s, model %s; time they took last time: %s", len(todo),
+              ", ".join(p.name for p in todo), args.profile, model,
+              time_left(times, args.profile, model, [p.name for p in todo]))
+    if args.dry_run:
+        return 0
     t_all = time.perf_counter()
     for k, path in enumerate(todo):
         t0 = time.perf_counter()
