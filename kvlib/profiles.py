@@ -1,6 +1,6 @@
 """Profiles: which model, data sets and sizes each experiment uses.
 
-* ``small`` (default, ~45 minutes on 2 CPU cores from empty stores): the embedded
+* ``small`` (default; 23 minutes cold on 2 CPU cores that compute bf16 natively, see the README): the embedded
   Qwen2.5-Coder-0.5B-Instruct. It keeps the paper's sets as rows but is mostly wrong on them (GSM8K
   ~15 %, MATH-500 ~5 % with reasoning), so it adds the easier word-problem sets (SVAMP, ASDiv, MAWPS)
   where it is right often enough for AUROC and for a difficulty classifier to mean something.
