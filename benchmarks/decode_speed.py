@@ -1,0 +1,128 @@
+"""Decode speed: kvlib's loop vs transformers ``generate`` (dynamic cache; static cache, compiled) vs the floor.
+
+Every configuration decodes exactly ``--new-tokens`` tokens per row after a ``--prompt``-token prompt (random
+ids, stop tokens disabled), at each batch size, on a randomly initialised model (speed does not depend on the
+weights). Reported per step: milliseconds, and the ratio to the compiled static-cache ``generate`` of the same
+batch (the target of the GPU work: kvlib <= 1.1x). The floor is the memory-bandwidth bound: the bytes a step
+must read (weights + the KV cache at the mean length) over the copy bandwidth measured in the same run.
+
+  python benchmarks/decode_speed.py --shape qwen3-8b --batches 1 16 64      # a GPU (bf16); writes the CSV
+  python benchmarks/decode_speed.py --shape tiny --batches 1 4 --new-tokens 16 --out /tmp/ds.csv  # a smoke run
+
+Writes ``tables/decode_speed.csv`` (or ``--out``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+}
+
+
+def _model(shape: str, device: str, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen3", max_position_embeddings=4096, tie_word_embeddings=False, **SHAPES[shape])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a device-to-device copy (read + write counted once each)."""
+    x = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    seconds = min(_timed(lambda: y.copy_(x), device) for _ in range(5))
+    return 2 * nbytes / seconds
+
+
+def floor_ms(model, batch: int, prompt: int, new_tokens: int, bandwidth: float) -> float:
+    """Milliseconds per step to read the weights once and every row's KV cache at its mean length."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+    kv = batch * per_token * (prompt + new_tokens / 2)
+    return 1e3 * (weights + kv) / bandwidth
+
+
+def run(shape: str, batches: list[int], prompt: int, new_tokens: int, compile_static: bool) -> pd.DataFrame:
+    from kvlib.decoding import DecodeConfig, decode
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = _model(shape, device, dtype)
+    bandwidth = copy_bandwidth(device, 1 << 28 if device == "cpu" else 1 << 30)
+    rows = []
+    for b in batches:
+        ids = torch.randint(3, model.config.vocab_size, (b, prompt), device=device)
+        mask = torch.ones_like(ids)
+        cfg = DecodeConfig(max_new_tokens=new_tokens, stop_token_ids=(-1,))
+        gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   eos_token_id=None)
+        arms = {
+            "kvlib.decode": lambda: decode(model, ids, mask, cfg),
+            "generate (dynamic cache)": lambda: model.generate(input_ids=ids, attention_mask=mask, **gen),
+        }
+        if compile_static:
+            arms["generate (static cache, compiled)"] = lambda: model.generate(
+                input_ids=ids, attention_mask=mask, cache_implementation="static", **gen)
+        for name, fn in arms.items():
+            with torch.inference_mode():
+                fn()  # warm-up (the compiled arm compiles here)
+                seconds = min(_timed(fn, device) for _ in range(2))
+            rows.append({"device": torch.cuda.get_device_name() if device == "cuda" else "CPU", "shape": shape,
+                         "dtype": str(dtype).removeprefix("torch."), "batch": b, "prompt": prompt,
+                         "new_tokens": new_tokens, "method": name, "ms_per_step": 1e3 * seconds / new_tokens})
+        rows.append({**rows[-1], "method": "bandwidth floor",
+                     "ms_per_step": floor_ms(model, b, prompt, new_tokens, bandwidth)})
+    df = pd.DataFrame(rows)
+    ref = "generate (static cache, compiled)" if compile_static else "generate (dynamic cache)"
+    base = df[df.method == ref].set_index("batch").ms_per_step
+    df["ratio_vs_" + ("static_compiled" if compile_static else "dynamic")] = df.ms_per_step / df.batch.map(base)
+    return df
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache arm (CPU smoke runs)")
+    ap.add_argument("--out", default=str(ROOT / "tables" / "decode_speed.csv"))
+    args = ap.parse_args()
+    df = run(args.shape, args.batches, args.prompt, args.new_tokens, compile_static=not args.no_compile)
+    print(df.round(3).to_string(index=False))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    df.round(4).to_csv(args.out, index=False)
+
+
+if __name__ == "__main__":
+    main()
