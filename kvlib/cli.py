@@ -132,7 +132,7 @@ def _hub_weights() -> str:
     return f"  weights    downloaded from the hub by the first load, into {HF_HUB_CACHE}"
 
 
-def _describe(model: str) -> tuple[list[str], object]:
+def describe_model(model: str) -> tuple[list[str], object]:
     """``(lines about where the weights come from, config or None)``; raises ValueError for an unknown name."""
     from .memory import load_config, shipped_configs
     from .models import EMBEDDED_MODELS, cache_root
@@ -201,7 +201,7 @@ def _info(args) -> int:
 
     from .memory import load_config, memory_estimate, prefill_peak
 
-    lines, config = _describe(args.model)
+    lines, config = describe_model(args.model)
     print("\n".join(lines))
     if config is None:
         return 0

@@ -189,6 +189,22 @@ def time_left(times: dict, profile: str, model: str, names: list[str]) -> str:
     return f"about {sum(known) / 60:.0f} min{note}"
 
 
+def _disk_note(profile: str, model: str) -> str:
+    """The profile's estimated store size for ``model`` (:mod:`kvlib.experiments.disk`), or why there is none."""
+    from ..cli import describe_model
+    from ..memory import load_config
+    from ..profiles import get_profile
+    from .disk import describe, estimate_disk
+
+    try:
+        _, config = describe_model(model)
+    except (ValueError, OSError) as err:
+        return f"no estimate ({err})"
+    if config is None:
+        return "no estimate (the model's config is not readable here yet)"
+    return describe(estimate_disk(get_profile(profile), load_config(config)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="small")
@@ -217,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     _log.info("%d notebook(s) to run (%s), profile %s, model %s; time they took last time: %s", len(todo),
               ", ".join(p.name for p in todo), args.profile, model,
               time_left(times, args.profile, model, [p.name for p in todo]))
+    _log.info("disk: %s", _disk_note(args.profile, model))
     if args.dry_run:
         return 0
     t_all = time.perf_counter()

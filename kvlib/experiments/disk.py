@@ -1,0 +1,89 @@
+"""How much disk a profile's result stores need, estimated before anything runs (the runner prints it).
+
+An upper bound from the model's shape and the profile's sizes, with every answer at its token budget:
+
+* an answer record (:func:`kvlib.answers.answer_records`) holds, per generated token, the layer-averaged keys
+  and values (fp16, ``2 x kv_heads x head_dim`` values) and its id, max probability and entropy; per record the
+  pooled prompt KV sums (fp32, ``3 x 8 x 2 x kv_heads x head_dim``) and the prompt. Arrays are base64 in JSON
+  (4/3 of their bytes).
+* a hidden-state CoE record (notebook 03's sets) holds every layer's mean hidden state (fp32, ``(L + 1) x hidden``).
+* a live-method record (switching, DEER-style exit, budgets) holds the tokens, their statistics and the prompt.
+
+Measured check (tested on a tiny model): the estimate of a run is at least the bytes its store takes and
+within twice of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["RecordBytes", "record_bytes", "estimate_disk", "describe"]
+
+B64 = 4 / 3
+TOKEN_STATS = 36  # bytes of JSON per token: its id, max_prob and entropy (6 decimals each)
+PROMPT = 1500  # bytes of a rendered prompt and a record's fixed JSON keys
+
+
+@dataclass(frozen=True)
+class RecordBytes:
+    """Bytes of one stored record: ``fixed`` + ``per_token`` x generated tokens."""
+
+    fixed: float
+    per_token: float
+
+    def __call__(self, tokens: int) -> float:
+        return self.fixed + self.per_token * tokens
+
+
+def record_bytes(config) -> dict[str, RecordBytes]:
+    """``{"answer", "hidden_coe", "method"}``: the size model of each kind of record for a model config
+    (a transformers config or a dict with its usual keys)."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    heads = int(get("num_attention_heads"))
+    kv = int(get("num_key_value_heads") or heads) * int(get("head_dim") or int(get("hidden_size")) // heads)
+    layers, hidden = int(get("num_hidden_layers")), int(get("hidden_size"))
+    answer = RecordBytes(PROMPT + B64 * 3 * min(8, layers) * 2 * kv * 4, TOKEN_STATS + B64 * 2 * kv * 2)
+    return {"answer": answer, "hidden_coe": RecordBytes(PROMPT + B64 * (layers + 1) * hidden * 4, 0.0),
+            "method": RecordBytes(PROMPT, TOKEN_STATS)}
+
+
+def _count(sizes, split: str) -> int:
+    from ..data import load_math
+
+    total = 0
+    for name, n in sizes.items():
+        if n in (None, "all"):
+            try:
+                n = len(load_math(name, split))
+            except (FileNotFoundError, ValueError):
+                try:
+                    n = len(load_math(name, "test"))
+                except (FileNotFoundError, ValueError):
+                    n = 1000  # a set read from DATA_DIR: a round guess
+        total += int(n)
+    return total
+
+
+def estimate_disk(profile, config) -> dict[str, float]:
+    """Upper bound of the bytes each part of ``profile``'s stores takes, for a model ``config``:
+    ``{"answers (03-05)", "hidden-state CoE (03)", "live methods (04-05)", "total"}``."""
+    size = record_bytes(config)
+    coe = _count(profile.coe_sets, "test")
+    test = _count(profile.switch_test_sets, "test")
+    train = _count(profile.switch_train_sets, "train")
+    # slow answers: 03's sets and the switching sets (overlapping items counted twice: an upper bound)
+    answers = (coe + test + train) * size["answer"](profile.slow_tokens) + (test + train) * size["answer"](
+        profile.fast_tokens)
+    live_items = min(test, profile.live_items * max(1, len(profile.switch_test_sets))) if profile.live_items \
+        else test
+    runs = len(profile.generative_sweep) + 1 + len(profile.budgets) + 4  # Table 3's live rows + Table 4's grid
+    live = live_items * runs * size["method"](profile.slow_tokens)
+    parts = {"answers (03-05)": answers, "hidden-state CoE (03)": coe * size["hidden_coe"](0),
+             "live methods (04-05)": live}
+    return {**parts, "total": sum(parts.values())}
+
+
+def describe(estimate: dict[str, float]) -> str:
+    """``"about 0.1 GB (answers 0.1, ...)"`` for the runner's log."""
+    parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in estimate.items() if k != "total")
+    return f"at most {estimate['total'] / 1e9:.2f} GB of result stores ({parts} GB)"
