@@ -37,6 +37,7 @@ if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time the na
     from .selfeval import kv_coe_scores, kv_probe_scores, output_scores, score_records
     from .profiles import Profile, get_profile, hardware_label
     from .sampling import sampling_from_generation_config
+    from .sharding import Shard, current_shard, local_device
     from .store import CorruptStoreError, ResultStore, StoreLockedError, StoreMismatchError
     from .textsets import TextSet, load_textsets
     from .thinking import ThinkingProtocol, protocol_for, render_prompt
@@ -47,6 +48,7 @@ __all__ = [
     "DifficultyClassifier", "FeatureSpec", "TrainConfig", "difficulty_label", "live_features", "prompt_kv_extractor",
     "split_by_question", "train_classifier", "EarlyExitConfig", "budget_generate", "early_exit_generate",
     "get_profile", "Profile", "hardware_label", "sampling_from_generation_config", "BudgetConfig",
+    "Shard", "current_shard", "local_device",
     "answer_probes", "probe_scores",
     "LayerKV", "cache_layers", "cache_length", "kv_layers", "masked_mean", "masked_sum", "output_cache",
     "coe_scores", "hidden_coe_extractor", "hidden_coe_pass",
@@ -93,6 +95,7 @@ _SUBMODULES = {
     "selfeval": ("kv_coe_scores", "kv_probe_scores", "output_scores", "score_records"),
     "profiles": ("Profile", "get_profile", "hardware_label"),
     "sampling": ("sampling_from_generation_config",),
+    "sharding": ("Shard", "current_shard", "local_device"),
     "store": ("CorruptStoreError", "ResultStore", "StoreLockedError", "StoreMismatchError"),
     "textsets": ("TextSet", "load_textsets"),
     "thinking": ("ThinkingProtocol", "protocol_for", "render_prompt"),

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .decoding import Controller, DecodeConfig, DecodeResult, context_limit, decode
 from .identity import callable_identity, digest, model_identity
+from .sharding import SINGLE, Shard, current_shard, run_sharded
 from .store import ResultStore, decode_array, encode_array
 
 __all__ = ["Prompt", "GenerationSettings", "Extractor", "generate", "open_store", "record_array", "decode_config",
@@ -111,6 +112,7 @@ def generate(
     controller_factory: Callable[[list[Prompt]], Controller] | None = None,
     progress: bool = True,
     desc: str | None = None,
+    shard: Shard | None = None,
 ) -> list[dict]:
     """Generate for every prompt not yet in ``store``; return all records in the order of ``prompts``.
 
@@ -121,21 +123,29 @@ def generate(
         controller_factory: builds a decoding controller for a batch (adaptive generation; the caller puts
             its settings into the store identity).
         progress: show a tqdm bar counting finished items and generated tokens.
+        shard: this process's share of a launched run (:mod:`kvlib.sharding`); ``None``: from ``RANK`` and
+            ``WORLD_SIZE`` (one process when unset). With several, this process generates its items into its shard
+            file, waits for the others, and every process returns all records (rank 0 merges them into ``store``).
 
     Raises:
         StoreMismatchError: the store is of another model or settings, or a stored item's prompt differs
             from the one given now (nothing is generated).
     """
     extractors = dict(extractors or {})
-    ids = [p.id for p in prompts]
-    if len(set(ids)) != len(ids):
-        seen, dup = set(), []
-        for i in ids:
-            if i in seen and i not in dup:
-                dup.append(i)
-            seen.add(i)
-        raise ValueError(f"prompt ids must be unique; repeated: {', '.join(map(repr, dup[:10]))}"
-                         + (f" and {len(dup) - 10} more" if len(dup) > 10 else ""))
+    ids = _unique_ids(prompts)
+    shard = current_shard() if shard is None else shard
+    if shard.world > 1:
+        def work(target: ResultStore, part: list[Prompt]) -> None:
+            generate(model, tokenizer, part, target, settings, batch_size=batch_size, extractors=extractors,
+                     controller_factory=controller_factory, progress=progress,
+                     desc=f"{desc or store.dataset} ({shard})", shard=SINGLE)
+
+        def check(missing: list[Prompt]) -> None:  # every rank refuses what a single run would, before any work
+            lengths = {p.id: len(tokenizer(p.text, add_special_tokens=False).input_ids) for p in missing}
+            _check_lengths(model, lengths, settings.max_new_tokens)
+
+        return run_sharded(store, prompts, {p.id: prompt_hash(p.text) for p in prompts}, shard,
+                           model_identity(model, tokenizer), settings.identity(extractors), work, check=check)
     store.bind(model_identity(model, tokenizer))
     store.require_settings(settings.identity(extractors))
     hashes = {p.id: prompt_hash(p.text) for p in prompts}
@@ -185,6 +195,20 @@ def generate(
             del result
         bar.close()
     return store.records(ids)
+
+
+def _unique_ids(prompts: Sequence[Prompt]) -> list[str]:
+    """The prompts' ids (``ValueError`` naming those that repeat)."""
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        seen, dup = set(), []
+        for i in ids:
+            if i in seen and i not in dup:
+                dup.append(i)
+            seen.add(i)
+        raise ValueError(f"prompt ids must be unique; repeated: {', '.join(map(repr, dup[:10]))}"
+                         + (f" and {len(dup) - 10} more" if len(dup) > 10 else ""))
+    return ids
 
 
 def _check_lengths(model, lengths: Mapping[str, int], max_new_tokens: int) -> None:

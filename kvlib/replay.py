@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .decoding import DecodeConfig, DecodeResult, DecodeState, RowHistory, decode, prefill, stop_ids
 from .generation import Extractor, GenerationSettings, Prompt, decode_config, make_record, prompt_hash
 from .identity import model_identity
+from .sharding import SINGLE, Shard, current_shard, run_sharded
 from .store import ResultStore
 
 __all__ = ["replay_generate", "check_reference"]
@@ -294,20 +295,40 @@ def replay_generate(model, tokenizer, prompts: Sequence[Prompt], store: ResultSt
                     settings: GenerationSettings = GenerationSettings(), batch_size: int = 16,
                     extractors: Mapping[str, Extractor] | None = None,
                     controller_factory: Callable[[list[Prompt]], object] | None = None, progress: bool = True,
-                    desc: str | None = None) -> list[dict]:
+                    desc: str | None = None, shard: Shard | None = None) -> list[dict]:
     """:func:`kvlib.generation.generate` for prompts whose plain greedy answer is stored (``references``: item id
     -> its record): the same records, decoded live only from where the controller changes the stored answer.
 
     Items without a reference are generated live by :func:`~kvlib.generation.generate` afterwards; items
     already in ``store`` are reused as there. Raises ``ValueError`` for sampling settings and for a reference
-    of another prompt (:func:`check_reference`).
+    of another prompt (:func:`check_reference`). ``shard``: as for :func:`~kvlib.generation.generate`
+    (:mod:`kvlib.sharding`).
     """
-    from .generation import generate
+    from .generation import _check_lengths, _unique_ids, generate
 
     if settings.do_sample or settings.ignore_eos:
         raise ValueError("replay needs greedy settings that stop at EOS (do_sample=False, ignore_eos=False): "
                          "a sampled or EOS-ignoring run differs from the stored greedy answer")
     extractors = dict(extractors or {})
+    shard = current_shard() if shard is None else shard
+    if shard.world > 1:
+        _unique_ids(prompts)
+
+        def work(target: ResultStore, part: list[Prompt]) -> None:
+            replay_generate(model, tokenizer, part, target, references, settings, batch_size=batch_size,
+                            extractors=extractors, controller_factory=controller_factory, progress=progress,
+                            desc=f"{desc or store.dataset} ({shard})", shard=SINGLE)
+
+        def check(missing: list[Prompt]) -> None:  # every rank refuses what a single run would, before any work
+            for p in missing:
+                if p.id in references:
+                    check_reference(p, references[p.id])
+            lengths = {p.id: len(tokenizer(p.text, add_special_tokens=False).input_ids) for p in missing
+                       if p.id not in references}
+            _check_lengths(model, lengths, settings.max_new_tokens)
+
+        return run_sharded(store, prompts, {p.id: prompt_hash(p.text) for p in prompts}, shard,
+                           model_identity(model, tokenizer), settings.identity(extractors), work, check=check)
     store.bind(model_identity(model, tokenizer))
     store.require_settings(settings.identity(extractors))
     hashes = {p.id: prompt_hash(p.text) for p in prompts}
@@ -342,4 +363,4 @@ def replay_generate(model, tokenizer, prompts: Sequence[Prompt], store: ResultSt
         log.info("%s: %d of %d items replayed from stored answers, %d of them resumed live", desc or store.dataset,
                  len(todo), len(prompts), went_live)
     return generate(model, tokenizer, prompts, store, settings, batch_size=batch_size, extractors=extractors,
-                    controller_factory=controller_factory, progress=progress, desc=desc)
+                    controller_factory=controller_factory, progress=progress, desc=desc, shard=shard)

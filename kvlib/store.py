@@ -25,6 +25,12 @@ loses at most the batch in flight and a rerun skips every item already there. A 
 (``readonly=True``) just ignores it (it may be a write in progress) and never changes the file. Any
 other unreadable line is an error naming file and line: nothing is deleted silently.
 
+**Shards.** A run launched over several processes (:mod:`kvlib.sharding`) gives each process a file of its own
+beside the store's, of the same identity: ``<data set>-<hash>.shard-<rank>-of-<world>.jsonl`` (a store opened with
+``shard=``), with its own lock; rank 0 merges them into the store's file at the end. In a launched run (``RANK`` set
+and not 0) a store's own file is written by rank 0 only: other ranks' stores of it take its lock at their first
+:meth:`ResultStore.add` rather than on opening, and read it as a reader until then.
+
 Arrays (KV trajectories, pooled features) travel inside the record as base64 ``.npy`` bytes, so a
 record is complete or absent, never half-written across files.
 """
@@ -44,6 +50,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .identity import canonical, differences, digest
+from .sharding import Shard, current_shard
 from .writer_lock import StoreLockedError, acquire as _acquire, release as _release
 
 
@@ -110,13 +117,17 @@ class ResultStore:
         model_identity: :func:`kvlib.identity.model_identity` of the model; ``None`` leaves the store
             unbound until :meth:`bind`.
         readonly: read without the writer lock; never changes the file; :meth:`add` is refused.
+        shard: open that shard's own file of this store (:mod:`kvlib.sharding`) instead of the store's file.
     """
 
     def __init__(self, root: str | Path, model: str, dataset: str, settings: Any, kind: str = "generation", *,
-                 model_identity: Mapping | None = None, readonly: bool = False):
+                 model_identity: Mapping | None = None, readonly: bool = False, shard: Shard | None = None):
         self.settings = canonical(asdict(settings) if is_dataclass(settings) else dict(settings))
-        self.folder = Path(root) / kind / _slug(model)
+        self.root = Path(root)
+        self.folder = self.root / kind / _slug(model)
         self.model, self.dataset, self.kind, self.readonly = model, dataset, kind, readonly
+        self.shard = shard
+        self._deferred = False  # writable, but the lock is taken at the first add (launched ranks other than 0)
         self.identity: dict | None = None
         self.key: str | None = None
         self.path: Path | None = None
@@ -138,12 +149,16 @@ class ResultStore:
             return self
         identity = {"format": FORMAT_VERSION, "model": model_identity, "settings": self.settings}
         key = digest(identity)
-        path = self.folder / f"{_slug(self.dataset)}-{key}.jsonl"
+        part = f".{self.shard.name}" if self.shard is not None else ""
+        path = self.folder / f"{_slug(self.dataset)}-{key}{part}.jsonl"
         if not self.readonly:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not path.exists():
+            if not path.exists() and self.shard is None:
                 self._note_siblings(path, identity)
-            self._lock = _acquire(path.with_name(path.name + ".lock"), path)  # bound only once this succeeds
+            if self._deferred or (self.shard is None and current_shard().rank != 0):
+                self._deferred = True
+            else:
+                self._lock = _acquire(path.with_name(path.name + ".lock"), path)  # bound only once this succeeds
         self.identity, self.key, self.path = identity, key, path
         self._sync()
         return self
@@ -290,6 +305,9 @@ class ResultStore:
         if self.readonly:
             raise PermissionError(f"{self.path} is open readonly (or closed): open the store again without "
                                   "readonly=True to add records")
+        if self._deferred:
+            self._lock = _acquire(self.path.with_name(self.path.name + ".lock"), self.path)
+            self._deferred = False
         self._sync()
         lines, new = [], {}
         if self._offset == 0:
@@ -319,6 +337,18 @@ class ResultStore:
             _release(self._lock)
             self._lock = None
             self.readonly = True
+        elif self._deferred:
+            self._deferred = False
+            self.readonly = True
+
+    def _write_later(self) -> None:
+        """Hold no lock on this file until the first :meth:`add` (a launched rank other than 0 only reads it)."""
+        if self.readonly:
+            return
+        self._deferred = True
+        if self._lock is not None:
+            _release(self._lock)
+            self._lock = None
 
     def __enter__(self) -> "ResultStore":
         return self
