@@ -35,7 +35,7 @@ from .sharding import SINGLE, Shard, current_shard, run_sharded
 from .store import ResultStore, decode_array, encode_array
 
 __all__ = ["Prompt", "GenerationSettings", "Extractor", "generate", "open_store", "record_array", "decode_config",
-           "prompt_hash", "make_record"]
+           "prompt_hash", "make_record", "prepare_store"]
 
 # An extractor reads per-row arrays from a finished batch while its cache is alive:
 # (model, result, input_ids, attention_mask) -> one dict of numpy arrays per row.
@@ -146,10 +146,7 @@ def generate(
 
         return run_sharded(store, prompts, {p.id: prompt_hash(p.text) for p in prompts}, shard,
                            model_identity(model, tokenizer), settings.identity(extractors), work, check=check)
-    store.bind(model_identity(model, tokenizer))
-    store.require_settings(settings.identity(extractors))
-    hashes = {p.id: prompt_hash(p.text) for p in prompts}
-    store.verify_inputs(hashes)
+    hashes = prepare_store(model, tokenizer, store, settings, extractors, prompts)
     todo = [p for p in prompts if p.id not in store]
     if todo and store.readonly:
         raise PermissionError(f"{len(todo)} item(s) are missing from {store.path}, which is open readonly (or "
@@ -195,6 +192,17 @@ def generate(
             del result
         bar.close()
     return store.records(ids)
+
+
+def prepare_store(model, tokenizer, store: ResultStore, settings: GenerationSettings,
+                  extractors: Mapping[str, Extractor], prompts: Sequence[Prompt]) -> dict[str, str]:
+    """Bind ``store`` to the model, check that it was opened for these settings and extractors and that every
+    stored item had the prompt it has now; returns each prompt's hash (``StoreMismatchError`` otherwise)."""
+    store.bind(model_identity(model, tokenizer))
+    store.require_settings(settings.identity(extractors))
+    hashes = {p.id: prompt_hash(p.text) for p in prompts}
+    store.verify_inputs(hashes)
+    return hashes
 
 
 def _unique_ids(prompts: Sequence[Prompt]) -> list[str]:

@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .decoding import DecodeConfig, DecodeResult, DecodeState, RowHistory, decode, prefill, stop_ids
-from .generation import Extractor, GenerationSettings, Prompt, decode_config, make_record, prompt_hash
+from .generation import (Extractor, GenerationSettings, Prompt, decode_config, make_record, prepare_store,
+                         prompt_hash)
 from .identity import model_identity
 from .sharding import SINGLE, Shard, current_shard, run_sharded
 from .store import ResultStore
@@ -329,10 +330,7 @@ def replay_generate(model, tokenizer, prompts: Sequence[Prompt], store: ResultSt
 
         return run_sharded(store, prompts, {p.id: prompt_hash(p.text) for p in prompts}, shard,
                            model_identity(model, tokenizer), settings.identity(extractors), work, check=check)
-    store.bind(model_identity(model, tokenizer))
-    store.require_settings(settings.identity(extractors))
-    hashes = {p.id: prompt_hash(p.text) for p in prompts}
-    store.verify_inputs(hashes)
+    hashes = prepare_store(model, tokenizer, store, settings, extractors, prompts)
     todo = [p for p in prompts if p.id not in store and p.id in references]
     if todo:
         if store.readonly:
