@@ -32,6 +32,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .cache import output_cache, rows_view
 from .decoding import DecodeConfig, DecodeResult, DecodeState, RowHistory, decode, prefill, stop_ids
 from .generation import (Extractor, GenerationSettings, Prompt, decode_config, make_record, prepare_store,
                          prompt_hash)
@@ -101,13 +102,10 @@ class _DoneView(list):
 
 
 def _subset_controller(controller, to_sub: dict[int, int], frozen: list[list[int]], offset: int):
-    from_sub = {j: i for i, j in to_sub.items()}
-
     def control(state: DecodeState) -> dict[int, tuple]:
         actions = controller(_Subset(state, to_sub, frozen, offset))
         return {to_sub[i]: a for i, a in actions.items() if i in to_sub}
 
-    control.from_sub = from_sub
     return control
 
 
@@ -130,8 +128,6 @@ def _replay_batch(model, tokenizer, chunk: list[Prompt], answers: list[list[int]
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     out = prefill(model, ids, mask, logits_to_keep=1)
-    from .cache import output_cache
-
     cache = output_cache(out)
     batch, width = ids.shape
     first = [width - (len(a) - 1) for a in answers]  # cache column of each row's first answer token
@@ -185,13 +181,10 @@ def _replay_batch(model, tokenizer, chunk: list[Prompt], answers: list[list[int]
             state.tokens[i] = tokens
             state.switches[i] = switches
             state.withdrawn[i] += n_back
-            if len(tokens) >= config.max_new_tokens:  # the injection spent the budget: nothing left to decode
-                state.done[i] = True
-                history[i] = RowHistory(tuple(tokens), (True,) * keep + (False,) * len(inject), tuple(mp),
-                                        tuple(ent), tuple(switches), state.withdrawn[i])
-                continue
             history[i] = RowHistory(tuple(tokens), (True,) * keep + (False,) * len(inject), tuple(mp), tuple(ent),
                                     tuple(switches), state.withdrawn[i])
+            # a row whose injection spent the budget has nothing left to decode
+            state.done[i] = len(tokens) >= config.max_new_tokens
         if not active:
             break
     # the replayed rows' final state, for the extractors: every token but the last is fed
@@ -210,8 +203,6 @@ def _replay_batch(model, tokenizer, chunk: list[Prompt], answers: list[list[int]
     arrays = [dict() for _ in chunk]
     kept = [i for i in range(batch) if i not in history]
     if kept and extractors:
-        from .cache import rows_view
-
         part_state = DecodeState(model=model, cache=rows_view(cache, kept) if len(kept) < batch else cache,
                                  attention_mask=mask[kept], step=state.step,
                                  tokens=[state.tokens[i] for i in kept], slots=[state.slots[i] for i in kept],
@@ -234,14 +225,15 @@ def _replay_batch(model, tokenizer, chunk: list[Prompt], answers: list[list[int]
         result.sampled_mask[i] = list(h.sampled)
         result.max_prob[i], result.entropy[i] = list(h.max_prob), list(h.entropy)
     if live:
-        _resume(model, tokenizer, chunk, prompt_ids, live, history, result, arrays, config, controller, extractors,
+        _resume(model, chunk, prompt_ids, live, history, result, arrays, config, controller, extractors,
                 offset=step + 1, pad=pad)
-    elif history and extractors:
-        _resume_extract_done(model, tokenizer, prompt_ids, history, result, arrays, extractors, pad)
+    ended = {i: h for i, h in history.items() if i not in live}
+    if ended and extractors:
+        _extract_ended(model, prompt_ids, ended, result, arrays, extractors, pad)
     return result, arrays, until
 
 
-def _resume(model, tokenizer, chunk, prompt_ids, live, history, result, arrays, config, controller, extractors,
+def _resume(model, chunk, prompt_ids, live, history, result, arrays, config, controller, extractors,
             offset: int, pad: int) -> None:
     """Decode the rows in ``live`` from their histories, the controller seeing the original row numbers."""
     to_sub = {i: j for j, i in enumerate(live)}
@@ -263,14 +255,9 @@ def _resume(model, tokenizer, chunk, prompt_ids, live, history, result, arrays, 
         result.tokens[i], result.max_prob[i], result.entropy[i] = res.tokens[j], res.max_prob[j], res.entropy[j]
         result.sampled_mask[i], result.finish_reason[i], result.switches[i] = (res.sampled_mask[j],
                                                                                res.finish_reason[j], res.switches[j])
-    # rows that ended by an injection that spent the budget (never decoded): their arrays too
-    done_rows = [i for i in history if i not in to_sub]
-    if done_rows and extractors:
-        _resume_extract_done(model, tokenizer, prompt_ids, {i: history[i] for i in done_rows}, result, arrays,
-                             extractors, pad)
 
 
-def _resume_extract_done(model, tokenizer, prompt_ids, history, result, arrays, extractors, pad) -> None:
+def _extract_ended(model, prompt_ids, history, result, arrays, extractors, pad) -> None:
     """Extractor arrays of rows whose injection spent the whole budget (no decoding step was left)."""
     rows = list(history)
     ids, mask = _left_pad([prompt_ids[i] + list(history[i].tokens)[:-1] for i in rows], pad)
