@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LayerKV", "output_cache", "cache_kwargs", "cache_layers", "kv_layers", "cache_length", "crop_cache",
-           "rows_view", "keep_rows", "masked_mean", "masked_sum", "new_cache", "forward", "step_logits"]
+__all__ = ["LayerKV", "StaticKV", "CompiledStep", "output_cache", "cache_kwargs", "cache_layers", "kv_layers",
+           "cache_length", "crop_cache", "rows_view", "keep_rows", "masked_mean", "masked_sum", "new_cache", "forward",
+           "step_logits", "supports_static"]
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,155 @@ def cache_kwargs(model, cache) -> dict:
     return {_cache_arg_name(type(model)): cache}
 
 
-def new_cache(model):
+def new_cache(model, static_length: int | None = None):
     """An empty cache for ``model``: a ``DynamicCache`` built from its config (so sliding-window layers get
-    their window)."""
+    their window), or, with ``static_length``, a :class:`StaticKV` preallocated for that many positions."""
+    if static_length is not None:
+        return StaticKV(model, static_length)
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
+
+
+def supports_static(model) -> bool:
+    """Whether :class:`StaticKV` can hold ``model``'s cache: every layer full attention (a sliding window or a
+    linear-attention layer needs transformers' own bookkeeping, so such models decode on a dynamic cache)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return all(t == "full_attention" for t in types)
+    return not getattr(cfg, "sliding_window", None) or getattr(cfg, "use_sliding_window", True) is False
+
+
+class StaticKV:
+    """A transformers ``StaticCache`` preallocated for ``capacity`` positions, plus how many it holds.
+
+    Decoding on preallocated tensors is what lets a decode step be captured once and replayed (CUDA graphs):
+    every step has the same shapes and writes into the same memory. kvlib, not the cache, owns the length
+    (``length``): the positions a forward writes are ``[length, length + n)`` of every row (left-padded rows
+    and masked filler columns included, exactly as in a ``DynamicCache``), and readers see the first
+    ``length`` positions only (:func:`cache_layers`). The attention mask a caller passes covers those
+    ``length + n`` columns; :func:`forward` pads it with zeros to ``capacity``. Running out of room grows the
+    tensors (a copy; a compiled step then compiles once more for the new size).
+
+    A captured step is specialised to the cache's memory, so the decoding loop borrows its cache from a
+    one-per-model pool (:meth:`lend`), as ``generate`` keeps its own: the next loan of the same memory
+    ends the previous one, and reading a cache whose loan ended raises instead of returning another batch's
+    keys.
+
+    Attributes:
+        cache: the transformers ``StaticCache``; its layers hold ``[batch, kv_heads, capacity, head_dim]``.
+        length: positions written so far.
+    """
+
+    def __init__(self, model, capacity: int):
+        from transformers import StaticCache
+
+        if not supports_static(model):
+            raise ValueError(f"{type(model).__name__} has sliding-window or non-attention layers: decode it on a "
+                             "dynamic cache (DecodeConfig(cache='dynamic'))")
+        self.cache = StaticCache(config=model.config, max_cache_len=int(capacity))
+        self.cache._kvlib_capacity = int(capacity)
+        self.cache._kvlib_owner = self
+        self.length = 0
+
+    @classmethod
+    def lend(cls, model, batch: int, capacity: int) -> "StaticKV":
+        """An empty cache for ``batch`` rows and at least ``capacity`` positions, on the memory of the last
+        loan for this model when it is large enough (else new memory, which replaces it in the pool)."""
+        pooled = _POOL.get(model)
+        if pooled is not None and pooled._kvlib_capacity >= capacity and _batch_of(pooled) in (batch, None):
+            kv = cls.__new__(cls)
+            kv.cache, kv.length = pooled, 0
+            pooled._kvlib_owner = kv
+            kv.sync()
+            return kv
+        _POOL.pop(model, None)  # free the old memory before taking new
+        kv = cls(model, capacity)
+        _POOL[model] = kv.cache
+        return kv
+
+    @property
+    def capacity(self) -> int:
+        return self.cache._kvlib_capacity
+
+    @property
+    def layers(self):
+        if self.cache._kvlib_owner is not self:
+            raise RuntimeError("this static cache was lent to a later decode call, which overwrote it: read "
+                               "features before decoding the next batch (or decode with cache='dynamic')")
+        return self.cache.layers
+
+    def ensure(self, needed: int) -> None:
+        """Make room for ``needed`` positions (grows by at least half of the capacity)."""
+        if needed <= self.capacity:
+            return
+        new = max(needed, self.capacity + self.capacity // 2)
+        for layer in self.layers:
+            if not isinstance(getattr(layer, "keys", None), torch.Tensor):
+                layer.max_cache_len = new
+                continue
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                grown = old.new_zeros(old.shape[:2] + (new,) + old.shape[3:])
+                grown[:, :, : old.shape[2]] = old
+                setattr(layer, name, grown)
+                if not torch.compiler.is_compiling():
+                    torch._dynamo.mark_static_address(grown)
+            layer.max_cache_len = new
+        self.cache._kvlib_capacity = new
+        if hasattr(self.cache, "max_cache_len") and not isinstance(getattr(type(self.cache), "max_cache_len", None),
+                                                                   property):
+            self.cache.max_cache_len = new  # releases that keep it on the cache, not derived from the layers
+
+    def sync(self) -> None:
+        """Tell the transformers layers the length kvlib holds, after a crop (releases whose layers count
+        positions themselves advance that count in every forward, so it needs no sync then)."""
+        for layer in self.layers:
+            seen = getattr(layer, "cumulative_length", None)
+            if isinstance(seen, torch.Tensor):
+                seen.fill_(self.length)
+            elif isinstance(seen, int):
+                layer.cumulative_length = self.length
+
+    def crop(self, length: int) -> None:
+        """Forget every position from ``length`` on (they are overwritten by the next forward)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of {self.length} positions to {length}")
+        self.length = length
+        self.sync()
+
+    def padded_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[batch, capacity]``: ``attention_mask`` (``[batch, <= capacity]``) followed by zeros."""
+        return torch.nn.functional.pad(attention_mask, (0, self.capacity - attention_mask.shape[1]))
+
+
+_POOL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> the StaticCache last lent for it
+
+
+def _batch_of(cache) -> int | None:
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor):
+            return keys.shape[0]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_cache_position(model_type: type) -> bool:
+    return "cache_position" in inspect.signature(model_type.forward).parameters
+
+
+def _static_kwargs(model, cache: StaticKV, attention_mask: torch.Tensor, n: int) -> dict:
+    """The cache keywords of a forward writing ``n`` positions into ``cache`` (mask padded to its capacity)."""
+    cache.ensure(cache.length + n)
+    if attention_mask.shape[1] != cache.length + n:
+        raise ValueError(f"the attention mask covers {attention_mask.shape[1]} positions; a static cache of "
+                         f"{cache.length} positions fed {n} more needs {cache.length + n}")
+    kw = {"attention_mask": cache.padded_mask(attention_mask), **cache_kwargs(model, cache.cache)}
+    if _takes_cache_position(type(model)):
+        kw["cache_position"] = torch.arange(cache.length, cache.length + n, device=attention_mask.device)
+    return kw
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache=None,
@@ -108,6 +253,13 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
                     logits_to_keep=logits_to_keep, **kwargs)
         return out, None
     cache = new_cache(model) if cache is None else cache
+    if isinstance(cache, StaticKV):
+        n = input_ids.shape[1]
+        kw = _static_kwargs(model, cache, attention_mask, n)
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=logits_to_keep,
+                    **kw, **kwargs)
+        cache.length += n
+        return out, cache
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=logits_to_keep, **cache_kwargs(model, cache), **kwargs)
     return out, output_cache(out)
@@ -119,6 +271,53 @@ def step_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, po
     Used by the decoding loop and by DEER-style trials alike."""
     out, cache = forward(model, input_ids, attention_mask, position_ids, cache)
     return out.logits[:, -1, :].float(), cache
+
+
+def _step_stats(model, input_ids, attention_mask, position_ids, kw):
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=1, **kw)
+    logits = out.logits[:, -1, :].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    stats = torch.stack([logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1) / 0.6931471805599453,
+                         logits.argmax(-1).to(logits.dtype)])
+    return logits, stats
+
+
+@functools.cache
+def _compiled_step_stats():
+    """One compiled step function per process: torch.compile guards on its own wrapper, so a new wrapper per
+    decode call would compile again. Each (model, batch, capacity) is one more graph: the default limit of 8
+    is raised so that a notebook's batches of varying size never fall back to eager."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 64))
+    return torch.compile(_step_stats, mode="reduce-overhead", fullgraph=False, dynamic=False)
+
+
+class CompiledStep:
+    """The common decode step, one token per row on a :class:`StaticKV`, compiled once and replayed.
+
+    ``torch.compile(mode="reduce-overhead")`` captures the step (model forward, the softmax statistics and
+    the greedy pick) in a CUDA graph: every step then costs one graph launch instead of hundreds of kernel
+    launches from Python. Shapes are fixed by the batch and the cache capacity, so a batch compiles once
+    (a capacity growth compiles once more). With ``compile=False`` the same function runs eagerly (the CPU,
+    and the reference of the token-for-token tests).
+    """
+
+    def __init__(self, model, compile: bool):
+        self.model = model
+        self.fn = _compiled_step_stats() if compile else _step_stats
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache: StaticKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``input_ids`` ``[batch, 1]``; returns ``(logits [batch, vocab] fp32, stats [3, batch])`` with
+        stats = (max probability, entropy in bits, greedy token id). Both are overwritten by the next call
+        when compiled: copy what must outlive it."""
+        kw = _static_kwargs(self.model, cache, attention_mask, input_ids.shape[1])
+        logits, stats = self.fn(self.model, input_ids, kw.pop("attention_mask"), position_ids, kw)
+        cache.length += input_ids.shape[1]
+        return logits, stats
 
 
 def output_cache(output):
@@ -146,6 +345,10 @@ def cache_layers(cache) -> list[LayerKV]:
         )
     if isinstance(cache, (tuple, list)) and cache and all(isinstance(layer, LayerKV) for layer in cache):
         return list(cache)
+    if isinstance(cache, StaticKV):
+        n = cache.length
+        return [LayerKV(layer.keys[:, :, :n], layer.values[:, :, :n]) for layer in cache.layers
+                if getattr(layer, "keys", None) is not None]
     layers = getattr(cache, "layers", None)
     if layers is not None:
         return [_layer_from_new_api(layer) for layer in layers]
@@ -184,6 +387,9 @@ def crop_cache(cache, length: int) -> None:
     (5.x refuses a positive length). Sliding-window layers cannot be rolled back once their window is
     full, so a cache with any is refused.
     """
+    if isinstance(cache, StaticKV):
+        cache.crop(length)
+        return
     layers = cache_layers(cache)
     if any(layer.sliding_window is not None for layer in layers):
         raise ValueError("crop_cache cannot roll back sliding-window layers; use a full-attention model")
@@ -213,7 +419,7 @@ def keep_rows(cache, rows) -> None:
 
     Used to drop finished sequences from a running batch. Uses ``cache.batch_select_indices`` (4.56 - 5.x).
     """
-    if not hasattr(cache, "batch_select_indices"):
+    if isinstance(cache, StaticKV) or not hasattr(cache, "batch_select_indices"):
         raise UnsupportedCacheError(f"cannot drop batch rows from a cache of type {type(cache).__name__}")
     layers = cache_layers(cache)
     device = layers[0].keys.device if layers else "cpu"

@@ -25,6 +25,13 @@ Finished rows can leave the batch (``on_finish``): a batch otherwise keeps payin
 its longest answer ends (slow answers vary from 100 to 400 tokens). Items keep their *logical* row
 index everywhere (tokens, slots, controllers' outputs); only the cache and the attention mask are
 *physical* and hold the rows in ``state.rows`` (``state.cache_row(i)`` maps one to the other).
+
+On a GPU the loop decodes on a static cache (:class:`kvlib.cache.StaticKV`) and the common step, one token
+per row, is a captured CUDA graph (:class:`kvlib.cache.CompiledStep`): a step then costs one graph launch
+instead of one launch per kernel, which is what bounds a small model's decoding. Chunks of injected text and
+DEER trials run eagerly on the same cache. Finished rows stay in a static batch (masked filler, as when no
+row leaves): on a GPU, copying the cache to drop them costs more than decoding them. ``on_finish`` still
+receives every row once, when a quarter of the batch is done and at the end.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
-from .cache import forward, keep_rows, rows_view, step_logits
+from .cache import CompiledStep, StaticKV, forward, keep_rows, rows_view, step_logits, supports_static
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -58,6 +65,11 @@ class DecodeConfig:
         temperature, top_k, top_p: sampling settings, applied in this order (ignored when greedy);
             ``top_k=0`` and ``top_p=1`` switch their filter off.
         stop_token_ids: token ids that end an item; ``None`` uses the model's ``eos_token_id``(s).
+        cache: ``"static"`` decodes on a preallocated :class:`kvlib.cache.StaticKV` (finished rows stay in the
+            batch, masked), ``"dynamic"`` on a growing ``DynamicCache`` (finished rows can leave); ``"auto"``:
+            static on CUDA for a model with full attention only, else dynamic.
+        compile: capture the one-token step on a static cache (:class:`kvlib.cache.CompiledStep`, CUDA
+            graphs); ``None``: on CUDA only (on a CPU the compile costs more than it saves).
     """
 
     max_new_tokens: int = 256
@@ -66,6 +78,8 @@ class DecodeConfig:
     top_k: int = 0
     top_p: float = 1.0
     stop_token_ids: tuple[int, ...] | None = None
+    cache: str = "auto"
+    compile: bool | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -74,6 +88,16 @@ class DecodeConfig:
             raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), not {self.top_k!r}")
         if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        if self.cache not in ("auto", "dynamic", "static"):
+            raise ValueError(f"cache must be 'auto', 'dynamic' or 'static', not {self.cache!r}")
+        if self.compile and self.cache == "dynamic":
+            raise ValueError("compile=True needs a static cache: set cache='static' (or 'auto' on a GPU)")
+
+    def static_for(self, model, device) -> bool:
+        """Whether decoding ``model`` on ``device`` uses a static cache under this config."""
+        if self.cache == "auto":
+            return torch.device(device).type == "cuda" and supports_static(model)
+        return self.cache == "static"
 
 
 @dataclass(frozen=True)
@@ -115,7 +139,8 @@ class DecodeState:
 
     Attributes:
         model: the model being decoded.
-        cache: the live ``DynamicCache`` (prompt + everything fed so far), batch dimension = ``len(rows)``.
+        cache: the live cache (prompt + everything fed so far), batch dimension = ``len(rows)``: a
+            ``DynamicCache``, or a :class:`kvlib.cache.StaticKV` (read both with :func:`kvlib.cache.cache_layers`).
         attention_mask: ``[len(rows), cache_len]``, 1 where a cache slot holds a real token.
         step: index of the step that just sampled ``tokens[i][-1]``.
         tokens: per item, every token appended after the prompt so far (sampled and injected).
@@ -325,7 +350,18 @@ def decode(
         seeds = seeds or [0] * batch
         generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
-    logits, cache = step_logits(model, input_ids, attention_mask, prefill_positions(attention_mask), None)
+    static = config.static_for(model, device)
+    # room for the budget plus the filler columns of a few injections (StaticKV grows if a run needs more),
+    # rounded up so that batches of nearby prompt lengths share one captured step
+    room = -(-(prompt_len + config.max_new_tokens + 16) // 256) * 256
+    cache0 = StaticKV.lend(model, batch, room) if static else None
+    fast_step = None
+    if static:
+        fast_step = CompiledStep(model, compile=config.compile if config.compile is not None
+                                 else torch.device(device).type == "cuda")
+    logits, cache = step_logits(model, input_ids, attention_mask, prefill_positions(attention_mask), cache0)
+    stats_next = None  # the step statistics, when the compiled step computed them already
+    reported: set[int] = set()  # rows already handed to on_finish (a static cache keeps them in the batch)
     next_pos = attention_mask.sum(-1).tolist()  # next position id of each cache row
     state = DecodeState(
         model=model,
@@ -371,10 +407,14 @@ def decode(
     # Until every row is done: a running row gains a sampled token per step, so this takes at most
     # max_new_tokens steps, plus one per token a controller withdraws.
     for step in itertools.count():
-        logp = torch.log_softmax(logits, dim=-1)
         # one device-to-host copy per step: max prob, entropy and token id (ids < 2**24 are exact in fp32)
-        stats = torch.stack([logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1) / LN2,
-                             _pick(logits, config, generators).to(logp.dtype)]).tolist()
+        if stats_next is None:
+            logp = torch.log_softmax(logits, dim=-1)
+            stats_next = torch.stack([logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1) / LN2,
+                                      logits.argmax(-1).to(logp.dtype)])
+        if config.do_sample:
+            stats_next = torch.cat([stats_next[:2], _pick(logits, config, generators).to(stats_next.dtype)[None]])
+        stats, stats_next = stats_next.tolist(), None
         mp, ent, picked = stats[0], stats[1], [int(t) for t in stats[2]]
         state.step = step
         pending: list[list[int]] = [[] for _ in range(batch)]
@@ -413,7 +453,13 @@ def decode(
             on_step(sum(not d for d in state.done))
         if all(state.done):
             break
-        if on_finish is not None:
+        if on_finish is not None and static:
+            # A static cache keeps finished rows (masked filler): they are handed over in groups, and stay.
+            gone = [p for p, i in enumerate(state.rows) if state.done[i] and i not in reported]
+            if gone and len(gone) >= max(1, len(state.rows) // 4):
+                on_finish(partial(gone))
+                reported.update(state.rows[p] for p in gone)
+        elif on_finish is not None:
             # Rows leave in groups (each regroup copies the cache): once a quarter of the batch is done.
             gone = [p for p, i in enumerate(state.rows) if state.done[i]]
             if gone and len(gone) >= max(1, len(state.rows) // 4):
@@ -444,11 +490,16 @@ def decode(
         positions = torch.tensor(pos_l, dtype=torch.long, device=device)
         attention_mask = torch.cat([attention_mask, chunk_mask], dim=1)
         state.attention_mask = attention_mask
-        logits, cache = step_logits(model, chunk, attention_mask, positions, cache)
+        if fast_step is not None and width == 1:
+            logits, stats_next = fast_step(chunk, attention_mask, positions, cache)
+        else:
+            logits, cache = step_logits(model, chunk, attention_mask, positions, cache)
         state.cache = cache
 
     if on_finish is not None and state.rows:
-        on_finish(partial(list(range(len(state.rows)))))
+        rest = [p for p, i in enumerate(state.rows) if i not in reported]
+        if rest:
+            on_finish(partial(rest))
     return DecodeResult(
         tokens=state.tokens,
         max_prob=max_prob,

@@ -205,6 +205,9 @@ def embedded_model_dir(name: str) -> Path:
     return folder
 
 
+RANDOM_PREFIX = "random:"
+
+
 def _resolve(name: str | os.PathLike) -> str:
     text = str(name)
     if text in EMBEDDED_MODELS:
@@ -243,7 +246,8 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None)
 
     Args:
         name: an embedded model (``"smollm2-135m"``, ``"qwen2.5-0.5b"``, ``"qwen2.5-1.5b"``), a local
-            directory, or a hub id such as ``"Qwen/Qwen3-8B"`` (passed as is to ``from_pretrained``).
+            directory, a hub id such as ``"Qwen/Qwen3-8B"`` (passed as is to ``from_pretrained``), or
+            ``"random:<shape>"``: random weights at a real model's shape (:func:`kvlib.tiny.random_model`).
         device: ``None``/``"cpu"`` (default), ``"auto"`` (CUDA when present; ``device_map="auto"`` when the
             weights do not fit on one GPU), or any device string (``"cuda"`` without CUDA is a ``RuntimeError``
             that says so). :meth:`kvlib.profiles.Profile.placement` gives both for a profile.
@@ -262,9 +266,16 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None)
         from .profiles import resolve_device
 
         device = resolve_device(str(device))  # a clear error when CUDA is asked for and absent
-    source = _resolve(name)
     on_gpu = device not in (None, "cpu") and (device != "auto" or torch.cuda.is_available())
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+    if str(name).startswith(RANDOM_PREFIX):
+        from .tiny import random_model
+
+        model, tokenizer = random_model(str(name)[len(RANDOM_PREFIX):], "cuda" if device == "auto" and on_gpu
+                                        else (device or "cpu"), dtype)
+        model.kvlib_source = str(name)
+        return model, tokenizer
+    source = _resolve(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_placement(source, device, dtype))
         tokenizer = AutoTokenizer.from_pretrained(source)

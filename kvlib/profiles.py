@@ -8,6 +8,8 @@
   answers per model, sized for intervals narrow enough to answer the paper's questions. Results go to
   ``tables/gpu/<model>/`` and ``figures/gpu/<model>/`` (run it once per model for the model-size axis).
 * ``full``: the paper's setting, for a GPU and a model hub (``MODEL=Qwen/Qwen3-8B``).
+* ``dryrun``: a few items per notebook at Qwen3-8B's shape with random weights (``random:qwen3-8b``), to check
+  memory, speed and every code path on a GPU before a real run.
 * ``smoke``: a few items on the smallest model, for the test suite.
 
 Every profile carries where it runs (``device``, ``dtype``): ``"auto"`` takes the GPU in bf16 when CUDA is
@@ -111,6 +113,7 @@ class Profile:
         dtype: ``"auto"`` (bf16 on CUDA and on a CPU with native bf16, else fp32) or a torch dtype name.
         results_dir: where tables and figures go, relative to the repository root: ``""`` writes
             ``tables/`` and ``figures/``; ``"gpu"`` writes ``tables/gpu/<model>/`` and ``figures/gpu/<model>/``.
+        scratch: a check, not a result: tables, figures and notebook timings go under ``build/<name>/``.
     """
 
     name: str
@@ -134,6 +137,7 @@ class Profile:
     device: str = "auto"
     dtype: str = "auto"
     results_dir: str = ""
+    scratch: bool = False
 
     def __post_init__(self):
         if self.fast_tokens < 1 or self.slow_tokens < self.fast_tokens:
@@ -173,7 +177,7 @@ class Profile:
         """``(tables, figures)`` folders of this profile under the repository ``root`` (created).
 
         ``smoke`` runs write under ``build/smoke/`` so they never touch committed results."""
-        base = Path(root) / "build" / "smoke" if smoke else Path(root)
+        base = Path(root) / "build" / ("smoke" if smoke else self.name) if smoke or self.scratch else Path(root)
         tables, figures = base / "tables", base / "figures"
         if self.results_dir and not smoke:
             sub = Path(self.results_dir) / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model).name) or "model")
@@ -242,6 +246,26 @@ PROFILES: dict[str, Profile] = {
         probe_test=2048,
         probe_models=(),
         taus=(20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0),
+    ),
+    # every notebook at the paper's model size, on random weights: memory, speed and code paths before a real
+    # run (``--model random:tiny`` runs the same on a CPU in minutes)
+    "dryrun": Profile(
+        name="dryrun",
+        model="random:qwen3-8b",
+        fast_tokens=32,
+        slow_tokens=96,
+        batch_size=16,
+        coe_sets={"gsm8k": 16, "math500": 16},
+        switch_test_sets={"gsm8k": 16, "svamp": 16},
+        switch_train_sets={"gsm8k": 24, "svamp": 24},
+        probe_train=48,
+        probe_test=48,
+        taus=(50.0,),
+        live_items=8,
+        generative_sweep=((50.0, 30.0, 70.0),),
+        budgets=(48,),
+        results_dir="dryrun",
+        scratch=True,
     ),
     "smoke": Profile(
         name="smoke",

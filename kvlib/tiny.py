@@ -1,10 +1,16 @@
-"""Tiny random models built in-process: no weights, no downloads, well under a second.
+"""Random models built in-process: tiny ones for tests, and full-size shapes for speed and dry runs.
+
+Tiny models need no weights and no downloads and build in well under a second.
 
 Tests and examples use them to exercise every code path on the architectures kvlib claims
 (Llama, Qwen2, Qwen3, Gemma 3 with sliding-window layers, Mistral). The tokenizer is a
 character-level ``PreTrainedTokenizerFast`` built from scratch with a ChatML chat template; the
 qwen3 variant has ``<think>``/``</think>`` as real special tokens and a template that honours
 ``enable_thinking`` as Qwen3's does.
+
+:func:`random_model` builds a thinking Qwen3 model with random weights at a real model's shape
+(``load_model("random:qwen3-8b")``): every notebook can run at the size of the paper's model, on the
+device, with no weights to download, to check memory, speed and code paths before a real run.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["tiny_model", "tiny_tokenizer", "TINY_ARCHS"]
+__all__ = ["tiny_model", "tiny_tokenizer", "TINY_ARCHS", "SHAPES", "random_model"]
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "mistral")
 
@@ -101,6 +107,66 @@ def tiny_model(arch: str = "llama", seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = None
+    model.eval()
+    return model, tok
+
+
+SHAPES: dict[str, dict] = {
+    # Qwen3-8B's config.json (36 layers, GQA 32/8, head_dim 128, untied 151,936-token head)
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                     rope_theta=1_000_000.0, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=False),
+}
+
+
+def _thinking_tokenizer(name: str | None):
+    """The tiny thinking tokenizer (``None``), or an embedded model's tokenizer given ``<think>`` /
+    ``</think>`` special tokens and the Qwen3-style template that honours ``enable_thinking``."""
+    if name is None:
+        return tiny_tokenizer(thinking=True)
+    from transformers import AutoTokenizer
+
+    from .models import embedded_model_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir(name))
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]},
+                           replace_additional_special_tokens=False)
+    tok.chat_template = _CHATML
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def random_model(shape: str, device: str = "cpu", dtype=None, seed: int = 0):
+    """A thinking Qwen3 ``(model, tokenizer)`` with random weights at ``shape`` (a key of :data:`SHAPES`).
+
+    ``"tiny"`` uses the tiny character tokenizer; a real shape uses the embedded ``qwen2.5-0.5b``
+    tokenizer (the same 151k vocabulary family) with ``<think>`` tokens added. The weights are drawn on
+    ``device`` directly (an 8B model in seconds on a GPU); the model answers nonsense, and every item runs
+    to its budget, which is what a memory and speed dry run needs.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose one of {sorted(SHAPES)}")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = _thinking_tokenizer(None if shape == "tiny" else "qwen2.5-0.5b")
+    dims = dict(SHAPES[shape])
+    dims.setdefault("vocab_size", len(tok))
+    if len(tok) > dims["vocab_size"]:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens, more than shape {shape!r}'s {dims['vocab_size']}")
+    config = AutoConfig.for_model("qwen3", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                  bos_token_id=None, **dims)
+    dtype = dtype or torch.float32
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.device(device):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = None

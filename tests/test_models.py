@@ -159,3 +159,18 @@ def test_smollm2_loads_and_generates():
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "5" in text
+
+
+def test_random_models_at_a_shape_load_by_name():
+    """``random:<shape>``: a thinking Qwen3 with random weights (dry runs at a real model's size)."""
+    from kvlib.thinking import protocol_for
+    from kvlib.tiny import SHAPES
+
+    model, tok = load_model("random:tiny")
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.kvlib_source == "random:tiny"
+    assert model.config.num_hidden_layers == SHAPES["tiny"]["num_hidden_layers"]
+    assert model.config.vocab_size == len(tok) and protocol_for(tok).form == "native"
+    again, _ = load_model("random:tiny")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))  # seeded
+    with pytest.raises(ValueError, match="unknown model shape 'qwen9'"):
+        load_model("random:qwen9")

@@ -33,3 +33,25 @@ def test_notebook_smoke(path, tmp_path, monkeypatch):
     fresh = [p for p in smoke.rglob("*") if p.is_file() and p.stat().st_mtime >= start]
     assert any(p.suffix == ".csv" for p in fresh), f"{path.name} wrote no table under build/smoke/"
     assert any(p.suffix in (".png", ".md") for p in fresh), f"{path.name} wrote no figure or table under build/smoke/"
+
+
+@pytest.mark.slow
+def test_dryrun_profile_runs_every_notebook_on_a_random_thinking_model(tmp_path, monkeypatch):
+    """The dry-run profile (on a GPU: random weights at Qwen3-8B's shape) end to end through the runner, here at
+    the tiny shape on the CPU: every notebook on a thinking model whose answers are all wrong, results and
+    timings under build/dryrun/ only."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("KVLIB_RUNS", str(tmp_path / "runs"))
+    start = time.time() - 1
+    proc = subprocess.run([sys.executable, "-m", "kvlib.experiments.pipeline", "--profile", "dryrun", "--model",
+                           "random:tiny", "--out", str(tmp_path / "executed")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all 6 notebooks done" in proc.stderr or "all 6 notebooks done" in proc.stdout
+    out = ROOT / "build" / "dryrun"
+    fresh = {p.relative_to(out).parts[0] for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= start}
+    assert fresh == {"tables", "figures", "timings.csv"}
+    changed = [p for p in (ROOT / "tables").rglob("*") if p.is_file() and p.stat().st_mtime >= start]
+    assert not changed, f"a scratch profile wrote committed results: {changed}"

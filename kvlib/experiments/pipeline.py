@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..profiles import get_profile
 
     model = args.model or get_profile(args.profile).model
-    times_path = ROOT / NOTEBOOK_TIMES
+    scratch = get_profile(args.profile).scratch
+    times_path = ROOT / ("build" / Path(args.profile) / "timings.csv" if scratch else NOTEBOOK_TIMES)
     times = read_times(times_path)
     _log.info("%d notebook(s) to run (%s), profile %s, model %s; time they took last time: %s", len(todo),
               ", ".join(p.name for p in todo), args.profile, model,
