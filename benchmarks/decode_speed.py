@@ -15,7 +15,8 @@ must read (weights + the KV cache at the mean length) over the copy bandwidth me
 With ``--real qwen2.5-0.5b`` it also decodes ``--real-prompts`` GSM8K questions (slow, reasoning prompts, real
 stop tokens, up to ``--real-tokens`` new tokens) end to end in one batch, static vs dynamic: items per second.
 
-Writes ``tables/decode_speed.csv`` (or ``--out``) and prints the table.
+Writes ``tables/decode_speed.csv`` (or ``--out``) and its Markdown rendering next to it (``.md``, which the
+README shows), and prints the table. ``--render CSV`` only rewrites the Markdown of an existing CSV.
 """
 
 from __future__ import annotations
@@ -137,6 +138,32 @@ def run_real(name: str, n: int, new_tokens: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def to_markdown(df: pd.DataFrame) -> str:
+    """The README's table: ms per step by batch and method, kvlib's ratio to the compiled static ``generate``,
+    and the real-model rows (items per second)."""
+    synth = df[~df["shape"].str.endswith("(real)")]
+    first = synth.iloc[0]
+    wide = synth.pivot_table(index="batch", columns="method", values="ms_per_step", sort=False)
+    order = [m for m in ("kvlib.decode", "generate (static cache, compiled)", "kvlib.decode (dynamic cache)",
+                         "generate (dynamic cache)", "bandwidth floor") if m in wide.columns]
+    wide = wide[order].round(1)
+    if "generate (static cache, compiled)" in wide.columns:
+        wide["kvlib / compiled generate"] = (synth[synth.method == "kvlib.decode"].set_index("batch").ms_per_step
+                                             / synth[synth.method == "generate (static cache, compiled)"]
+                                             .set_index("batch").ms_per_step).round(2)
+    lines = [f"Milliseconds per decoding step, {first['shape']} shape (random weights), {first['dtype']}, "
+             f"{first['prompt']}-token prompt, {first['new_tokens']} new tokens per row, on {first['device']} "
+             "(`benchmarks/decode_speed.py`, one run).", "", wide.reset_index().to_markdown(index=False)]
+    real = df[df["shape"].str.endswith("(real)")]
+    if len(real):
+        r = real.iloc[0]
+        cols = real[["method", "items_per_s", "seconds", "tokens", "ms_per_step"]].round(2)
+        lines += ["", f"End to end: {r['shape'].removesuffix(' (real)')} on {int(r['batch'])} GSM8K test questions "
+                  f"in one batch (reasoning prompts, real stop tokens, up to {int(r['new_tokens'])} new tokens).",
+                  "", cols.to_markdown(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
@@ -148,13 +175,18 @@ def main() -> None:
     ap.add_argument("--real-prompts", type=int, default=256)
     ap.add_argument("--real-tokens", type=int, default=384)
     ap.add_argument("--out", default=str(ROOT / "tables" / "decode_speed.csv"))
+    ap.add_argument("--render", default="", help="only write the Markdown of this CSV (no measurement)")
     args = ap.parse_args()
+    if args.render:
+        Path(args.render).with_suffix(".md").write_text(to_markdown(pd.read_csv(args.render)), encoding="utf-8")
+        return
     df = run(args.shape, args.batches, args.prompt, args.new_tokens, compile_static=not args.no_compile)
     if args.real:
         df = pd.concat([df, run_real(args.real, args.real_prompts, args.real_tokens)], ignore_index=True)
     print(df.round(3).to_string(index=False))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.round(4).to_csv(args.out, index=False)
+    Path(args.out).with_suffix(".md").write_text(to_markdown(df.round(4)), encoding="utf-8")
 
 
 if __name__ == "__main__":

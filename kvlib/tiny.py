@@ -134,8 +134,8 @@ def _thinking_tokenizer(name: str | None):
     from .models import embedded_model_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_model_dir(name))
-    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]},
-                           replace_additional_special_tokens=False)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<think>", "</think>")],
+                   special_tokens=True)
     tok.chat_template = _CHATML
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -157,9 +157,10 @@ def random_model(shape: str, device: str = "cpu", dtype=None, seed: int = 0):
 
     tok = _thinking_tokenizer(None if shape == "tiny" else "qwen2.5-0.5b")
     dims = dict(SHAPES[shape])
-    dims.setdefault("vocab_size", len(tok))
-    if len(tok) > dims["vocab_size"]:
-        raise ValueError(f"the tokenizer has {len(tok)} tokens, more than shape {shape!r}'s {dims['vocab_size']}")
+    if "vocab_size" not in dims:
+        dims["vocab_size"] = len(tok)
+    elif len(tok) > dims["vocab_size"]:  # the added <think> tokens: grow the embedding to the next 64 rows
+        dims["vocab_size"] = -(-len(tok) // 64) * 64
     config = AutoConfig.for_model("qwen3", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                   bos_token_id=None, **dims)
     dtype = dtype or torch.float32
