@@ -26,7 +26,7 @@ import torch
 
 __all__ = ["LayerKV", "StaticKV", "CompiledStep", "output_cache", "cache_kwargs", "cache_layers", "kv_layers",
            "cache_length", "crop_cache", "rows_view", "keep_rows", "masked_mean", "masked_sum", "new_cache", "forward",
-           "step_logits", "supports_static"]
+           "step_logits", "supports_static", "release_static"]
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class StaticKV:
     A captured step is specialised to the cache's memory, so the decoding loop borrows its cache from a
     one-per-model pool (:meth:`lend`), as ``generate`` keeps its own: the next loan of the same memory
     ends the previous one, and reading a cache whose loan ended raises instead of returning another batch's
-    keys.
+    keys. The pooled memory lives as long as the model, or until :func:`release_static`.
 
     Attributes:
         cache: the transformers ``StaticCache``; its layers hold ``[batch, kv_heads, capacity, head_dim]``.
@@ -212,6 +212,11 @@ class StaticKV:
 
 
 _POOL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> the StaticCache last lent for it
+
+
+def release_static(model) -> None:
+    """Free the static cache kept for ``model`` by the decoding loop (it lives as long as the model otherwise)."""
+    _POOL.pop(model, None)
 
 
 def _batch_of(cache) -> int | None:
@@ -429,7 +434,7 @@ def keep_rows(cache, rows) -> None:
 def _expand_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if mask.shape != x.shape[:2]:
         raise ValueError(f"mask {tuple(mask.shape)} does not match x {tuple(x.shape)} on [batch, seq]")
-    m = mask.to(x.dtype)
+    m = mask.to(device=x.device, dtype=x.dtype)
     return m.reshape(m.shape + (1,) * (x.dim() - 2))
 
 

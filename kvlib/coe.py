@@ -154,7 +154,8 @@ def hidden_trajectories(model, prompt_ids: list[list[int]], output_ids: list[lis
     ids, mask, out_mask = ids.to(device), mask.to(device), out_mask.to(device)
     out, _ = forward(model, ids, mask, prefill_positions(mask), cache=False, output_hidden_states=True)
     hs = out.hidden_states  # L+1 tensors [B, S, hidden]
-    per_layer = torch.stack([masked_mean(h, out_mask) for h in hs], dim=1)  # [B, L+1, hidden]
+    # layers may sit on several devices (device_map="auto"): each mean is taken where its layer is
+    per_layer = torch.stack([masked_mean(h, out_mask).to(out_mask.device) for h in hs], dim=1)  # [B, L+1, hidden]
     nbytes = [len(hs) * len(s) * hs[0].shape[-1] * hs[0].element_size() for s in seqs]
     return [t.float().cpu() for t in per_layer], nbytes
 

@@ -95,8 +95,9 @@ class DecodeConfig:
 
     def static_for(self, model, device) -> bool:
         """Whether decoding ``model`` on ``device`` uses a static cache under this config."""
-        if self.cache == "auto":
-            return torch.device(device).type == "cuda" and supports_static(model)
+        if self.cache == "auto":  # a model spread over devices (device_map) decodes eagerly on a dynamic cache
+            spread = len(set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))) > 1
+            return torch.device(device).type == "cuda" and supports_static(model) and not spread
         return self.cache == "static"
 
 

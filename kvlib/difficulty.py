@@ -96,10 +96,10 @@ def last_n_sums(cache, mask: torch.Tensor, n_grid: Sequence[int], layers: Sequen
         layer = all_layers[i]
         first, held = layer.first_position, layer.keys.shape[-2]
         lo, hi = max(first, 0), min(first + held, mask.shape[1])
-        w = sel[:, :, lo:hi]
+        w = sel[:, :, lo:hi].to(layer.keys.device)  # layers may sit on several devices (device_map="auto")
         parts = [torch.einsum("bgs,bksd->bgkd", w, t[:, :, lo - first : hi - first].float()).flatten(2)
                  for t in (layer.keys, layer.values)]
-        s = torch.cat(parts, dim=-1)  # [B, G, D]
+        s = torch.cat(parts, dim=-1).to(sel.device)  # [B, G, D]
         lost = sel[:, :, :lo].sum(-1) + sel[:, :, hi:].sum(-1)  # selected columns this layer no longer holds
         out.append(torch.where(lost.unsqueeze(-1) > 0, torch.full_like(s, float("nan")), s))
     return torch.stack(out, dim=2)
@@ -183,10 +183,11 @@ def live_features(state, rows: Sequence[int], spec: FeatureSpec) -> torch.Tensor
         if (local[valid.bool()] < 0).any():
             raise ValueError("a sliding-window layer no longer holds the last N tokens: lower n_tokens "
                              "below the window or use full-attention layers")
-        local = local.clamp_min(0)
-        parts = [(t[r_idx, :, local].float() * valid[..., None, None]).sum(1).flatten(1)  # [R, kv*hd]
+        dev = layer.keys.device  # layers may sit on several devices (device_map="auto")
+        local, rows_, ok = local.clamp_min(0).to(dev), r_idx.to(dev), valid.to(dev)
+        parts = [(t[rows_, :, local].float() * ok[..., None, None]).sum(1).flatten(1)  # [R, kv*hd]
                  for t in (layer.keys, layer.values)]
-        x = torch.cat(parts, dim=-1)
+        x = torch.cat(parts, dim=-1).to(mask.device)
         acc = x if acc is None else acc + x
     return acc / spec.n_layers
 

@@ -229,8 +229,9 @@ class KVEmbedder:
             pieces = {"keys": [layer.keys], "values": [layer.values],
                       "both": [layer.keys, layer.values]}[self.pooling.part]
             x = torch.cat(pieces, dim=-1).float().transpose(1, 2)  # [B, S_held, kv_heads, P*hd]
-            held = batch.attention_mask[:, layer.first_position : layer.first_position + x.shape[1]]
+            held = batch.attention_mask[:, layer.first_position : layer.first_position + x.shape[1]].to(x.device)
             v = _pool_tokens(x, held, self.pooling.tokens).mean(dim=1)  # [B, P*hd]
+            v = v.to(batch.attention_mask.device)  # layers may sit on several devices (device_map="auto")
             acc = v if acc is None else acc + v
         acc = acc / len(self.layer_ids)
         return torch.nn.functional.normalize(acc, dim=-1) if self.pooling.normalize else acc
@@ -256,8 +257,9 @@ class HiddenStateEmbedder:
 
     def pool(self, batch: PrefillBatch) -> torch.Tensor:
         # hidden_states[0] is the embedding output; hidden_states[i + 1] the output of decoder layer i
-        xs = [_pool_tokens(batch.hidden_states[i + 1].float(), batch.attention_mask, self.tokens)
-              for i in self.layer_ids]
+        mask = batch.attention_mask
+        xs = [_pool_tokens(h.float(), mask.to(h.device), self.tokens).to(mask.device)
+              for h in (batch.hidden_states[i + 1] for i in self.layer_ids)]
         acc = torch.stack(xs).mean(0)
         return torch.nn.functional.normalize(acc, dim=-1) if self.normalize else acc
 

@@ -15,8 +15,8 @@ are errors naming what differs.
 
 A record holds: ``item_id``, ``prompt``, ``input_sha256`` (hash of the prompt), ``output`` (decoded
 text), ``token_ids``, ``n_tokens``, ``finish_reason`` (``stop`` | ``length``), per sampled token
-``max_prob`` and ``entropy`` (base 2), ``switches`` and, per extractor, its arrays (base64 ``.npy``;
-read them with :func:`record_array`).
+``max_prob`` and ``entropy`` (base 2), ``switches`` and, per extractor, its arrays (in the store's binary
+sidecar, see :mod:`kvlib.store`; read them with :func:`record_array`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .decoding import Controller, DecodeConfig, DecodeResult, context_limit, decode
 from .identity import callable_identity, digest, model_identity
 from .sharding import SINGLE, Shard, current_shard, run_sharded
-from .store import ResultStore, decode_array, encode_array
+from .store import ResultStore, decode_array
 
 __all__ = ["Prompt", "GenerationSettings", "Extractor", "generate", "open_store", "record_array", "decode_config",
            "prompt_hash", "make_record", "prepare_store"]
@@ -249,7 +249,7 @@ def make_record(tokenizer, prompt: Prompt, result: DecodeResult, row: int, array
         "switches": result.switches[row],
         "seconds": round(seconds, 4),
         "extract_seconds": {k: round(v, 5) for k, v in extract_seconds.items()},
-        "arrays": {k: encode_array(np.asarray(v)) for k, v in arrays.items()},
+        "arrays": {k: np.asarray(v) for k, v in arrays.items()},  # the store writes them to its binary sidecar
     }
     if not all(result.sampled_mask[row]):
         rec["sampled_mask"] = result.sampled_mask[row]

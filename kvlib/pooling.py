@@ -61,9 +61,11 @@ def token_trajectory(cache, row: int, slots: Sequence[int], part: Part = "values
     chosen = [all_layers[i] for i in select_layers(len(all_layers), layers)]
     if any(layer.sliding_window is not None for layer in chosen):
         raise ValueError("token trajectories need full-attention layers; exclude the sliding-window layers")
-    idx = torch.as_tensor(list(slots), dtype=torch.long, device=chosen[0].keys.device)
+    slots = torch.as_tensor(list(slots), dtype=torch.long)
+    out = chosen[0].keys.device  # layers may sit on several devices (device_map="auto"): sum on the first's
     acc = None
     for layer in chosen:
+        idx = slots.to(layer.keys.device)
         pieces = []
         if part in ("keys", "both"):
             pieces.append(layer.keys[row, :, idx, :])  # [kv_heads, T, head_dim]
@@ -71,7 +73,7 @@ def token_trajectory(cache, row: int, slots: Sequence[int], part: Part = "values
             pieces.append(layer.values[row, :, idx, :])
         if not pieces:
             raise ValueError(f"part must be keys, values or both, not {part!r}")
-        x = torch.cat([p.permute(1, 0, 2).reshape(len(slots), -1) for p in pieces], dim=-1).float()
+        x = torch.cat([p.permute(1, 0, 2).reshape(len(slots), -1) for p in pieces], dim=-1).float().to(out)
         acc = x if acc is None else acc + x
     return acc / len(chosen)
 

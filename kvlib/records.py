@@ -13,7 +13,7 @@ Read back from a store, tuples have become lists (``switches`` holds ``[step, la
 """
 
 # no `from __future__ import annotations` here: TypedDict reads NotRequired only from evaluated annotations
-from typing import Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 __all__ = ["GenerationRecord", "AnswerRecord"]
 
@@ -33,7 +33,9 @@ class GenerationRecord(TypedDict):
     switches: list[tuple[int, str]]  # (step, what the controller did), e.g. (3, "early_exit"); [] without one
     seconds: float  # generation wall time per item (the batch's time over its items), extractors excluded
     extract_seconds: dict[str, float]  # per extractor name: its wall time per item
-    arrays: dict[str, str]  # per array name: a base64 .npy (read with kvlib.generation.record_array)
+    # per array name: a kvlib.store.StoredArray handle (or base64 .npy text in a record not yet stored); read
+    # with kvlib.generation.record_array
+    arrays: dict[str, Any]
     # per generated token: True when the model chose it, False when injected; stored only when text was injected
     sampled_mask: NotRequired[list[bool]]
     # added by the store when it keeps the record: the run's key, the model folder and the data set name

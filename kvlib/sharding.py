@@ -363,5 +363,5 @@ def _merge(store: "ResultStore", shards: _Shards, ids: list[str], input_hashes: 
         store.add(records)
     path = store._need_path()
     for p in path.parent.glob(f"{path.stem}.shard-*-of-*"):
-        if re.fullmatch(re.escape(path.stem) + r"\.shard-\d+-of-\d+(\.jsonl|\.jsonl\.lock|\.failed)", p.name):
+        if re.fullmatch(re.escape(path.stem) + r"\.shard-\d+-of-\d+(\.jsonl(\.lock|\.bin)?|\.failed)", p.name):
             p.unlink(missing_ok=True)

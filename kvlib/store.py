@@ -31,8 +31,14 @@ beside the store's, of the same identity: ``<data set>-<hash>.shard-<rank>-of-<w
 and not 0) a store's own file is written by rank 0 only: other ranks' stores of it take its lock at their first
 :meth:`ResultStore.add` rather than on opening, and read it as a reader until then.
 
-Arrays (KV trajectories, pooled features) travel inside the record as base64 ``.npy`` bytes, so a
-record is complete or absent, never half-written across files.
+**Arrays** (KV trajectories, pooled features) go to a binary sidecar beside the file, ``<file>.bin``, as raw
+bytes (fp16 trajectories stay fp16: no base64, no ``.npy`` header); the record holds where they are, their dtype,
+shape and CRC-32. The sidecar is written and fsync'ed before the record's line, so a record is complete or
+absent: a run killed between the two leaves unreferenced bytes at the sidecar's end, which nothing reads. Records
+in memory hold :class:`StoredArray` handles, read from disk only when asked (:func:`decode_array`): a store of
+thousands of 8k-token trajectories costs its token lists in memory, not its trajectories. A handle whose bytes are
+missing or changed raises :class:`CorruptStoreError` naming the item. Records may still carry base64 strings
+(:func:`encode_array`); they are written to the sidecar like arrays.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import json
 import os
 import re
 import warnings
+import zlib
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -55,9 +62,9 @@ from .writer_lock import StoreLockedError, acquire as _acquire, release as _rele
 
 
 __all__ = ["ResultStore", "CorruptStoreError", "StoreLockedError", "StoreMismatchError", "StoreIdentityWarning",
-           "FORMAT_VERSION", "encode_array", "decode_array", "default_store_dir"]
+           "StoredArray", "FORMAT_VERSION", "encode_array", "decode_array", "default_store_dir", "sidecar_path"]
 
-FORMAT_VERSION = 2  # bump when records change meaning: every store then starts a new file
+FORMAT_VERSION = 3  # bump when records change meaning: every store then starts a new file (3: binary sidecars)
 _SHOWN = 5  # items / fields named in an error before "..."
 
 
@@ -86,13 +93,65 @@ def default_store_dir() -> Path:
 
 
 def encode_array(a: np.ndarray) -> str:
+    """An array as base64 ``.npy`` text (records built by hand; a store writes it to its sidecar)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_array(s: str) -> np.ndarray:
-    return np.load(io.BytesIO(base64.b64decode(s)), allow_pickle=False)
+def sidecar_path(path: Path) -> Path:
+    """The binary sidecar of a store file: ``<file>.bin``."""
+    return path.with_name(path.name + ".bin")
+
+
+class StoredArray:
+    """A handle on one array in a store's sidecar: read on :meth:`load` (or ``np.asarray``), never kept.
+
+    Attributes:
+        path: the sidecar file; offset, nbytes: where the bytes are; dtype, shape: how to read them;
+        crc32: the bytes' checksum; item: the record's item id (for errors).
+    """
+
+    __slots__ = ("path", "offset", "nbytes", "dtype", "shape", "crc32", "item")
+
+    def __init__(self, path: Path, ref: Mapping, item: str = "?"):
+        self.path, self.item = path, item
+        self.offset, self.nbytes = (int(x) for x in ref["$bin"])
+        self.dtype, self.shape, self.crc32 = np.dtype(ref["dtype"]), tuple(ref["shape"]), int(ref["crc32"])
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def load(self) -> np.ndarray:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                raw = f.read(self.nbytes)
+        except FileNotFoundError:
+            raw = b""
+        if len(raw) != self.nbytes or zlib.crc32(raw) != self.crc32:
+            raise CorruptStoreError(
+                f"{self.path}: the array of item {self.item!r} at byte {self.offset} is "
+                f"{'missing' if len(raw) != self.nbytes else 'changed (checksum mismatch)'}. Delete that item's line "
+                "from the .jsonl file beside it (the item will be regenerated), or move both files away.")
+        return np.frombuffer(raw, dtype=self.dtype).reshape(self.shape).copy()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.load()
+        return a if dtype is None else a.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"StoredArray({self.path.name}@{self.offset}, {self.dtype}, {self.shape})"
+
+
+def decode_array(s) -> np.ndarray:
+    """An array of a record: a :class:`StoredArray` handle, base64 ``.npy`` text, or an array."""
+    if isinstance(s, StoredArray):
+        return s.load()
+    if isinstance(s, str):
+        return np.load(io.BytesIO(base64.b64decode(s)), allow_pickle=False)
+    return np.asarray(s)
 
 
 def _slug(s: str) -> str:
@@ -101,6 +160,17 @@ def _slug(s: str) -> str:
 
 def _listing(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:_SHOWN]) + (f" ... ({len(names)} in all)" if len(names) > _SHOWN else "")
+
+
+def _write_array(blob, a: np.ndarray) -> dict:
+    """Append ``a``'s raw bytes to the open sidecar ``blob``; the reference a record keeps."""
+    a = np.ascontiguousarray(a)
+    if a.dtype.hasobject:
+        raise TypeError(f"a store holds numeric arrays only, not {a.dtype}")
+    raw = a.tobytes()
+    offset = blob.seek(0, os.SEEK_END)
+    blob.write(raw)
+    return {"$bin": [offset, len(raw)], "dtype": a.dtype.str, "shape": list(a.shape), "crc32": zlib.crc32(raw)}
 
 
 # ---------- the store ----------
@@ -270,6 +340,10 @@ class ResultStore:
                 f"{self.path}, line {self._lines}: record of another run (settings_key {rec.get('settings_key')!r}, "
                 f"expected {self.key!r}). Move the file away or delete that line."
             )
+        if rec.get("arrays"):
+            side, item = sidecar_path(self.path), str(rec["item_id"])
+            rec["arrays"] = {k: StoredArray(side, v, item) if isinstance(v, dict) and "$bin" in v else v
+                             for k, v in rec["arrays"].items()}
         self._records[str(rec["item_id"])] = rec
 
     def __contains__(self, item_id: str) -> bool:
@@ -313,13 +387,28 @@ class ResultStore:
         if self._offset == 0:
             lines.append(json.dumps({"kvlib_store": FORMAT_VERSION, "settings_key": self.key,
                                      "identity": self.identity}, separators=(",", ":")))
-        for rec in records:
-            item_id = str(rec["item_id"])
-            if item_id in self._records or item_id in new:
-                raise ValueError(f"item {item_id!r} is already stored in {self.path}")
-            new[item_id] = rec = {**rec, "item_id": item_id, "settings_key": self.key, "model": self.model,
-                                  "dataset": self.dataset}
-            lines.append(json.dumps(rec, separators=(",", ":")))
+        side = sidecar_path(self.path)
+        blob = open(side, "ab") if any(rec.get("arrays") for rec in records) else None
+        try:
+            for rec in records:
+                item_id = str(rec["item_id"])
+                if item_id in self._records or item_id in new:
+                    raise ValueError(f"item {item_id!r} is already stored in {self.path}")
+                rec = {**rec, "item_id": item_id, "settings_key": self.key, "model": self.model,
+                       "dataset": self.dataset}
+                if rec.get("arrays"):
+                    refs = {k: _write_array(blob, decode_array(v)) for k, v in rec["arrays"].items()}
+                    lines.append(json.dumps({**rec, "arrays": refs}, separators=(",", ":")))
+                    rec["arrays"] = {k: StoredArray(side, r, item_id) for k, r in refs.items()}
+                else:
+                    lines.append(json.dumps(rec, separators=(",", ":")))
+                new[item_id] = rec
+            if blob is not None:
+                blob.flush()
+                os.fsync(blob.fileno())
+        finally:
+            if blob is not None:
+                blob.close()
         data = ("\n".join(lines) + "\n").encode()
         with open(self.path, "ab") as f:
             f.write(data)

@@ -18,7 +18,7 @@ def test_the_size_model_bounds_a_real_answer_store_closely(tmp_path, arch):
     prompts = [Prompt(f"q{i}", render_prompt(tok, f"What is {i} + {2 * i}?", "slow")) for i in range(6)]
     recs = generate(model, tok, prompts, open_store(tmp_path, "m", "x", settings, ex), settings, extractors=ex,
                     progress=False)
-    actual = sum(f.stat().st_size for f in tmp_path.rglob("*.jsonl"))
+    actual = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.name.endswith((".jsonl", ".jsonl.bin")))
     estimate = sum(record_bytes(model.config)["answer"](r["n_tokens"]) for r in recs)
     assert actual <= estimate <= 1.5 * actual
 

@@ -208,3 +208,32 @@ def test_replay_is_sharded_the_same_way(tiny, tmp_path, monkeypatch):
     assert [r["token_ids"] for r in recs] == [r["token_ids"] for r in plain]
     assert [r["item_id"] for r in recs if "replayed_until" not in r] == ["q3"]
     assert _leftovers(tmp_path) == []
+
+
+def test_shards_with_arrays_merge_their_sidecars_into_the_store(tiny, tmp_path):
+    """Shard files keep their arrays in their own sidecars; the merge copies the bytes into the store's sidecar
+    and deletes the shard sidecars with the shard files."""
+    import numpy as np
+
+    from kvlib import kv_trajectory_extractor
+    from kvlib.generation import record_array
+
+    model, tok = tiny
+    ex = {"kv": kv_trajectory_extractor()}
+    run = lambda root, shard: generate(model, tok, _prompts(), open_store(root, "m", "d", SETTINGS, ex),  # noqa: E731
+                                       SETTINGS, extractors=ex, batch_size=2, progress=False, shard=shard)
+    alone = {r["item_id"]: record_array(r, "traj_values") for r in run(tmp_path / "one", SINGLE)}
+    with pytest.raises(ShardError):  # rank 1 has not run yet: rank 0 keeps its part in its shard files
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KVLIB_SHARD_TIMEOUT", "0.2")
+            run(tmp_path / "two", Shard(0, 2))
+    assert any(n.endswith(".jsonl.bin") for n in _leftovers(tmp_path / "two"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVLIB_SHARD_TIMEOUT", "0.2")
+        with pytest.raises(ShardError):
+            run(tmp_path / "two", Shard(1, 2))
+    merged = run(tmp_path / "two", Shard(0, 2))
+    assert _leftovers(tmp_path / "two") == []
+    for r in merged:
+        a = record_array(r, "traj_values")
+        assert a.dtype == np.float16 and np.allclose(a, alone[r["item_id"]], atol=2e-3)  # other batch neighbours

@@ -145,6 +145,10 @@ def test_a_lent_cache_is_reused_and_a_stale_one_refuses_to_be_read():
     assert third.state.cache.cache is not second.state.cache.cache
     grown = StaticKV.lend(model, 2, 4096)  # more room than the pool holds: new memory
     assert grown.capacity == 4096 and grown.cache is not third.state.cache.cache
+    from kvlib.cache import _POOL, release_static
+
+    release_static(model)
+    assert model not in _POOL
 
 
 def test_deer_trials_on_a_static_cache_equal_the_dynamic_run():

@@ -226,3 +226,50 @@ def test_hidden_coe_store_is_tied_to_the_answers_it_was_computed_from(tiny, tmp_
     with pytest.warns(StoreIdentityWarning, match=r"differing: model\.weights\.parameters\)"):
         again = hidden_coe_pass(other, tok, "m", "d", records, root=tmp_path / "h", progress=False)
     assert len(list((tmp_path / "h" / "hidden_coe" / "m").glob("*.jsonl"))) == 2 and len(again) == 3
+
+
+# ---------- binary sidecars ----------
+
+
+def test_arrays_live_in_a_binary_sidecar_read_only_when_asked(tmp_path):
+    from kvlib.store import StoredArray, decode_array, encode_array, sidecar_path
+
+    traj = np.arange(24, dtype=np.float16).reshape(6, 4) / 7
+    store = _store(tmp_path)
+    store.add([{"item_id": "a", "arrays": {"traj": traj, "n": np.asarray([3], dtype=np.int64)}},
+               {"item_id": "b", "arrays": {"old": encode_array(np.ones(2, dtype=np.float32))}},  # base64 in: binary out
+               {"item_id": "c", "output": "no arrays"}])
+    side = sidecar_path(store.path)
+    assert side.stat().st_size == traj.nbytes + 8 + 8  # raw bytes, no header, no base64
+    assert "AAAA" not in store.path.read_text() and '"$bin"' in store.path.read_text()
+    for reader in (store, ResultStore(tmp_path, "m", "d", {"max_new_tokens": 4}, model_identity=MODEL, readonly=True)):
+        a = reader.get("a")["arrays"]
+        assert all(isinstance(v, StoredArray) for v in a.values())  # handles in memory, not arrays
+        got = decode_array(a["traj"])
+        assert got.dtype == np.float16 and np.array_equal(got, traj) and np.asarray(a["n"]).tolist() == [3]
+        assert decode_array(reader.get("b")["arrays"]["old"]).tolist() == [1.0, 1.0]
+    # a record read back can be stored again elsewhere (e.g. a shard merged into its store): the bytes are copied
+    other = ResultStore(tmp_path, "m", "d2", {"max_new_tokens": 4}, model_identity=MODEL)
+    other.add([store.get("a")])
+    assert np.array_equal(decode_array(other.get("a")["arrays"]["traj"]), traj)
+
+
+def test_a_damaged_sidecar_names_the_item_and_a_run_killed_between_the_two_writes_loses_nothing(tmp_path):
+    from kvlib.store import decode_array, sidecar_path
+
+    store = _store(tmp_path)
+    store.add([{"item_id": "a", "arrays": {"x": np.arange(8, dtype=np.float32)}}])
+    side = sidecar_path(store.path)
+    with open(side, "ab") as f:  # a run killed after its arrays, before its line: bytes nothing refers to
+        f.write(b"\x00" * 13)
+    store.add([{"item_id": "b", "arrays": {"x": np.full(3, 2.0, dtype=np.float32)}}])
+    fresh = _store(tmp_path)
+    assert decode_array(fresh.get("b")["arrays"]["x"]).tolist() == [2.0, 2.0, 2.0]
+    data = bytearray(side.read_bytes())
+    data[4] ^= 0xFF  # one flipped byte in item a's array
+    side.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match=r"item 'a' .* changed \(checksum mismatch\)"):
+        decode_array(_store(tmp_path).get("a")["arrays"]["x"])
+    side.write_bytes(bytes(data[:20]))  # cut short
+    with pytest.raises(CorruptStoreError, match=r"item 'b' .* missing"):
+        decode_array(_store(tmp_path).get("b")["arrays"]["x"])

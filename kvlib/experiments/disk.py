@@ -4,8 +4,8 @@ An upper bound from the model's shape and the profile's sizes, with every answer
 
 * an answer record (:func:`kvlib.answers.answer_records`) holds, per generated token, the layer-averaged keys
   and values (fp16, ``2 x kv_heads x head_dim`` values) and its id, max probability and entropy; per record the
-  pooled prompt KV sums (fp32, ``3 x 8 x 2 x kv_heads x head_dim``) and the prompt. Arrays are base64 in JSON
-  (4/3 of their bytes).
+  pooled prompt KV sums (fp32, ``3 x 8 x 2 x kv_heads x head_dim``) and the prompt. Arrays are raw bytes in the
+  store's binary sidecar.
 * a hidden-state CoE record (notebook 03's sets) holds every layer's mean hidden state (fp32, ``(L + 1) x hidden``).
 * a live-method record (switching, DEER-style exit, budgets) holds the tokens, their statistics and the prompt.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 __all__ = ["RecordBytes", "record_bytes", "estimate_disk", "describe"]
 
-B64 = 4 / 3
+REF = 120  # bytes of JSON per stored array: its sidecar offset, dtype, shape and checksum
 TOKEN_STATS = 36  # bytes of JSON per token: its id, max_prob and entropy (6 decimals each)
 PROMPT = 1500  # bytes of a rendered prompt and a record's fixed JSON keys
 
@@ -42,8 +42,8 @@ def record_bytes(config) -> dict[str, RecordBytes]:
     heads = int(get("num_attention_heads"))
     kv = int(get("num_key_value_heads") or heads) * int(get("head_dim") or int(get("hidden_size")) // heads)
     layers, hidden = int(get("num_hidden_layers")), int(get("hidden_size"))
-    answer = RecordBytes(PROMPT + B64 * 3 * min(8, layers) * 2 * kv * 4, TOKEN_STATS + B64 * 2 * kv * 2)
-    return {"answer": answer, "hidden_coe": RecordBytes(PROMPT + B64 * (layers + 1) * hidden * 4, 0.0),
+    answer = RecordBytes(PROMPT + 8 * REF + 3 * min(8, layers) * 2 * kv * 4, TOKEN_STATS + 2 * kv * 2)
+    return {"answer": answer, "hidden_coe": RecordBytes(PROMPT + 2 * REF + (layers + 1) * hidden * 4, 0.0),
             "method": RecordBytes(PROMPT, TOKEN_STATS)}
 
 
