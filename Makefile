@@ -1,5 +1,5 @@
 # kvlib: one command to set up and reproduce everything, one to test.
-#   make reproduce [PROFILE=small|full] [MODEL=qwen2.5-0.5b|Qwen/Qwen3-8B|/path/to/model] [DATA_DIR=/path]
+#   make reproduce [PROFILE=small|gpu|full|dryrun] [MODEL=qwen2.5-0.5b|Qwen/Qwen3-8B|/path/to/model] [DATA_DIR=/path]
 #   make test
 #   make lab
 # `make reproduce` with the small profile and the default model also copies the executed outputs into notebooks/,

@@ -182,7 +182,7 @@ _Record = TypeVar("_Record", bound=GenerationRecord)  # answer records stay answ
 
 
 def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Sequence[_Record], batch_size: int = 8,
-                    root=None, progress: bool = True) -> list[_Record]:
+                    root=None, progress: bool = True, shard=None) -> list[_Record]:
     """Add the original CoE's ``hidden_traj`` to stored answer records by a re-forward (resumable).
 
     Hidden-state CoE needs every layer's hidden states of the answer, which generation does not keep:
@@ -193,6 +193,10 @@ def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Se
     token ids it was computed from, checked on reuse. Its cost is recorded as
     ``extract_seconds["hidden_coe"]`` (seconds per item) next to the KV extractor's.
 
+    Under a launcher (``RANK`` / ``WORLD_SIZE``, or ``shard``) each process re-forwards its share of the records
+    into its own shard file and rank 0 merges them, as :func:`kvlib.generation.generate` does
+    (:func:`kvlib.sharding.run_sharded`).
+
     Returns:
         copies of ``records`` with ``hidden_traj`` / ``hidden_bytes`` added to ``arrays``.
 
@@ -200,31 +204,44 @@ def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Se
         kvlib.store.StoreMismatchError: a stored trajectory was computed from another answer of the same item.
     """
     import time
+    from types import SimpleNamespace
 
     from tqdm.auto import tqdm
 
     from .identity import digest, model_identity
-    from .store import ResultStore, default_store_dir, encode_array
+    from .sharding import current_shard, run_sharded
+    from .store import ResultStore, default_store_dir
 
     if not records:
         return []
     inputs = {r["item_id"]: digest([r["prompt"], r["token_ids"]]) for r in records}
-    answers = sorted({r["settings_key"] for r in records})
-    with ResultStore(root or default_store_dir(), model_name, dataset, {"answers": answers, "pass": "hidden_coe@1"},
-                     kind="hidden_coe", model_identity=model_identity(model, tokenizer)) as store:
-        store.verify_inputs(inputs)
-        todo = [r for r in records if r["item_id"] not in store]
-        pad = tokenizer.pad_token_id or 0
-        for start in tqdm(range(0, len(todo), batch_size), desc=f"{dataset} hidden CoE", disable=not progress):
+    settings = {"answers": sorted({r["settings_key"] for r in records}), "pass": "hidden_coe@1"}
+    identity = model_identity(model, tokenizer)
+    shard = current_shard() if shard is None else shard
+    pad = tokenizer.pad_token_id or 0
+
+    def work(target: ResultStore, todo: list) -> None:
+        desc = f"{dataset} hidden CoE" + (f" ({shard})" if shard.world > 1 else "")
+        for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not progress):
             chunk = todo[start : start + batch_size]
             prompts = [tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in chunk]
             t0 = time.perf_counter()
             trajs, nbytes = hidden_trajectories(model, prompts, [r["token_ids"] for r in chunk], pad_id=pad)
             seconds = (time.perf_counter() - t0) / len(chunk)
-            store.add([{"item_id": r["item_id"], "input_sha256": inputs[r["item_id"]], "seconds": round(seconds, 4),
-                        "arrays": {"hidden_traj": encode_array(t.numpy().astype(np.float32)),
-                                   "hidden_bytes": encode_array(np.asarray([b], dtype=np.int64))}}
-                       for r, t, b in zip(chunk, trajs, nbytes)])
+            target.add([{"item_id": r["item_id"], "input_sha256": inputs[r["item_id"]], "seconds": round(seconds, 4),
+                         "arrays": {"hidden_traj": t.numpy().astype(np.float32),
+                                    "hidden_bytes": np.asarray([b], dtype=np.int64)}}
+                        for r, t, b in zip(chunk, trajs, nbytes)])
+
+    with ResultStore(root or default_store_dir(), model_name, dataset, settings, kind="hidden_coe") as store:
+        if shard.world > 1:
+            items = [SimpleNamespace(id=r["item_id"], record=r) for r in records]
+            run_sharded(store, items, inputs, shard, identity, settings,
+                        lambda target, part: work(target, [x.record for x in part]))
+        else:
+            store.bind(identity)
+            store.verify_inputs(inputs)
+            work(store, [r for r in records if r["item_id"] not in store])
         stored = {r["item_id"]: store.get(r["item_id"]) for r in records}
     out = []
     for r in records:

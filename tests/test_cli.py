@@ -171,3 +171,9 @@ def test_notebooks_show_the_library_log_on_stdout():
     out = subprocess.run([sys.executable, "-c", f"{setup}\n{_LOG_LINES}"], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["kvlib: converting m (once)", "skipping theoremqa: no file"]
     assert out.stderr.splitlines() == ["a library warning"]
+
+
+def test_info_on_a_random_shape_needs_nothing_installed(capsys):
+    code, out, _ = _run(capsys, "info", "random:qwen3-8b", "--dtype", "bf16")
+    assert code == 0 and "random weights at the qwen3-8b shape" in out and "36 layers" in out
+    assert "unknown model shape 'qwen9'" in _errors(capsys, "info", "random:qwen9")

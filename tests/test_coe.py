@@ -209,3 +209,26 @@ def test_hidden_coe_pass_equals_the_extractor_and_is_computed_once(tmp_path, mon
     again = coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=2, root=tmp_path / "h", progress=False)
     assert [r["item_id"] for r in again] == [r["item_id"] for r in plain]
     assert [r["extract_seconds"] for r in again] == [r["extract_seconds"] for r in got]  # the stored cost, not 0
+
+
+def test_hidden_coe_pass_shards_over_processes_and_rank_0_merges(tmp_path, monkeypatch):
+    """Two launched ranks (run one after the other here) each re-forward their half into a shard file; the
+    relaunched rank 0 merges: every trajectory equals a one-process pass, and no shard file is left."""
+    from kvlib import coe
+    from kvlib.sharding import SINGLE, Shard, ShardError
+
+    model, tok, plain = _records("qwen2", tmp_path / "b", {})
+    one = coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=2, root=tmp_path / "one", progress=False,
+                              shard=SINGLE)
+    monkeypatch.setenv("KVLIB_SHARD_TIMEOUT", "0.2")
+    run = lambda shard: coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=2,  # noqa: E731
+                                            root=tmp_path / "two", progress=False, shard=shard)
+    with pytest.raises(ShardError, match="shard 1 of 2 lacks"):
+        run(Shard(0, 2))
+    with pytest.raises(ShardError, match="rank 0 has not merged"):
+        run(Shard(1, 2))
+    merged = run(Shard(0, 2))
+    assert [r["item_id"] for r in merged] == [r["item_id"] for r in plain]
+    for a, b in zip(one, merged):
+        np.testing.assert_allclose(record_array(b, "hidden_traj"), record_array(a, "hidden_traj"), rtol=1e-4, atol=1e-5)
+    assert not list((tmp_path / "two").rglob("*.shard-*"))
