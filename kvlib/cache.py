@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ import torch
 
 __all__ = ["LayerKV", "StaticKV", "CompiledStep", "output_cache", "cache_kwargs", "cache_layers", "kv_layers",
            "cache_length", "crop_cache", "rows_view", "keep_rows", "masked_mean", "masked_sum", "new_cache", "forward",
-           "step_logits", "supports_static", "release_static"]
+           "step_logits", "supports_static", "release_static", "token_stats"]
 
 
 @dataclass(frozen=True)
@@ -278,14 +279,19 @@ def step_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, po
     return out.logits[:, -1, :].float(), cache
 
 
+def token_stats(logits: torch.Tensor) -> torch.Tensor:
+    """``[3, batch]`` from ``[batch, vocab]`` fp32 logits: max probability, entropy in bits, greedy token id (ids
+    below 2**24 are exact in fp32), stacked so that one device-to-host copy brings a step's statistics."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return torch.stack([logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1) / math.log(2.0),
+                        logits.argmax(-1).to(logits.dtype)])
+
+
 def _step_stats(model, input_ids, attention_mask, position_ids, kw):
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1, **kw)
     logits = out.logits[:, -1, :].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    stats = torch.stack([logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1) / 0.6931471805599453,
-                         logits.argmax(-1).to(logits.dtype)])
-    return logits, stats
+    return logits, token_stats(logits)
 
 
 @functools.cache

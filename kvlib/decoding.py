@@ -37,21 +37,19 @@ receives every row once, when a quarter of the batch is done and at the end.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
-from .cache import CompiledStep, StaticKV, forward, keep_rows, rows_view, step_logits, supports_static
+from .cache import (CompiledStep, StaticKV, forward, keep_rows, rows_view, step_logits, supports_static,
+                    token_stats)
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
 __all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "RowHistory", "decode", "prefill",
            "prefill_positions", "next_token_probs", "stop_ids"]
-
-LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -410,9 +408,7 @@ def decode(
     for step in itertools.count():
         # one device-to-host copy per step: max prob, entropy and token id (ids < 2**24 are exact in fp32)
         if stats_next is None:
-            logp = torch.log_softmax(logits, dim=-1)
-            stats_next = torch.stack([logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1) / LN2,
-                                      logits.argmax(-1).to(logp.dtype)])
+            stats_next = token_stats(logits)
         if config.do_sample:
             stats_next = torch.cat([stats_next[:2], _pick(logits, config, generators).to(stats_next.dtype)[None]])
         stats, stats_next = stats_next.tolist(), None
