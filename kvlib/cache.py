@@ -179,8 +179,9 @@ class StaticKV:
                 continue
             for name in ("keys", "values"):
                 old = getattr(layer, name)
-                grown = old.new_zeros(old.shape[:2] + (new,) + old.shape[3:])
-                grown[:, :, : old.shape[2]] = old
+                with torch.inference_mode(old.is_inference()):  # the new memory is of the old one's kind
+                    grown = old.new_zeros(old.shape[:2] + (new,) + old.shape[3:])
+                    grown[:, :, : old.shape[2]] = old
                 setattr(layer, name, grown)
                 if not torch.compiler.is_compiling():
                     torch._dynamo.mark_static_address(grown)
@@ -196,7 +197,8 @@ class StaticKV:
         for layer in self.layers:
             seen = getattr(layer, "cumulative_length", None)
             if isinstance(seen, torch.Tensor):
-                seen.fill_(self.length)
+                with torch.inference_mode(seen.is_inference()):  # e.g. made inside the decoding loop
+                    seen.fill_(self.length)
             elif isinstance(seen, int):
                 layer.cumulative_length = self.length
 

@@ -121,6 +121,7 @@ def _staggered_stop(model, tok, n=16):
     return enc, max(counts, key=lambda t: (0 < counts[t] < len(MANY), counts[t]))
 
 
+@pytest.mark.dynamic_cache
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_finished_rows_leave_the_batch_without_changing_any_result(arch):
     """on_finish drops finished rows from the cache; every output equals the run that keeps them."""

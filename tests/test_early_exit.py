@@ -166,6 +166,7 @@ def test_a_trial_sees_the_thinking_cut_before_the_word(qwen3):
     assert [t[0] for t in ctl.trials[0]] == [3, 11]
 
 
+@pytest.mark.dynamic_cache
 def test_rejected_trials_leave_tokens_and_cache_exactly_as_without_them(qwen3):
     """Trials that never succeed: token for token (and cache entry for cache entry) the run without trials."""
     model, tok = qwen3

@@ -34,6 +34,7 @@ def _same(a, b, atol=1e-5):
         assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=atol * 10)
 
 
+@pytest.mark.dynamic_cache
 def test_which_models_get_a_static_cache():
     assert {"llama", "qwen2", "qwen3"} <= set(STATIC_ARCHS)
     assert "gemma3" not in STATIC_ARCHS  # sliding-window layers: dynamic cache
@@ -126,6 +127,11 @@ def test_static_cache_reads_crops_and_refuses_row_drops():
         forward(model, nxt, mask, step_pos, sta)
     with pytest.raises(TypeError, match="cannot drop batch rows"):
         keep_rows(sta, [0])
+    # a cache made inside the decoding loop (inference tensors) crops and grows outside it too
+    res = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=4, cache="static"))
+    crop_cache(res.state.cache, mask.shape[1] + 1)
+    res.state.cache.ensure(res.state.cache.capacity + 1)
+    assert cache_length(res.state.cache) == mask.shape[1] + 1
 
 
 def test_a_lent_cache_is_reused_and_a_stale_one_refuses_to_be_read():
