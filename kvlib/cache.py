@@ -89,11 +89,9 @@ def cache_kwargs(model, cache) -> dict:
     return {_cache_arg_name(type(model)): cache}
 
 
-def new_cache(model, static_length: int | None = None):
-    """An empty cache for ``model``: a ``DynamicCache`` built from its config (so sliding-window layers get
-    their window), or, with ``static_length``, a :class:`StaticKV` preallocated for that many positions."""
-    if static_length is not None:
-        return StaticKV(model, static_length)
+def new_cache(model):
+    """An empty ``DynamicCache`` for ``model``, built from its config (so sliding-window layers get their window);
+    the decoding loop's static cache comes from :meth:`StaticKV.lend`."""
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)

@@ -166,13 +166,12 @@ def describe_model(model: str) -> tuple[list[str], object]:
         lines.append("  config     read from the GGUF header")
         return lines, gguf_config(files)
     if model.startswith("random:"):
-        from .tiny import SHAPES
+        from .tiny import shape_config
 
         shape = model.removeprefix("random:")
-        if shape not in SHAPES:
-            raise ValueError(f"unknown model shape {shape!r}; choose one of {sorted(SHAPES)}")
+        config = shape_config(shape)
         lines += [f"{model}: random weights at the {shape} shape (kvlib.tiny.random_model), nothing to download"]
-        return lines, {"model_type": "qwen3", "vocab_size": 151936, **SHAPES[shape]}
+        return lines, config
     path = Path(model).expanduser()
     if path.is_dir():
         from transformers import AutoConfig

@@ -21,7 +21,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["tiny_model", "tiny_tokenizer", "TINY_ARCHS", "SHAPES", "random_model"]
+__all__ = ["tiny_model", "tiny_tokenizer", "TINY_ARCHS", "SHAPES", "shape_config", "random_model"]
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "mistral")
 
@@ -143,6 +143,16 @@ def _thinking_tokenizer(name: str | None):
     return tok
 
 
+def shape_config(shape: str) -> dict:
+    """The Qwen3 config (as keyword arguments, ``model_type`` included) of a key of :data:`SHAPES`; the tiny
+    shape's vocabulary is the tiny thinking tokenizer's."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}; choose one of {sorted(SHAPES)}")
+    dims = {"model_type": "qwen3", **SHAPES[shape]}
+    dims.setdefault("vocab_size", len(tiny_tokenizer(thinking=True)))
+    return dims
+
+
 def random_model(shape: str, device: str = "cpu", dtype=None, seed: int = 0):
     """A thinking Qwen3 ``(model, tokenizer)`` with random weights at ``shape`` (a key of :data:`SHAPES`).
 
@@ -151,18 +161,14 @@ def random_model(shape: str, device: str = "cpu", dtype=None, seed: int = 0):
     ``device`` directly (an 8B model in seconds on a GPU); the model answers nonsense, and every item runs
     to its budget, which is what a memory and speed dry run needs.
     """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown model shape {shape!r}; choose one of {sorted(SHAPES)}")
+    dims = shape_config(shape)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tok = _thinking_tokenizer(None if shape == "tiny" else "qwen2.5-0.5b")
-    dims = dict(SHAPES[shape])
-    if "vocab_size" not in dims:
-        dims["vocab_size"] = len(tok)
-    elif len(tok) > dims["vocab_size"]:  # the added <think> tokens: grow the embedding to the next 64 rows
+    if len(tok) > dims["vocab_size"]:  # the added <think> tokens: grow the embedding to the next 64 rows
         dims["vocab_size"] = -(-len(tok) // 64) * 64
-    config = AutoConfig.for_model("qwen3", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                  bos_token_id=None, **dims)
+    config = AutoConfig.for_model(dims.pop("model_type"), pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, bos_token_id=None, **dims)
     dtype = dtype or torch.float32
     devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):

@@ -54,8 +54,6 @@ def test_which_models_get_a_static_cache():
 def test_static_equals_dynamic_with_stops_injection_withdrawal_and_rows_handed_over(arch):
     """Same tokens, statistics, slots and KV trajectories; every row handed to on_finish once, with its own
     cache rows."""
-    from transformers import AutoTokenizer  # noqa: F401  (the tokenizer comes with the tiny model)
-
     model, tok = tiny_model(arch, seed=3)
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     stop = _stop_token(model, tok, enc, 40)
@@ -79,7 +77,7 @@ def test_static_equals_dynamic_with_stops_injection_withdrawal_and_rows_handed_o
     assert isinstance(sta.state.cache, StaticKV)
     assert any(sta.switches) and any(sta.state.withdrawn) and len({len(t) for t in sta.tokens}) >= 3
     _same(sta, dyn)
-    assert sta.state.slots == [s for s in dyn.state.slots]
+    assert sta.state.slots == dyn.state.slots
     assert sorted(r for p in sparts for r in p.rows) == list(range(len(PROMPTS)))
     ref = {r: (p, j) for p in dparts for j, r in enumerate(p.rows)}
     for part in sparts:
