@@ -119,10 +119,6 @@ class StoredArray:
         self.offset, self.nbytes = (int(x) for x in ref["$bin"])
         self.dtype, self.shape, self.crc32 = np.dtype(ref["dtype"]), tuple(ref["shape"]), int(ref["crc32"])
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
     def load(self) -> np.ndarray:
         try:
             with open(self.path, "rb") as f:
