@@ -41,14 +41,16 @@ from .records import GenerationRecord
 __all__ = [
     "difficulty_label", "FeatureSpec", "last_n_sums", "prompt_kv_extractor", "features_from_sums",
     "record_features", "live_features", "question_key", "split_by_question", "TrainConfig",
-    "DifficultyClassifier", "train_classifier", "PAPER_GRID", "SUMS_ARRAY",
+    "DifficultyClassifier", "train_classifier", "PAPER_GRID", "SUMS_ARRAY", "SHORT_ANSWER", "fast_cap",
+    "cap_records", "baseline_rmse",
 ]
 
 PAPER_GRID = ((32, 8), (64, 4), (128, 2))  # (N tokens, L layers): 256 token x layer units each
 SUMS_ARRAY = "prompt_kv_sums"
+SHORT_ANSWER = 128  # the labels' split between a short (0) and a long (25) correct fast answer
 
 
-def difficulty_label(fast_correct: bool, fast_tokens: int, slow_correct: bool, short: int = 128) -> int:
+def difficulty_label(fast_correct: bool, fast_tokens: int, slow_correct: bool, short: int = SHORT_ANSWER) -> int:
     """The paper's difficulty label: 0 (fast right, < ``short`` tokens), 25 (fast right, longer),
     75 (fast wrong, slow right), 100 (both wrong)."""
     if fast_correct:
@@ -190,6 +192,49 @@ def live_features(state, rows: Sequence[int], spec: FeatureSpec) -> torch.Tensor
         x = torch.cat(parts, dim=-1).to(mask.device)
         acc = x if acc is None else acc + x
     return acc / spec.n_layers
+
+
+# --- the fast answers' budget ---------------------------------------------------------------------------
+
+def fast_cap(lengths: Sequence[int], quantile: float = 0.98, minimum: int = SHORT_ANSWER, multiple: int = 32,
+             ceiling: int | None = None) -> int:
+    """The fast answers' token cap, chosen on the training split: the ``quantile`` of ``lengths`` (training fast
+    answers generated with a generous cap, ``ceiling``) rounded up to a multiple of ``multiple``, at least
+    ``minimum`` (the labels' 128: a correct fast answer of 128 tokens or more, label 25, must be able to occur)
+    and at most ``ceiling`` (a cap above the generous one cannot be checked on these answers).
+
+    With the 98th percentile, about 2% of training answers reach the cap, so fewer than 5% of test answers do
+    unless the test set's answers are longer (the cap-share table reports it).
+
+    Args:
+        lengths: ``[n]`` generated tokens of each training fast answer.
+    """
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    if minimum < 1 or multiple < 1:
+        raise ValueError("minimum and multiple must be >= 1")
+    lengths = np.asarray(lengths, dtype=float)
+    if lengths.size == 0:
+        raise ValueError("no training fast answers to choose the fast cap from")
+    q = float(np.quantile(lengths, quantile, method="higher"))
+    cap = max(int(minimum), int(multiple * np.ceil((q + 1) / multiple)))  # an answer of exactly cap tokens reaches it
+    return min(cap, int(ceiling)) if ceiling is not None else cap
+
+
+def cap_records(records: Sequence[Mapping], cap: int) -> list[dict]:
+    """Graded answers generated with a larger cap, as they would be with ``cap``: greedy decoding writes the same
+    tokens up to the cap, so an answer of more than ``cap`` tokens is cut there, unfinished and therefore wrong.
+
+    Returns one dict per record with ``item_id``, ``question``, ``correct``, ``n_tokens`` and ``finish_reason``
+    only (the text is not cut: nothing downstream of the labels may read it).
+    """
+    out = []
+    for r in records:
+        cut = r["n_tokens"] > cap
+        out.append({"item_id": r["item_id"], "question": r.get("question", ""),
+                    "n_tokens": min(int(r["n_tokens"]), cap), "correct": bool(r["correct"]) and not cut,
+                    "finish_reason": "length" if cut else r.get("finish_reason", "stop")})
+    return out
 
 
 # --- split by question --------------------------------------------------------------------------------
@@ -335,6 +380,36 @@ class DifficultyClassifier:
         mlp.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mlp.")})
         mlp.eval()
         return cls(FeatureSpec(**cfg["spec"]), mlp, tensors["mean"], tensors["std"], cfg.get("info", {}))
+
+
+def baseline_rmse(y_train: np.ndarray, y_val: np.ndarray, length_train: np.ndarray, length_val: np.ndarray
+                  ) -> dict[str, float]:
+    """Validation RMSE (difficulty points) of the two baselines a KV classifier must beat, on its own split:
+
+    * ``constant``: predict the training labels' mean for every question;
+    * ``prompt_length``: a regressor that reads only the prompt's length (``[n]`` tokens): a cubic spline of its
+      logarithm (4 knots at quantiles), ridge-regularised, clipped to [0, 100]; a constant when every training
+      prompt has the same length.
+    """
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import SplineTransformer
+
+    y_train, y_val = np.asarray(y_train, float), np.asarray(y_val, float)
+    xt = np.log1p(np.asarray(length_train, float)).reshape(-1, 1)
+    xv = np.log1p(np.asarray(length_val, float)).reshape(-1, 1)
+    const = np.full(len(y_val), y_train.mean())
+    if np.ptp(xt) > 0:
+        reg = make_pipeline(SplineTransformer(n_knots=4, degree=3, knots="quantile", extrapolation="constant"),
+                            Ridge(alpha=1.0)).fit(xt, y_train)
+        by_length = np.clip(reg.predict(xv), 0.0, 100.0)
+    else:
+        by_length = const
+
+    def rmse(pred):
+        return float(np.sqrt(np.mean((pred - y_val) ** 2)))
+
+    return {"constant": rmse(const), "prompt_length": rmse(by_length)}
 
 
 def train_classifier(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,

@@ -16,8 +16,10 @@ from kvlib.difficulty import prompt_kv_extractor, question_key
 from kvlib.early_exit import BudgetConfig, EarlyExitConfig, early_exit_generate
 from kvlib.experiments.budget_sweep import budget_grid, table4_markdown
 from kvlib.experiments.labels import Method
-from kvlib.experiments.switching import (SwitchingPlan, best_spec, evaluate_methods, fit_classifiers, label_frame,
-                                         method_row, pareto_figure, route, table3_markdown)
+from kvlib.experiments.budget_curve import curve_methods
+from kvlib.experiments.switching import (SwitchingPlan, best_spec, evaluate_methods, evaluate_switching,
+                                         fit_classifiers, headline, label_frame, method_row, pareto_figure, route,
+                                         table3_markdown)
 from kvlib.generation import GenerationSettings, Prompt, generate, open_store
 from kvlib.thinking import protocol_for, render_prompt
 
@@ -132,14 +134,36 @@ def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     used = clf.info["train_rows"] + clf.info["val_rows"]
     leaked = train["svamp"][0].question
     assert used == len(frame) - sum(question_key(q) == question_key(leaked) for q in frame["question"])
-    table, points = evaluate_methods(model, tok, "m", test, test_pairs, clf, plan, root=tmp_path, progress=False)
+    res = evaluate_switching(model, tok, "m", test, test_pairs, clf, plan, root=tmp_path, progress=False)
+    table, points = res.table, res.points
     live, live_points = evaluate_methods(model, tok, "m", test, test_pairs, clf, plan.with_sizes(replay=False),
                                          root=tmp_path / "live", progress=False)
     pd.testing.assert_frame_equal(table, live)  # replaying the stored answers changes no number
     pd.testing.assert_frame_equal(points, live_points)
     methods = set(table["method"])
-    assert {*Method.TABLE3_ORDER, Method.budget(3)} <= methods
+    deer = table[table["method"].map(Method.is_deer)]
+    assert len(deer) == 1 and deer["method"].iloc[0] == Method.deer(deer["trial_tokens"].iloc[0])  # named for what ran
+    order = [m for m in Method.TABLE3_ORDER if not Method.is_deer(m)]
+    assert {*order, Method.budget(3)} <= methods
     by = table.set_index("method")
+    # the budget curve: 5 levels from the fast to the slow mean tokens, token means rising with the budget
+    levels = table[table["method"].map(lambda m: Method.curve_index(m) is not None)].sort_values("budget")
+    assert list(levels["method"]) == [Method.curve_level(k) for k in range(1, 6)]
+    assert levels["budget"].iloc[0] == round(by.loc[Method.FAST, "mean_tokens"])
+    assert levels["budget"].iloc[-1] == round(by.loc[Method.SLOW, "mean_tokens"])
+    assert levels["mean_tokens"].is_monotonic_increasing
+    assert len(points[points["method"] == Method.BUDGET_CURVE]) == 5 + 2  # fast, the levels, slow
+    # per-item outcomes match the table, and the difference to the curve is in the table for every other method
+    means = res.items.groupby("method")["correct"].mean()
+    assert np.allclose(means[table["method"]].to_numpy(), table["accuracy"].to_numpy())
+    others = set(methods) - set(curve_methods(list(methods)))
+    assert set(res.vs_budget["method"]) == others
+    assert (table.set_index("method").loc[list(others), "vs_curve"].to_numpy()
+            == res.vs_budget.set_index("method").loc[list(others), "difference"].to_numpy()).all()
+    assert {"vs_curve", "vs_curve_lo", "vs_curve_hi"} <= set(table.columns)
+    fast_row = by.loc[Method.FAST]
+    assert fast_row["cap"] == plan.fast_tokens and fast_row["at_cap_share"] == np.mean(
+        [r["n_tokens"] >= plan.fast_tokens for r in test_pairs["svamp"][0]])
     fast, slow = test_pairs["svamp"]
     assert by.loc[Method.SLOW, "mean_tokens"] == np.mean([r["n_tokens"] for r in slow])
     assert by.loc[Method.ORACLE, "accuracy"] >= max(by.loc[Method.FAST, "accuracy"], by.loc[Method.SLOW, "accuracy"])
@@ -147,8 +171,11 @@ def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert by.loc[Method.budget(3), "mean_tokens"] <= 3 + len(to_fast) + BudgetConfig(3).answer_tokens  # room to answer
     assert {Method.KV_CLASSIFICATION, Method.KV_GENERATIVE, Method.TOKEN_BUDGET} <= set(points["method"])
     md = table3_markdown(table, "caption")
-    rows = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("|")][2:]
-    assert rows == [*Method.TABLE3_ORDER, Method.budget(3)] and "SVAMP" in md  # the paper's order, budgets last
+    first = md.split("\n\n")[1]
+    rows = [line.split("|")[1].strip() for line in first.splitlines() if line.startswith("|")][2:]
+    expected = [m for m in Method.TABLE3_ORDER if m in methods]
+    assert rows == [*expected, Method.budget(3), *[Method.curve_level(k) for k in range(1, 6)]]  # budgets last
+    assert "SVAMP" in md and "budget curve" in md
     grid = budget_grid(model, tok, "m", test, test_pairs, clfs, plan, root=tmp_path, progress=False)
     assert len(grid) == 2 * 2 and "2L" not in table4_markdown(grid, "c") and "3L x 4" in table4_markdown(grid, "c")
     only_class = budget_grid(model, tok, "m", test, test_pairs, clfs, plan.with_sizes(grid_live_sets=("gsm8k",)),
@@ -156,6 +183,10 @@ def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert list(only_class["method"]) == [Method.KV_CLASSIFICATION] * 2
     fig = pareto_figure(points)
     assert len(fig.axes) == 1
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert Method.BUDGET_CURVE in legend and deer["method"].iloc[0] in legend
+    head = headline(table)
+    assert deer["method"].iloc[0] in set(head["method"]) and "vs budget curve (points)" in head
 
 
 def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, caplog):

@@ -32,16 +32,20 @@ import numpy as np
 import pandas as pd
 
 from ..adaptive import SwitchConfig, adaptive_generate
-from ..difficulty import (PAPER_GRID, DifficultyClassifier, FeatureSpec, TrainConfig, difficulty_label, question_key,
-                          record_features, split_by_question, train_classifier)
+from ..difficulty import (PAPER_GRID, SHORT_ANSWER, DifficultyClassifier, FeatureSpec, TrainConfig, baseline_rmse,
+                          cap_records, difficulty_label, fast_cap, question_key, record_features, split_by_question,
+                          train_classifier)
 from ..early_exit import EarlyExitConfig, budget_generate, early_exit_generate
 from ..generation import GenerationSettings
 from ..records import AnswerRecord, GenerationRecord
+from ..thinking import protocol_for
 from .labels import Method
 from .report import run_label, set_label
 
 __all__ = ["SwitchingPlan", "SwitchingRun", "switching_plan", "switching_setup", "switching_items", "answer_pairs",
-           "AnswerPair", "label_frame", "fit_classifiers", "best_spec", "classifier_quality", "classifier_qualities",
+           "AnswerPair", "label_frame", "fit_classifiers", "prompt_lengths", "pick_fast_cap", "cap_shares",
+           "CAP_SHARES", "SwitchingResult", "evaluate_switching", "best_spec", "classifier_quality",
+           "classifier_qualities",
            "save_classifier", "route", "method_row", "live_row", "grade", "evaluate_methods", "TABLE3", "PARETO",
            "caption", "table3_markdown", "classifier_table", "pareto_figure", "headline"]
 
@@ -57,12 +61,18 @@ class SwitchingPlan:
 
     Attributes:
         train_sets / test_sets: data set -> items (training split / evaluation split).
-        fast_tokens / slow_tokens: answer budgets; live runs use ``slow_tokens``.
+        fast_tokens / slow_tokens: answer budgets; live runs use ``slow_tokens``. With ``fast_cap_quantile``,
+            ``fast_tokens`` is first the generous cap of the training fast answers, and :func:`switching_setup`
+            replaces it by the cap it picks from them (:func:`kvlib.difficulty.fast_cap`: that quantile of their
+            lengths rounded up to 32, at least the labels' 128, at most the generous cap), keeping the generous
+            one in ``fast_generous``; ``None`` takes ``fast_tokens`` as it is.
+        curve_levels: budgets of the forced-answer budget curve (live; from the fast to the slow mean tokens of
+            each set, :mod:`kvlib.experiments.budget_curve`); 0: no curve.
         grid: ``(N tokens, L layers)`` points to train; ``spec``: force one instead of choosing on validation.
         tau, tau_fast, tau_slow, check_every: the paper's switch settings (table rows; chosen a priori).
         class_taus: thresholds of the KV-Classification sweep (from stored records: free).
         generative_sweep: ``(tau, tau_fast, tau_slow)`` points of the live KV-Generative sweep.
-        budgets: token budgets (live); early_exit: DEER-style settings (live).
+        budgets: fixed token budgets (live) besides the curve; early_exit: DEER-style settings (live).
         grid_live_sets: sets where Table 4 runs KV-Generative live (``None``: every evaluation set).
         live_sets: sets where Table 3 runs the live methods (``None``: every evaluation set).
         random_seeds: draws averaged for random routing.
@@ -85,7 +95,10 @@ class SwitchingPlan:
     class_taus: tuple[float, ...] = tuple(float(t) for t in range(0, 101, 5))
     generative_sweep: tuple[tuple[float, float, float], ...] = ((50.0, 20.0, 70.0), (50.0, 30.0, 70.0),
                                                                 (50.0, 45.0, 70.0))
-    budgets: tuple[int, ...] = (64, 128)
+    budgets: tuple[int, ...] = ()
+    curve_levels: int = 5
+    fast_cap_quantile: float | None = 0.98
+    fast_generous: int | None = None
     grid_live_sets: tuple[str, ...] | None = None
     live_sets: tuple[str, ...] | None = None
     early_exit: EarlyExitConfig = field(default_factory=EarlyExitConfig)
@@ -100,6 +113,10 @@ class SwitchingPlan:
             raise ValueError("need at least one training and one evaluation set")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
+        if self.fast_cap_quantile is not None and not 0 < self.fast_cap_quantile <= 1:
+            raise ValueError("fast_cap_quantile must be in (0, 1] (or None: keep fast_tokens)")
+        if self.curve_levels and self.curve_levels < 5:
+            raise ValueError("the budget curve needs at least 5 levels (curve_levels >= 5; 0 for none)")
 
     @classmethod
     def from_profile(cls, profile, max_items: int | None = -1, **overrides) -> "SwitchingPlan":
@@ -159,7 +176,7 @@ def answer_pairs(model, tokenizer, model_name: str, items_by_set: Mapping[str, S
     return out
 
 
-def label_frame(pairs: Mapping[str, AnswerPair], short: int = 128) -> tuple[pd.DataFrame, list[AnswerRecord]]:
+def label_frame(pairs: Mapping[str, AnswerPair], short: int = SHORT_ANSWER) -> tuple[pd.DataFrame, list[AnswerRecord]]:
     """One row per question: ``set, item_id, question, fast_correct, fast_tokens, slow_correct, slow_tokens, label``;
     and the matching slow records (whose prompt features the classifier reads)."""
     rows, feats = [], []
@@ -175,11 +192,21 @@ def label_frame(pairs: Mapping[str, AnswerPair], short: int = 128) -> tuple[pd.D
     return pd.DataFrame(rows), feats
 
 
+def prompt_lengths(records: Sequence[GenerationRecord], tokenizer=None) -> np.ndarray:
+    """``[n]`` length of each record's prompt: tokens with ``tokenizer``, else characters."""
+    if tokenizer is None:
+        return np.array([len(r["prompt"]) for r in records], float)
+    return np.array([len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in records], float)
+
+
 def fit_classifiers(frame: pd.DataFrame, records: Sequence[GenerationRecord], plan: SwitchingPlan,
-                    exclude_questions: Sequence[str]) -> dict[tuple[int, int], DifficultyClassifier]:
+                    exclude_questions: Sequence[str], tokenizer=None) -> dict[tuple[int, int], DifficultyClassifier]:
     """One classifier per grid point (or ``plan.spec``), split by question; evaluation questions never enter.
 
-    Each classifier's ``info`` holds the split sizes, validation RMSE and training sets.
+    Each classifier's ``info`` holds the split sizes, validation RMSE and training sets, and ``baseline_rmse``:
+    the validation RMSE on the same split of a constant prediction (the training labels' mean) and of a
+    regressor of the decision prompt's length alone (:func:`kvlib.difficulty.baseline_rmse`; the length in
+    tokens of ``tokenizer``, in characters without one, as ``info["prompt_length_unit"]`` says).
     """
     banned = {question_key(q) for q in exclude_questions}
     splits = split_by_question(frame["question"].tolist(), {"train": 1 - plan.val_fraction, "val": plan.val_fraction},
@@ -189,12 +216,15 @@ def fit_classifiers(frame: pd.DataFrame, records: Sequence[GenerationRecord], pl
     if seen & banned:
         raise AssertionError("an evaluation question reached the training data")
     y = frame["label"].to_numpy(np.float32)
+    lengths = prompt_lengths(records, tokenizer)
+    baselines = baseline_rmse(y[tr], y[va], lengths[tr], lengths[va])
     out = {}
     for n_tokens, n_layers in [plan.spec] if plan.spec else plan.grid:
         spec = FeatureSpec(n_tokens, n_layers)
         x = record_features(records, spec)
         info = {"decision_prompt": "slow", "train_sets": sorted(frame["set"].unique()),
-                "label_counts": {int(k): int(v) for k, v in frame["label"].iloc[tr].value_counts().items()}}
+                "label_counts": {int(k): int(v) for k, v in frame["label"].iloc[tr].value_counts().items()},
+                "baseline_rmse": baselines, "prompt_length_unit": "characters" if tokenizer is None else "tokens"}
         out[(n_tokens, n_layers)] = train_classifier(x[tr], y[tr], x[va], y[va], spec, plan.train, info)
     return out
 
@@ -256,34 +286,80 @@ def _sweep(plan: SwitchingPlan) -> list[tuple[float, float, float]]:
     return sorted(set(plan.generative_sweep) | {main}, key=lambda p: (p != main, p))
 
 
+@dataclass(frozen=True)
+class SwitchingResult:
+    """Every method on the same evaluation items (:func:`evaluate_switching`).
+
+    Attributes:
+        table: one row per (method, set) at the a-priori settings (Table 3), with the difference to the budget
+            curve (``vs_curve``, ``vs_curve_lo``, ``vs_curve_hi``: accuracy points x100) where it was measured.
+        points: every swept point (``method, set, param, accuracy, mean_tokens``) for the Pareto figure; the
+            curve's points have method :attr:`Method.BUDGET_CURVE`.
+        items: one row per (method, set, item): ``correct`` (0/1; random routing: its expectation over draws) and
+            ``tokens``, for the paired comparisons.
+        vs_budget: :func:`kvlib.experiments.budget_curve.versus_curve` of ``items``.
+    """
+
+    table: pd.DataFrame
+    points: pd.DataFrame
+    items: pd.DataFrame
+    vs_budget: pd.DataFrame
+
+
 def evaluate_methods(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],
                      pairs: Mapping[str, AnswerPair], classifier: DifficultyClassifier,
                      plan: SwitchingPlan, root=None, live: bool = True, progress: bool = True
                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Table 3 rows and Pareto points for every method on the same evaluation items.
+    """``(table, pareto)`` of :func:`evaluate_switching` (same arguments)."""
+    res = evaluate_switching(model, tokenizer, model_name, test_items, pairs, classifier, plan, root=root, live=live,
+                             progress=progress)
+    return res.table, res.points
 
-    Returns ``(table, pareto)``: ``table`` has one row per (method, set) at the a-priori settings;
-    ``pareto`` every swept point (``method, set, param, accuracy, mean_tokens``). ``live=False`` skips
-    the live methods (KV-Generative, DEER, budgets).
+
+def _item_rows(method: str, name: str, item_ids, correct, tokens, **extra) -> list[dict]:
+    return [{"method": method, "set": name, "item_id": i, "correct": float(c), "tokens": float(t), **extra}
+            for i, c, t in zip(item_ids, correct, tokens)]
+
+
+def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],
+                       pairs: Mapping[str, AnswerPair], classifier: DifficultyClassifier,
+                       plan: SwitchingPlan, root=None, live: bool = True, progress: bool = True) -> SwitchingResult:
+    """Table 3 rows, Pareto points and per-item outcomes for every method on the same evaluation items.
+
+    Offline rows route between the stored answers; where the live methods run (``plan.live_sets``; none with
+    ``live=False``) KV-Generative's sweep, DEER-style early exit, the profile's fixed budgets and the
+    forced-answer budget curve (``plan.curve_levels`` budgets from the fast to the slow mean tokens,
+    :func:`kvlib.experiments.budget_curve.budget_levels`) run live. A DEER-style run in which no trial was decoded
+    is named for what ran (:meth:`Method.deer`). See :class:`SwitchingResult`.
     """
-    rows, points = [], []
+    from .budget_curve import budget_levels, versus_curve
+
+    rows, points, outcomes = [], [], []
     settings = plan.generation()
     common = dict(model_name=model_name, settings=settings, root=root, batch_size=plan.batch_size, progress=progress)
     for name, items in test_items.items():
         fast, slow = pairs[name]
+        ids = [s["item_id"] for s in slow]
         slow_mean = float(np.mean([s["n_tokens"] for s in slow]))
+        fast_mean = float(np.mean([f["n_tokens"] for f in fast]))
         prefill = float(np.mean([len(tokenizer(s["prompt"], add_special_tokens=False).input_ids) for s in slow]))
         d0 = classifier.predict(record_features(slow, classifier.spec))
         n = len(items)
-        for method, to_slow in ((Method.FAST, np.zeros(n)), (Method.SLOW, np.ones(n))):
-            rows.append(method_row(method, name, *route(fast, slow, to_slow), slow_mean, slow_share=to_slow.mean()))
+        for method, to_slow, cap in ((Method.FAST, np.zeros(n), plan.fast_tokens),
+                                     (Method.SLOW, np.ones(n), plan.slow_tokens)):
+            c, t = route(fast, slow, to_slow)
+            rows.append(method_row(method, name, c, t, slow_mean, slow_share=to_slow.mean(), cap=cap,
+                                   at_cap_share=float(np.mean(t >= cap))))
+            outcomes += _item_rows(method, name, ids, c, t)
         for tau in sorted(set(plan.class_taus) | {plan.tau}):
             c, t = route(fast, slow, d0 > tau)
             points.append({"method": Method.KV_CLASSIFICATION, "set": name, "param": f"tau={tau:g}",
                            "accuracy": c.mean(), "mean_tokens": t.mean()})
         rate_slow = d0 > plan.tau
-        rows.append(method_row(Method.KV_CLASSIFICATION, name, *route(fast, slow, rate_slow), slow_mean,
+        c, t = route(fast, slow, rate_slow)
+        rows.append(method_row(Method.KV_CLASSIFICATION, name, c, t, slow_mean,
                                slow_share=rate_slow.mean(), decision_prefill_tokens=prefill, tau=plan.tau))
+        outcomes += _item_rows(Method.KV_CLASSIFICATION, name, ids, c, t)
         rng = np.random.default_rng(plan.seed)
         k = int(rate_slow.sum())
         draws = []
@@ -294,12 +370,23 @@ def evaluate_methods(model, tokenizer, model_name: str, test_items: Mapping[str,
         acc, tok = np.mean(draws, axis=0)
         rows.append({**method_row(Method.RANDOM, name, [acc], [tok], slow_mean), "n": n,
                      "slow_share": k / n, "accuracy_sd": float(np.std([d[0] for d in draws]))})
+        share = k / n  # per item, the expectation over draws: slow with probability k / n
+        (fc, ft), (sc, st) = route(fast, slow, np.zeros(n)), route(fast, slow, np.ones(n))
+        outcomes += _item_rows(Method.RANDOM, name, ids, share * sc + (1 - share) * fc, share * st + (1 - share) * ft)
         oracle = ~np.array([f["correct"] for f in fast], bool)
-        rows.append(method_row(Method.ORACLE, name, *route(fast, slow, oracle), slow_mean,
-                               slow_share=oracle.mean()))
+        c, t = route(fast, slow, oracle)
+        rows.append(method_row(Method.ORACLE, name, c, t, slow_mean, slow_share=oracle.mean()))
+        outcomes += _item_rows(Method.ORACLE, name, ids, c, t)
         if not live or (plan.live_sets is not None and name not in plan.live_sets):
             continue
         refs = stored_answers(fast, slow) if plan.replay else None
+
+        def add_live(method, recs, **extra):
+            live_row(rows, method, name, items, recs, slow_mean, **extra)
+            outcomes.extend(_item_rows(method, name, [r["item_id"] for r in recs],
+                                       [grade(r, it) for r, it in zip(recs, items)], [r["n_tokens"] for r in recs],
+                                       **({"budget": extra["budget"]} if "budget" in extra else {})))
+
         for tau, tf, ts in _sweep(plan):
             cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.fast_tokens)
             recs = adaptive_generate(model, tokenizer, items, classifier, cfg, dataset=name, references=refs,
@@ -308,25 +395,45 @@ def evaluate_methods(model, tokenizer, model_name: str, test_items: Mapping[str,
             points.append({"method": Method.KV_GENERATIVE, "set": name, "param": f"tau={tau:g},{tf:g},{ts:g}",
                            "accuracy": probe["accuracy"], "mean_tokens": probe["mean_tokens"]})
             if (tau, tf, ts) == (plan.tau, plan.tau_fast, plan.tau_slow):
-                rows.append({**probe, "slow_share": float(np.mean([r["start_mode"] == "slow" for r in recs])),
-                             "decision_prefill_tokens": prefill, "tau": tau, "tau_fast": tf, "tau_slow": ts})
+                add_live(Method.KV_GENERATIVE, recs,
+                         slow_share=float(np.mean([r["start_mode"] == "slow" for r in recs])),
+                         decision_prefill_tokens=prefill, tau=tau, tau_fast=tf, tau_slow=ts)
         recs = early_exit_generate(model, tokenizer, items, plan.early_exit, dataset=name,
                                    references=refs and refs["slow"], **common)
-        live_row(rows, Method.DEER, name, items, recs, slow_mean,
-              trial_tokens=float(np.mean([r["trial_tokens"] for r in recs])), threshold=plan.early_exit.threshold)
+        trial = float(np.mean([r["trial_tokens"] for r in recs]))
+        add_live(Method.deer(trial, plan.early_exit.think_ratio), recs, trial_tokens=trial,
+                 threshold=plan.early_exit.threshold)
         points.append({**{k: rows[-1][k] for k in ("method", "set", "accuracy", "mean_tokens")},
                        "param": f"p>={plan.early_exit.threshold:g}"})
         for b in plan.budgets:
             recs = budget_generate(model, tokenizer, items, b, dataset=name, references=refs and refs["slow"],
                                    **common)
-            live_row(rows, Method.budget(b), name, items, recs, slow_mean, budget=b)
+            add_live(Method.budget(b), recs, budget=b)
             points.append({"method": Method.TOKEN_BUDGET, "set": name, "param": f"B={b}",
                            "accuracy": rows[-1]["accuracy"], "mean_tokens": rows[-1]["mean_tokens"]})
+        levels = budget_levels(fast_mean, slow_mean, plan.curve_levels) if plan.curve_levels else []
+        for level, b in enumerate(levels, 1):
+            recs = budget_generate(model, tokenizer, items, b, dataset=name, references=refs and refs["slow"],
+                                   **common)
+            add_live(Method.curve_level(level), recs, budget=b)
     for r in rows:
         if r["method"] in (Method.FAST, Method.SLOW, Method.ORACLE, Method.RANDOM):  # fixed points, no sweep
             points.append({"method": r["method"], "set": r["set"], "param": "", "accuracy": r["accuracy"],
                            "mean_tokens": r["mean_tokens"]})
-    return pd.DataFrame(rows), pd.DataFrame(points)
+    items_frame = pd.DataFrame(outcomes)
+    table = pd.DataFrame(rows)
+    vs = versus_curve(items_frame, seed=plan.seed)
+    curve_sets = set(vs["set"]) | {r["set"] for r in rows if Method.curve_index(r["method"])}
+    for r in rows:  # the curve as one line: fast, the budget levels, slow, on the sets where it ran
+        if r["set"] in curve_sets and (r["method"] in (Method.FAST, Method.SLOW) or Method.curve_index(r["method"])):
+            points.append({"method": Method.BUDGET_CURVE, "set": r["set"],
+                           "param": f"B={r['budget']:g}" if Method.curve_index(r["method"]) else r["method"],
+                           "accuracy": r["accuracy"], "mean_tokens": r["mean_tokens"]})
+    if len(vs):
+        keyed = vs.rename(columns={"difference": "vs_curve", "lo": "vs_curve_lo", "hi": "vs_curve_hi"})
+        table = table.merge(keyed[["set", "method", "curve_accuracy", "vs_curve", "vs_curve_lo", "vs_curve_hi"]],
+                            on=["set", "method"], how="left")
+    return SwitchingResult(table, pd.DataFrame(points), items_frame, vs)
 
 
 def switching_items(sizes: Mapping[str, int], split: str, seed: int = 0, data_dir=None):
@@ -360,6 +467,11 @@ class SwitchingRun:
         train_items / test_items: :class:`kvlib.data.SelectedSets` of the training and evaluation splits.
         train_pairs / test_pairs: ``{set: (fast records, slow records)}`` (:func:`answer_pairs`).
         frame / test_frame: :func:`label_frame` of each; train_records / test_records: the matching slow records.
+        train_fast_generous: ``{set: fast records}`` of the training split at the generous cap the fast cap was
+            picked from (``None`` when the plan keeps its ``fast_tokens``); ``train_pairs`` holds them cut at the
+            picked cap (:func:`kvlib.difficulty.cap_records`).
+        protocol_form: the thinking protocol's form (:func:`kvlib.thinking.protocol_for`): ``"prompt"`` (fast and
+            slow are prompt instructions) or ``"native"`` (a thinking model's ``<think>`` tokens).
     """
 
     model_name: str
@@ -374,6 +486,8 @@ class SwitchingRun:
     train_records: list[AnswerRecord]
     test_frame: pd.DataFrame
     test_records: list[AnswerRecord]
+    train_fast_generous: Mapping[str, list[AnswerRecord]] | None = None
+    protocol_form: str = "prompt"
 
     @property
     def evaluation_questions(self) -> list[str]:
@@ -385,10 +499,14 @@ class SwitchingRun:
         labels = pd.concat({"train": self.frame, "evaluation": self.test_frame}, names=["split"]).reset_index(level=0)
         return labels.groupby(["split", "set"])["label"].value_counts().unstack(fill_value=0)
 
+    def cap_shares(self) -> pd.DataFrame:
+        """:func:`cap_shares` of this run."""
+        return cap_shares(self)
+
     def caption(self, classifier, what: str, **kwargs) -> str:
         """:func:`caption` for this run (``kwargs``: its ``features`` and ``live``)."""
         return caption(self.model_name, self.profile, self.plan, self.test_items, classifier, what,
-                       hardware=self.hardware, **kwargs)
+                       hardware=self.hardware, form=self.protocol_form, **kwargs)
 
 
 def switching_setup(profile, model, tokenizer, seed: int = 0, smoke: bool = False, data_dir=None, root=None,
@@ -396,18 +514,63 @@ def switching_setup(profile, model, tokenizer, seed: int = 0, smoke: bool = Fals
     """The set-up of notebooks 04 and 05: the profile's :func:`switching_plan`, the seeded items of every
     training and evaluation set (:func:`switching_items`), their graded fast and slow answers (generated once,
     then read from the store; :func:`answer_pairs`) and their labelled rows (:func:`label_frame`). Logs the plan's
-    sizes first."""
+    sizes first.
+
+    The fast cap is picked from the training split (:func:`pick_fast_cap`) before any evaluation answer is
+    generated: the training fast answers are generated at the profile's generous ``fast_tokens``, the training
+    labels read them cut at the picked cap, and the evaluation fast answers are generated at it."""
     plan = switching_plan(profile, seed=seed, smoke=smoke)
     _log.info("%s, %s: train %s, test %s, fast/slow budgets %d/%d, grid (N, L) %s", profile.name, profile.model,
               dict(plan.train_sets), dict(plan.test_sets), plan.fast_tokens, plan.slow_tokens, list(plan.grid))
     train_items = switching_items(plan.train_sets, "train", seed=seed, data_dir=data_dir)
     test_items = switching_items(plan.test_sets, "test", seed=seed, data_dir=data_dir)
     train_pairs = answer_pairs(model, tokenizer, profile.model, train_items, plan, root=root, progress=progress)
+    generous = None
+    if plan.fast_cap_quantile is not None:
+        generous = {k: list(fast) for k, (fast, _) in train_pairs.items()}
+        plan = pick_fast_cap(plan, generous)
+        _log.info("fast cap %d tokens: the %g quantile of %d training fast answers generated with <= %d, rounded up "
+                  "to 32, at least %d", plan.fast_tokens, plan.fast_cap_quantile,
+                  sum(len(v) for v in generous.values()), plan.fast_generous, SHORT_ANSWER)
+        train_pairs = {k: (cap_records(fast, plan.fast_tokens), slow) for k, (fast, slow) in train_pairs.items()}
     test_pairs = answer_pairs(model, tokenizer, profile.model, test_items, plan, root=root, progress=progress)
     frame, train_records = label_frame(train_pairs)
     test_frame, test_records = label_frame(test_pairs)
     return SwitchingRun(profile.model, profile.name, profile.hardware(), plan, train_items, test_items, train_pairs,
-                        test_pairs, frame, train_records, test_frame, test_records)
+                        test_pairs, frame, train_records, test_frame, test_records, generous,
+                        protocol_for(tokenizer).form)
+
+
+def pick_fast_cap(plan: SwitchingPlan, train_fast: Mapping[str, Sequence[AnswerRecord]]) -> SwitchingPlan:
+    """``plan`` with ``fast_tokens`` set to :func:`kvlib.difficulty.fast_cap` of the training fast answers'
+    lengths (generated at the plan's ``fast_tokens``, the generous cap, which moves to ``fast_generous``)."""
+    if plan.fast_cap_quantile is None:
+        return plan
+    lengths = [r["n_tokens"] for recs in train_fast.values() for r in recs]
+    cap = fast_cap(lengths, plan.fast_cap_quantile, minimum=SHORT_ANSWER, ceiling=plan.fast_tokens)
+    return plan.with_sizes(fast_tokens=cap, fast_generous=plan.fast_tokens)
+
+
+def cap_shares(run: SwitchingRun) -> pd.DataFrame:
+    """Per split and set: how many fast and slow answers reach their cap (``n_tokens >= cap``: cut, or ending on
+    its last token), as a share. Training rows also give the share at the generous cap the fast cap was picked
+    under. The fast cap fits when fewer than 5% of evaluation fast answers reach it."""
+    plan = run.plan
+    rows = []
+    for split, pairs in (("train", run.train_pairs), ("evaluation", run.test_pairs)):
+        for name, (fast, slow) in pairs.items():
+            ft = np.array([r["n_tokens"] for r in fast], float)
+            st = np.array([r["n_tokens"] for r in slow], float)
+            row = {"split": split, "set": name, "n": len(ft), "fast cap": plan.fast_tokens,
+                   "fast at cap": float(np.mean(ft >= plan.fast_tokens)), "fast mean tokens": float(ft.mean()),
+                   "slow cap": plan.slow_tokens, "slow at cap": float(np.mean(st >= plan.slow_tokens)),
+                   "slow mean tokens": float(st.mean())}
+            if split == "train" and run.train_fast_generous is not None and plan.fast_generous is not None:
+                gen = np.array([r["n_tokens"] for r in run.train_fast_generous[name]], float)
+                row.update({"generous fast cap": plan.fast_generous,
+                            "fast at generous cap": float(np.mean(gen >= plan.fast_generous))})
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def classifier_qualities(classifiers: Mapping[tuple[int, int], DifficultyClassifier], frame: pd.DataFrame,
@@ -438,8 +601,12 @@ def save_classifier(classifier: DifficultyClassifier, model_name: str, folder=No
 # KV-Classification threshold sweep, the KV-Generative sweep, token budgets, DEER-style early exit, and the fixed
 # points (fast, slow, oracle); random routing lies on the dashed fast-slow line in expectation.
 
-TABLE3 = "Accuracy / mean generated tokens per item (change vs always-slow)."
-PARETO = "Every swept point."
+TABLE3 = ("Accuracy / mean generated tokens per item (change vs always-slow); each method's accuracy difference to "
+          "the forced-answer budget curve at its own mean token count, with a paired bootstrap 95% interval.")
+PARETO = ("Every swept point; the forced-answer budget curve (always-fast, the slow answer cut at each budget and "
+          "forced to answer, always-slow).")
+CAP_SHARES = ("Share of fast and of slow answers that reach their token cap (n_tokens >= cap), per split and set; "
+              "the fast cap fits when fewer than 5% of evaluation fast answers reach it.")
 
 
 def _skipped(test_items: Mapping, plan, classifier) -> list[str]:
@@ -453,12 +620,13 @@ def _skipped(test_items: Mapping, plan, classifier) -> list[str]:
 
 
 def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier, what: str,
-            hardware: str = "", features: bool = True, live: bool = True) -> str:
+            hardware: str = "", features: bool = True, live: bool = True, form: str = "prompt") -> str:
     """One line: model, profile, sets and sizes, budgets, classifier settings, what the table shows, and the
     sets left out (``test_items.skipped`` from :func:`switching_items`, training sets the classifier did not see).
 
     ``features=False`` leaves out the classifier's features (a table that compares several); ``live=False`` the
-    note on the sets where the live methods ran (``plan.live_sets``)."""
+    note on the sets where the live methods ran (``plan.live_sets``). ``form``: the thinking protocol's form; the
+    prompt form (a non-thinking model) is named with the text a switch to fast injects."""
     sets = ", ".join(f"{set_label(k)} n={len(v)}" for k, v in test_items.items())
     trained = (getattr(classifier, "info", None) or {}).get("train_sets")
     train = ", ".join(f"{k} {'all' if v in (None, 'all') else v}" for k, v in plan.train_sets.items()
@@ -472,17 +640,33 @@ def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier
                  f"{', '.join(set_label(k) for k in live_sets if k in test_items) or 'no set'}; the other sets "
                  "show the offline rows only.")
     feats = f"features: last {spec.n_tokens} tokens x last {spec.n_layers} layers; " if features else ""
-    return (f"{run_label(model_name, profile, hardware)}; greedy; fast answers <= {plan.fast_tokens} and "
-            f"slow/adaptive <= {plan.slow_tokens} new tokens; evaluation sets: {sets}; classifier trained on the "
+    generous = getattr(plan, "fast_generous", None)
+    picked = (f" (the {getattr(plan, 'fast_cap_quantile', 0):g} quantile of the training fast answers generated "
+              f"with <= {generous}, rounded up to 32, at least {SHORT_ANSWER})" if generous is not None else "")
+    return (f"{run_label(model_name, profile, hardware)}; greedy; fast answers <= {plan.fast_tokens}{picked} and "
+            f"slow/adaptive <= {plan.slow_tokens} new tokens; {_protocol_note(form)}evaluation sets: "
+            f"{sets}; classifier trained on the "
             f"train splits of {train} (split by question, evaluation questions excluded), {feats}"
             f"tau={plan.tau:g}, tau_fast={plan.tau_fast:g}, tau_slow={plan.tau_slow:g}, check every "
             f"{plan.check_every} tokens.{note} {what}")
 
 
+def _protocol_note(form: str) -> str:
+    """What fast and slow are for ``form``: for the prompt form, prompt instructions and the switch-to-fast text
+    (:data:`kvlib.thinking.PROMPT`) that a switch injects."""
+    from ..thinking import NATIVE, PROMPT
+
+    if form == "prompt":
+        return (f"fast and slow are prompt instructions to this non-thinking model and a switch to fast injects "
+                f"'{PROMPT.to_fast.strip()}'; ")
+    return f"fast and slow are the model's own thinking mode and a switch to fast injects '{NATIVE.to_fast.strip()}'; "
+
+
 def _order(methods) -> list[str]:
     known = [m for m in Method.TABLE3_ORDER if m in set(methods)]
     rest = set(methods) - set(known)
-    return known + sorted(rest, key=lambda m: (Method.budget_tokens(m) is None, Method.budget_tokens(m) or 0, m))
+    return known + sorted(rest, key=lambda m: (Method.budget_tokens(m) is None, Method.budget_tokens(m) or 0,
+                                               Method.curve_index(m) or 0, m))
 
 
 def table3_markdown(table: pd.DataFrame, caption_line: str) -> str:
@@ -494,22 +678,44 @@ def table3_markdown(table: pd.DataFrame, caption_line: str) -> str:
         cell = f"{r['accuracy']:.3f} / {r['mean_tokens']:.0f}{change}"
         if pd.notna(r.get("trial_tokens", np.nan)):
             cell += f" [+{r['trial_tokens']:.0f} trial]"
+        if Method.curve_index(r["method"]) is not None:
+            cell += f" [B={r['budget']:.0f}]"
+        if pd.notna(r.get("at_cap_share", np.nan)):
+            cell += f" [{100 * r['at_cap_share']:.1f}% at cap {r['cap']:.0f}]"
         out.loc[r["method"], set_label(r["set"])] = cell
     out.index.name = "method"
     notes = ("Cells: accuracy / mean generated tokens per item (injected switch text included) and the change vs "
              "always-slow. [+k trial]: mean tokens per item that DEER-style trial answers spent (overhead, rolled "
-             "back). KV methods also prefill the decision prompt once more per item (see the CSV).")
-    return f"{caption_line}\n\n{out.fillna('').to_markdown()}\n\n{notes}\n"
+             "back). [x% at cap c]: share of the fast / slow answers that reach their token cap. [B=b]: the "
+             "forced-answer budget of a budget-curve level (each set has its own levels, from its fast to its slow "
+             "mean tokens). KV methods also prefill the decision prompt once more per item (see the CSV).")
+    md = f"{caption_line}\n\n{out.fillna('').to_markdown()}\n\n{notes}\n"
+    if "vs_curve" in table and table["vs_curve"].notna().any():
+        vs = pd.DataFrame(index=[m for m in out.index if m in set(table.loc[table["vs_curve"].notna(), "method"])],
+                          columns=out.columns, dtype=object)
+        for _, r in table[table["vs_curve"].notna()].iterrows():
+            vs.loc[r["method"], set_label(r["set"])] = (f"{r['vs_curve']:+.1f} [{r['vs_curve_lo']:+.1f}, "
+                                                        f"{r['vs_curve_hi']:+.1f}]")
+        vs.index.name = "method"
+        from .budget_curve import VS_CURVE
+
+        md += f"\n{vs.fillna('').to_markdown()}\n\n{VS_CURVE}\n"
+    return md
 
 
 def classifier_table(classifiers: Mapping, qualities: Mapping | None = None,
                      chosen: tuple[int, int] | None = None) -> pd.DataFrame:
-    """One row per grid point: validation RMSE, epochs, and evaluation-set quality (``qualities`` from
+    """One row per grid point: validation RMSE beside the two baselines' on the same split (``constant
+    val_rmse``: the training labels' mean; ``prompt-length val_rmse``: a regressor of the prompt's length alone;
+    see :func:`fit_classifiers`), epochs, and evaluation-set quality (``qualities`` from
     :func:`classifier_qualities`); with ``chosen``, a column that marks that grid point."""
     rows = []
     for key, clf in classifiers.items():
+        base = clf.info.get("baseline_rmse", {})
         row = {"tokens": key[0], "layers": key[1], "train_rows": clf.info["train_rows"],
-               "val_rows": clf.info["val_rows"], "val_rmse": clf.info["val_rmse"], "epochs": clf.info["best_epoch"]}
+               "val_rows": clf.info["val_rows"], "val_rmse": clf.info["val_rmse"],
+               "constant val_rmse": base.get("constant", np.nan),
+               "prompt-length val_rmse": base.get("prompt_length", np.nan), "epochs": clf.info["best_epoch"]}
         for name, q in (qualities or {}).get(key, {}).items():
             row.update({f"{set_label(name)} {k}": v for k, v in q.items() if k != "n"})
         if chosen is not None:
@@ -519,7 +725,9 @@ def classifier_table(classifiers: Mapping, qualities: Mapping | None = None,
 
 
 def pareto_figure(points: pd.DataFrame, title: str | None = None):
-    """Accuracy vs mean generated tokens, one panel per set, every method on it (``title`` above the panels)."""
+    """Accuracy vs mean generated tokens, one panel per set, every method on it (``title`` above the panels): the
+    forced-answer budget curve (:attr:`Method.BUDGET_CURVE`) and the sweeps as lines, every other method (oracle,
+    random routing, DEER-style, the a-priori settings) as points; legends name each method as its table row does."""
     import matplotlib.pyplot as plt
 
     sets = list(dict.fromkeys(points["set"]))
@@ -527,14 +735,14 @@ def pareto_figure(points: pd.DataFrame, title: str | None = None):
     style = {Method.KV_CLASSIFICATION: ("C0", "o", "-"), Method.KV_GENERATIVE: ("C3", "s", "-"),
              Method.TOKEN_BUDGET: ("C2", "^", "-"), Method.DEER: ("C4", "D", ""),
              Method.FAST: ("k", "<", ""), Method.SLOW: ("k", ">", ""), Method.ORACLE: ("C1", "*", ""),
-             Method.RANDOM: ("grey", "x", "")}
+             Method.RANDOM: ("grey", "x", ""), Method.BUDGET_CURVE: ("C2", "^", "-")}
     for ax, name in zip(axes[0], sets):
         df = points[points["set"] == name]
         ends = df[df["method"].isin([Method.FAST, Method.SLOW])].sort_values("mean_tokens")
         ax.plot(ends["mean_tokens"], ends["accuracy"], ls="--", c="grey", lw=1,
                 label="random routing (expected)")
         for method, sub in df.groupby("method", sort=False):
-            c, m, ls = style.get(method, ("C5", "v", "-"))
+            c, m, ls = style.get(method, ("C4", "D", "") if Method.is_deer(method) else ("C5", "v", "-"))
             sub = sub.sort_values("mean_tokens")
             ax.plot(sub["mean_tokens"], sub["accuracy"], marker=m, ls=ls or "none", c=c, label=method,
                     ms=9 if m == "*" else 6, lw=1.5)
@@ -555,18 +763,23 @@ def pareto_figure(points: pd.DataFrame, title: str | None = None):
 
 def headline(table: pd.DataFrame,
              methods=(Method.KV_GENERATIVE, Method.KV_CLASSIFICATION, Method.DEER)) -> pd.DataFrame:
-    """Per set and method: times fewer tokens than always-slow and the accuracy change in points (x100)."""
+    """Per set and method: times fewer tokens than always-slow and the accuracy change in points (x100), and
+    (where measured) the difference to the forced-answer budget curve at the method's own tokens. Asking for
+    :attr:`Method.DEER` also shows a DEER-style row under the name of what ran (:meth:`Method.deer`)."""
     rows = []
     for name, df in table.groupby("set", sort=False):
         slow = df[df["method"] == Method.SLOW].iloc[0]
-        for m in methods:
-            hit = df[df["method"] == m]
+        for want in methods:
+            hit = df[df["method"].map(Method.is_deer)] if want == Method.DEER else df[df["method"] == want]
             if hit.empty:
                 continue
             r = hit.iloc[0]
+            m = r["method"]
+            extra = ({"vs budget curve (points)": r["vs_curve"], "lo": r["vs_curve_lo"], "hi": r["vs_curve_hi"]}
+                     if "vs_curve" in r else {})
             rows.append({"set": set_label(name), "method": m, "slow accuracy": slow["accuracy"],
                          "accuracy": r["accuracy"],
                          "accuracy change (points)": 100 * (r["accuracy"] - slow["accuracy"]),
                          "slow tokens": slow["mean_tokens"], "tokens": r["mean_tokens"],
-                         "x fewer tokens": slow["mean_tokens"] / max(r["mean_tokens"], 1e-9)})
+                         "x fewer tokens": slow["mean_tokens"] / max(r["mean_tokens"], 1e-9), **extra})
     return pd.DataFrame(rows)
