@@ -153,3 +153,51 @@ def test_training_is_seeded():
     a = train_classifier(x[:80], y[:80], x[80:], y[80:], FeatureSpec(), cfg)
     b = train_classifier(x[:80], y[:80], x[80:], y[80:], FeatureSpec(), cfg)
     assert a.fingerprint() == b.fingerprint()
+
+
+def test_fast_cap_is_a_rounded_up_quantile_of_at_least_the_labels_split():
+    from kvlib.difficulty import SHORT_ANSWER, fast_cap
+
+    rng = np.random.default_rng(0)
+    lengths = rng.gamma(2.0, 60.0, 2000).round() + 1
+    cap = fast_cap(lengths, quantile=0.98)
+    assert cap % 32 == 0 and cap >= SHORT_ANSWER
+    assert np.mean(lengths >= cap) <= 0.02 < np.mean(lengths >= cap - 32)  # the smallest multiple of 32 that fits
+    test = rng.gamma(2.0, 60.0, 2000).round() + 1  # fresh answers of the same kind: fewer than 5% reach it
+    assert np.mean(test >= cap) < 0.05
+    assert fast_cap([3, 5, 9] * 50) == SHORT_ANSWER  # short answers still get the 128 tokens the labels assume
+    assert fast_cap(lengths, ceiling=200) == 200  # never above the cap the answers were generated with
+    with pytest.raises(ValueError, match="no training fast answers"):
+        fast_cap([])
+    with pytest.raises(ValueError, match="quantile"):
+        fast_cap(lengths, quantile=0)
+
+
+def test_cap_records_are_the_answers_a_smaller_cap_gives():
+    from kvlib.difficulty import cap_records
+
+    recs = [{"item_id": "a", "question": "q", "correct": True, "n_tokens": 10, "finish_reason": "stop"},
+            {"item_id": "b", "question": "q", "correct": True, "n_tokens": 130, "finish_reason": "stop"},
+            {"item_id": "c", "question": "q", "correct": True, "n_tokens": 128, "finish_reason": "stop"},
+            {"item_id": "d", "question": "q", "correct": False, "n_tokens": 300, "finish_reason": "length"}]
+    out = cap_records(recs, 128)
+    assert [r["n_tokens"] for r in out] == [10, 128, 128, 128]
+    assert [r["correct"] for r in out] == [True, False, True, False]  # cut = unfinished = wrong
+    assert [r["finish_reason"] for r in out] == ["stop", "length", "stop", "length"]
+    assert [difficulty_label(r["correct"], r["n_tokens"], True) for r in out] == [0, 75, 25, 75]  # 25 can occur
+
+
+def test_baselines_of_the_classifier():
+    from kvlib.difficulty import baseline_rmse
+
+    rng = np.random.default_rng(1)
+    length = rng.integers(30, 400, 600)
+    y = np.where(length > 200, 75.0, 0.0) + rng.normal(0, 3, 600)  # difficulty that the prompt's length tells
+    base = baseline_rmse(y[:400], y[400:], length[:400], length[400:])
+    assert base["constant"] == pytest.approx(np.sqrt(np.mean((y[400:] - y[:400].mean()) ** 2)))
+    assert base["prompt_length"] < 0.6 * base["constant"]
+    noise = rng.permutation(y)  # labels unrelated to length: the length regressor is no better than the mean
+    shuffled = baseline_rmse(noise[:400], noise[400:], length[:400], length[400:])
+    assert shuffled["prompt_length"] > 0.9 * shuffled["constant"]
+    same = baseline_rmse(y[:400], y[400:], np.full(400, 50), length[400:])  # one length only: the constant
+    assert same["prompt_length"] == same["constant"]

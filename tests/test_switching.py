@@ -12,14 +12,14 @@ from kvlib import tiny_model
 from kvlib.cache import cache_length, crop_cache, kv_layers
 from kvlib.data import MathItem
 from kvlib.decoding import DecodeConfig, decode
-from kvlib.difficulty import prompt_kv_extractor, question_key
+from kvlib.difficulty import prompt_kv_extractor, question_key, split_by_question
 from kvlib.early_exit import BudgetConfig, EarlyExitConfig, early_exit_generate
 from kvlib.experiments.budget_sweep import budget_grid, table4_markdown
 from kvlib.experiments.labels import Method
 from kvlib.experiments.budget_curve import curve_methods
-from kvlib.experiments.switching import (SwitchingPlan, best_spec, evaluate_methods, evaluate_switching,
-                                         fit_classifiers, headline, label_frame, method_row, pareto_figure, route,
-                                         table3_markdown)
+from kvlib.experiments.switching import (SwitchingPlan, best_spec, classifier_table, evaluate_methods,
+                                         evaluate_switching, fit_classifiers, headline, label_frame, method_row,
+                                         pareto_figure, route, table3_markdown)
 from kvlib.generation import GenerationSettings, Prompt, generate, open_store
 from kvlib.thinking import protocol_for, render_prompt
 
@@ -128,8 +128,17 @@ def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     test_pairs = _pairs(model, tok, test, tmp_path, plan)
     test_frame, _ = label_frame(test_pairs)
     assert set(frame["label"]) <= {0, 25, 75, 100}
-    clfs = fit_classifiers(frame, recs, plan, exclude_questions=test_frame["question"].tolist())
+    clfs = fit_classifiers(frame, recs, plan, exclude_questions=test_frame["question"].tolist(), tokenizer=tok)
     assert set(clfs) == {(4, 3), (8, 1)}
+    ctab = classifier_table(clfs)  # each KV classifier beside the two baselines on its own validation split
+    assert ctab["constant val_rmse"].nunique() == 1 and ctab["prompt-length val_rmse"].nunique() == 1
+    assert np.isfinite(ctab[["val_rmse", "constant val_rmse", "prompt-length val_rmse"]].to_numpy()).all()
+    split = split_by_question(frame["question"].tolist(), {"train": 0.8, "val": 0.2}, seed=plan.seed,
+                              exclude=test_frame["question"].tolist())
+    y = frame["label"].to_numpy(float)
+    assert ctab["constant val_rmse"].iloc[0] == pytest.approx(
+        np.sqrt(np.mean((y[split["val"]] - y[split["train"]].mean()) ** 2)), rel=1e-6)
+    assert clfs[(4, 3)].info["prompt_length_unit"] == "tokens"
     clf = clfs[best_spec(clfs)]
     used = clf.info["train_rows"] + clf.info["val_rows"]
     leaked = train["svamp"][0].question
@@ -195,6 +204,7 @@ def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, cap
     from types import SimpleNamespace
 
     from kvlib.experiments import budget_sweep
+    from kvlib.difficulty import fast_cap
     from kvlib.experiments.switching import PARETO, TABLE3, caption, switching_setup
     from kvlib.profiles import get_profile
 
@@ -210,6 +220,21 @@ def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, cap
     counts = run.label_counts()
     assert set(counts.index) == {("train", "svamp"), ("train", "mawps"), ("evaluation", "svamp")}
     assert counts.to_numpy().sum() == 20
+    # the fast cap: picked from the training fast answers, generated at the profile's generous cap
+    generous = [r["n_tokens"] for recs in run.train_fast_generous.values() for r in recs]
+    assert run.plan.fast_generous == profile.fast_tokens
+    assert run.plan.fast_tokens == fast_cap(generous, run.plan.fast_cap_quantile, ceiling=profile.fast_tokens)
+    assert all(r["n_tokens"] <= run.plan.fast_tokens for fast, _ in run.train_pairs.values() for r in fast)
+    shares = run.cap_shares()
+    assert list(zip(shares["split"], shares["set"])) == [("train", "svamp"), ("train", "mawps"),
+                                                         ("evaluation", "svamp")]
+    fast, slow = run.test_pairs["svamp"]
+    ev = shares.iloc[-1]
+    assert ev["fast at cap"] == np.mean([r["n_tokens"] >= run.plan.fast_tokens for r in fast])
+    assert ev["slow at cap"] == np.mean([r["n_tokens"] >= run.plan.slow_tokens for r in slow])
+    assert shares.iloc[0]["fast at generous cap"] == np.mean(
+        [r["n_tokens"] >= profile.fast_tokens for r in run.train_fast_generous["svamp"]])
+    assert run.protocol_form == "prompt"
     clf = SimpleNamespace(spec=SimpleNamespace(n_tokens=32, n_layers=8), info={"train_sets": ["mawps", "svamp"]})
     plan = run.plan.with_sizes(live_sets=("svamp",))
     full = caption("m", "smoke", plan, run.test_items, clf, TABLE3)
@@ -218,7 +243,8 @@ def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, cap
     assert bare == full.replace("features: last 32 tokens x last 8 layers; ", "").replace(
         f" Live methods ({Method.KV_GENERATIVE}, {Method.DEER}, token budgets) run on SVAMP; the other sets show the "
         "offline rows only.", "")
-    assert run.caption(clf, PARETO).endswith("check every 8 tokens. Every swept point.")
+    assert run.caption(clf, PARETO).endswith(f"check every 8 tokens. {PARETO}")
+    assert "a switch to fast injects 'So the final answer is \\boxed{'" in full
     table4 = budget_sweep.caption(run, {(32, 8): clf})
     assert "features:" not in table4 and "Live methods" not in table4
     assert table4.endswith(f"cells: accuracy / mean generated tokens. {Method.KV_GENERATIVE} runs live on: SVAMP.")

@@ -163,7 +163,8 @@ def switching_verdict(vs: pd.DataFrame, methods: Sequence[str] = (Method.KV_CLAS
                          f"curve (n={int(r['n'])}), {judgement}.")
         wins += best
     if not tested:
-        return "No KV switching method lies within the budget curve's token range: the equal-token test was not made."
+        return " ".join(["No KV switching method lies within the budget curve's token range: the equal-token test "
+                         "was not made.", *parts])
     n_sets = vs["set"].nunique()
     head = (f"KV switching beats the equal-token forced-answer budget curve on {wins} of {n_sets} set(s) "
             f"(95% interval above 0).")

@@ -130,15 +130,26 @@ def differences_by_model(dirs: dict[str, Path], pairs=KEY_COMPARISONS) -> pd.Dat
 
 
 def table3_by_model(dirs: dict[str, Path], methods=TABLE3_METHODS) -> pd.DataFrame:
-    """Rows ``(set, method)``; columns per model: ``accuracy / mean tokens``."""
+    """Rows ``(set, method)``; columns per model: ``accuracy / mean tokens``, and where the model's table has it the
+    difference to its forced-answer budget curve, ``(vs curve +d [lo, hi])`` in accuracy points. Budget rows (fixed
+    budgets and the curve's levels) follow; a DEER-style row keeps the name of what ran (:meth:`Method.deer`)."""
     cols = {}
     for model, df in _read(dirs, "table3_switching").items():
-        df = df[df["method"].isin(methods) | df["method"].str.startswith(Method.BUDGET_PREFIX)]
-        cols[model] = pd.Series({(r.set, r.method): f"{r.accuracy:.3f} / {r.mean_tokens:.0f}" for r in df.itertuples()})
+        df = df[df["method"].isin(methods) | df["method"].str.startswith(Method.BUDGET_PREFIX)
+                | df["method"].map(Method.is_deer)]
+        cells = {}
+        for r in df.to_dict("records"):
+            cell = f"{r['accuracy']:.3f} / {r['mean_tokens']:.0f}"
+            if pd.notna(r.get("vs_curve", float("nan"))):
+                cell += f" (vs curve {r['vs_curve']:+.1f} [{r['vs_curve_lo']:+.1f}, {r['vs_curve_hi']:+.1f}])"
+            cells[(r["set"], r["method"])] = cell
+        cols[model] = pd.Series(cells, dtype=object)
     out = pd.DataFrame(cols)
     if not len(out):
         return out
     order = {m: i for i, m in enumerate(methods)}
+    order.update({m: order[Method.DEER] for m in out.index.get_level_values(1) if Method.is_deer(m)}
+                 if Method.DEER in order else {})
     return out.loc[sorted(out.index, key=lambda k: (k[0], order.get(k[1], len(order)), k[1]))].fillna("–")
 
 
