@@ -124,3 +124,38 @@ def test_the_model_size_table3_keeps_deer_rows_and_the_curve(tmp_path):
                                          Method.curve_level(1)]
     assert out.loc[("gsm8k", Method.KV_GENERATIVE), "m-1b"] == "0.450 / 200 (vs curve +2.5 [-1.0, +6.2])"
     assert out.loc[("gsm8k", Method.FAST), "m-1b"] == "0.100 / 40"
+
+
+def test_the_fast_cap_is_picked_on_training_answers_and_the_cap_shares_report_it():
+    from types import SimpleNamespace
+
+    from kvlib.difficulty import cap_records
+    from kvlib.experiments.switching import SwitchingPlan, cap_shares, pick_fast_cap
+
+    rng = np.random.default_rng(3)
+
+    def recs(n, scale, cap):
+        lengths = np.minimum(rng.gamma(2.0, scale, n).round().astype(int) + 1, cap)
+        return [{"item_id": f"i{k}", "question": f"q{k}", "correct": bool(k % 2), "n_tokens": int(t),
+                 "finish_reason": "length" if t >= cap else "stop"} for k, t in enumerate(lengths)]
+
+    plan = SwitchingPlan(train_sets={"gsm8k": 400}, test_sets={"gsm8k": 300}, fast_tokens=512, slow_tokens=512)
+    train_fast = {"gsm8k": recs(400, 50, 512)}
+    picked = pick_fast_cap(plan, train_fast)
+    lengths = np.array([r["n_tokens"] for r in train_fast["gsm8k"]])
+    assert picked.fast_generous == 512 and 128 <= picked.fast_tokens < 512 and picked.fast_tokens % 32 == 0
+    assert np.mean(lengths >= picked.fast_tokens) <= 0.02
+    assert pick_fast_cap(plan.with_sizes(fast_cap_quantile=None), train_fast) == plan.with_sizes(
+        fast_cap_quantile=None)
+    run = SimpleNamespace(plan=picked, train_fast_generous=train_fast,
+                          train_pairs={"gsm8k": (cap_records(train_fast["gsm8k"], picked.fast_tokens),
+                                                 recs(400, 150, 512))},
+                          test_pairs={"gsm8k": (recs(300, 50, picked.fast_tokens), recs(300, 150, 512))})
+    shares = cap_shares(run).set_index("split")
+    fast_test = np.array([r["n_tokens"] for r in run.test_pairs["gsm8k"][0]])
+    slow_test = np.array([r["n_tokens"] for r in run.test_pairs["gsm8k"][1]])
+    assert shares.loc["evaluation", "fast at cap"] == np.mean(fast_test >= picked.fast_tokens) < 0.05
+    assert shares.loc["evaluation", "slow at cap"] == np.mean(slow_test >= 512)
+    assert shares.loc["train", "fast at cap"] == np.mean(lengths >= picked.fast_tokens)
+    assert shares.loc["train", "fast at generous cap"] == np.mean(lengths >= 512)
+    assert shares.loc["train", "generous fast cap"] == 512

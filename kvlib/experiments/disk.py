@@ -76,7 +76,10 @@ def estimate_disk(profile, config) -> dict[str, float]:
         profile.fast_tokens)
     live_items = min(test, profile.live_items * max(1, len(profile.switch_test_sets))) if profile.live_items \
         else test
-    runs = len(profile.generative_sweep) + 1 + len(profile.budgets) + 4  # Table 3's live rows + Table 4's grid
+    from .switching import SwitchingPlan
+
+    # Table 3's live rows (KV-Generative sweep, DEER, fixed budgets, the budget curve's levels) + Table 4's grid
+    runs = len(profile.generative_sweep) + 1 + len(profile.budgets) + SwitchingPlan.curve_levels + 4
     live = live_items * runs * size["method"](profile.slow_tokens)
     parts = {"answers (03-05)": answers, "hidden-state CoE (03)": coe * size["hidden_coe"](0),
              "live methods (04-05)": live}

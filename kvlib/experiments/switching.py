@@ -44,7 +44,7 @@ from .report import run_label, set_label
 
 __all__ = ["SwitchingPlan", "SwitchingRun", "switching_plan", "switching_setup", "switching_items", "answer_pairs",
            "AnswerPair", "label_frame", "fit_classifiers", "prompt_lengths", "pick_fast_cap", "cap_shares",
-           "CAP_SHARES", "SwitchingResult", "evaluate_switching", "best_spec", "classifier_quality",
+           "CAP_SHARES", "CLASSIFIERS", "SwitchingResult", "evaluate_switching", "best_spec", "classifier_quality",
            "classifier_qualities",
            "save_classifier", "route", "method_row", "live_row", "grade", "evaluate_methods", "TABLE3", "PARETO",
            "caption", "table3_markdown", "classifier_table", "pareto_figure", "headline"]
@@ -530,8 +530,8 @@ def switching_setup(profile, model, tokenizer, seed: int = 0, smoke: bool = Fals
         generous = {k: list(fast) for k, (fast, _) in train_pairs.items()}
         plan = pick_fast_cap(plan, generous)
         _log.info("fast cap %d tokens: the %g quantile of %d training fast answers generated with <= %d, rounded up "
-                  "to 32, at least %d", plan.fast_tokens, plan.fast_cap_quantile,
-                  sum(len(v) for v in generous.values()), plan.fast_generous, SHORT_ANSWER)
+                  "to 32, at least %d and at most %d", plan.fast_tokens, plan.fast_cap_quantile,
+                  sum(len(v) for v in generous.values()), plan.fast_generous, SHORT_ANSWER, plan.fast_generous)
         train_pairs = {k: (cap_records(fast, plan.fast_tokens), slow) for k, (fast, slow) in train_pairs.items()}
     test_pairs = answer_pairs(model, tokenizer, profile.model, test_items, plan, root=root, progress=progress)
     frame, train_records = label_frame(train_pairs)
@@ -605,6 +605,10 @@ TABLE3 = ("Accuracy / mean generated tokens per item (change vs always-slow); ea
           "the forced-answer budget curve at its own mean token count, with a paired bootstrap 95% interval.")
 PARETO = ("Every swept point; the forced-answer budget curve (always-fast, the slow answer cut at each budget and "
           "forced to answer, always-slow).")
+CLASSIFIERS = ("Difficulty classifiers, one per (N tokens, L layers) point: validation RMSE (difficulty points) beside "
+               "two baselines on the same split, a constant (the training labels' mean) and a regressor of the "
+               "decision prompt's length alone; then each evaluation set's RMSE, Spearman rho and AUROC of d for "
+               "'the fast answer is wrong'.")
 CAP_SHARES = ("Share of fast and of slow answers that reach their token cap (n_tokens >= cap), per split and set; "
               "the fast cap fits when fewer than 5% of evaluation fast answers reach it.")
 
@@ -642,7 +646,8 @@ def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier
     feats = f"features: last {spec.n_tokens} tokens x last {spec.n_layers} layers; " if features else ""
     generous = getattr(plan, "fast_generous", None)
     picked = (f" (the {getattr(plan, 'fast_cap_quantile', 0):g} quantile of the training fast answers generated "
-              f"with <= {generous}, rounded up to 32, at least {SHORT_ANSWER})" if generous is not None else "")
+              f"with <= {generous}, rounded up to 32, at least {SHORT_ANSWER} and at most {generous})"
+              if generous is not None else "")
     return (f"{run_label(model_name, profile, hardware)}; greedy; fast answers <= {plan.fast_tokens}{picked} and "
             f"slow/adaptive <= {plan.slow_tokens} new tokens; {_protocol_note(form)}evaluation sets: "
             f"{sets}; classifier trained on the "
@@ -733,7 +738,7 @@ def pareto_figure(points: pd.DataFrame, title: str | None = None):
     sets = list(dict.fromkeys(points["set"]))
     fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.4), squeeze=False)
     style = {Method.KV_CLASSIFICATION: ("C0", "o", "-"), Method.KV_GENERATIVE: ("C3", "s", "-"),
-             Method.TOKEN_BUDGET: ("C2", "^", "-"), Method.DEER: ("C4", "D", ""),
+             Method.TOKEN_BUDGET: ("olive", "v", ""), Method.DEER: ("C4", "D", ""),
              Method.FAST: ("k", "<", ""), Method.SLOW: ("k", ">", ""), Method.ORACLE: ("C1", "*", ""),
              Method.RANDOM: ("grey", "x", ""), Method.BUDGET_CURVE: ("C2", "^", "-")}
     for ax, name in zip(axes[0], sets):
