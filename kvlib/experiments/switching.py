@@ -7,14 +7,21 @@ Flow (notebooks 04 and 05 call these in order):
    :func:`answer_pairs` (graded fast and slow answers, :func:`kvlib.answers.answer_records`, stored once and shared
    with notebook 03; each slow record carries the pooled prompt KV sums) and :func:`label_frame` (one row per
    question with the paper's label, :func:`kvlib.difficulty.difficulty_label`, and the prompt features of the
-   decision prompt: the slow prompt, see :mod:`kvlib.adaptive`).
+   decision prompt: the slow prompt, see :mod:`kvlib.adaptive`). The fast answers' cap is picked from the training
+   split first (:func:`pick_fast_cap`: training fast answers generated with the profile's generous ``fast_tokens``,
+   their 98th percentile rounded up, at least the labels' 128 tokens); :func:`cap_shares` reports how many fast and
+   slow answers reach their caps.
 2. :func:`fit_classifiers`: one MLP per ``(N, L)`` grid point, train / validation split by question text, every
-   evaluation question excluded from training (asserted); the point with the lowest validation RMSE is used.
+   evaluation question excluded from training (asserted); the point with the lowest validation RMSE is used. Two
+   baselines on the same split (a constant, the prompt's length alone) give that RMSE a scale.
 3. :func:`evaluate_methods`: every method on the same evaluation items. Rows that are pure routing between
    the stored fast and slow answers (fast, slow, KV-Classification, random at the same slow rate, oracle) are
    computed from those records: greedy decoding does not depend on batch composition, so a live
    KV-Classification run would reproduce them token for token (tested on a tiny model). KV-Generative,
-   DEER-style early exit and token budgets change the text mid-answer and run live.
+   DEER-style early exit and token budgets change the text mid-answer and run live, and so does the forced-answer
+   budget curve, against which every method is compared at its own mean token count
+   (:mod:`kvlib.experiments.budget_curve`; :func:`evaluate_switching` also returns the per-item outcomes). A
+   DEER-style run in which no trial fired is named for what ran (:meth:`Method.deer`).
 4. :func:`caption`, :func:`table3_markdown`, :func:`pareto_figure`, :func:`headline`: Table 3 in the paper's layout.
 
 Tokens are generated tokens per item, injected switch text included; prefill compute (the decision prompt)
