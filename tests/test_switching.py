@@ -170,6 +170,11 @@ def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert (table.set_index("method").loc[list(others), "vs_curve"].to_numpy()
             == res.vs_budget.set_index("method").loc[list(others), "difference"].to_numpy()).all()
     assert {"vs_curve", "vs_curve_lo", "vs_curve_hi"} <= set(table.columns)
+    offline = evaluate_switching(model, tok, "m", test, test_pairs, clf, plan.with_sizes(live_sets=("gsm8k",)),
+                                 root=tmp_path, progress=False)  # svamp not listed: the curve only runs live there
+    assert Method.KV_GENERATIVE not in set(offline.table["method"]) and not offline.table["method"].map(
+        Method.is_deer).any()
+    assert set(offline.vs_budget["method"]) == {Method.KV_CLASSIFICATION, Method.RANDOM, Method.ORACLE}
     fast_row = by.loc[Method.FAST]
     assert fast_row["cap"] == plan.fast_tokens and fast_row["at_cap_share"] == np.mean(
         [r["n_tokens"] >= plan.fast_tokens for r in test_pairs["svamp"][0]])
@@ -242,7 +247,7 @@ def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, cap
     bare = caption("m", "smoke", plan, run.test_items, clf, TABLE3, features=False, live=False)
     assert bare == full.replace("features: last 32 tokens x last 8 layers; ", "").replace(
         f" Live methods ({Method.KV_GENERATIVE}, {Method.DEER}, token budgets) run on SVAMP; the other sets show the "
-        "offline rows only.", "")
+        "offline rows and the budget curve only.", "")
     assert run.caption(clf, PARETO).endswith(f"check every 8 tokens. {PARETO}")
     assert "a switch to fast injects 'So the final answer is \\boxed{'" in full
     table4 = budget_sweep.caption(run, {(32, 8): clf})

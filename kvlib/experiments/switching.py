@@ -333,10 +333,10 @@ def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[st
                        plan: SwitchingPlan, root=None, live: bool = True, progress: bool = True) -> SwitchingResult:
     """Table 3 rows, Pareto points and per-item outcomes for every method on the same evaluation items.
 
-    Offline rows route between the stored answers; where the live methods run (``plan.live_sets``; none with
-    ``live=False``) KV-Generative's sweep, DEER-style early exit, the profile's fixed budgets and the
-    forced-answer budget curve (``plan.curve_levels`` budgets from the fast to the slow mean tokens,
-    :func:`kvlib.experiments.budget_curve.budget_levels`) run live. A DEER-style run in which no trial was decoded
+    Offline rows route between the stored answers. The forced-answer budget curve (``plan.curve_levels`` budgets
+    from the fast to the slow mean tokens, :func:`kvlib.experiments.budget_curve.budget_levels`) runs live on every
+    set, and KV-Generative's sweep, DEER-style early exit and the profile's fixed budgets where the live methods run
+    (``plan.live_sets``); ``live=False`` runs nothing live. A DEER-style run in which no trial was decoded
     is named for what ran (:meth:`Method.deer`). See :class:`SwitchingResult`.
     """
     from .budget_curve import budget_levels, versus_curve
@@ -384,7 +384,7 @@ def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[st
         c, t = route(fast, slow, oracle)
         rows.append(method_row(Method.ORACLE, name, c, t, slow_mean, slow_share=oracle.mean()))
         outcomes += _item_rows(Method.ORACLE, name, ids, c, t)
-        if not live or (plan.live_sets is not None and name not in plan.live_sets):
+        if not live:
             continue
         refs = stored_answers(fast, slow) if plan.replay else None
 
@@ -394,6 +394,14 @@ def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[st
                                        [grade(r, it) for r, it in zip(recs, items)], [r["n_tokens"] for r in recs],
                                        **({"budget": extra["budget"]} if "budget" in extra else {})))
 
+        # the budget curve runs on every set (the offline rows need it too); the other live methods on live_sets
+        levels = budget_levels(fast_mean, slow_mean, plan.curve_levels) if plan.curve_levels else []
+        for level, b in enumerate(levels, 1):
+            recs = budget_generate(model, tokenizer, items, b, dataset=name, references=refs and refs["slow"],
+                                   **common)
+            add_live(Method.curve_level(level), recs, budget=b)
+        if plan.live_sets is not None and name not in plan.live_sets:
+            continue
         for tau, tf, ts in _sweep(plan):
             cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.fast_tokens)
             recs = adaptive_generate(model, tokenizer, items, classifier, cfg, dataset=name, references=refs,
@@ -418,11 +426,6 @@ def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[st
             add_live(Method.budget(b), recs, budget=b)
             points.append({"method": Method.TOKEN_BUDGET, "set": name, "param": f"B={b}",
                            "accuracy": rows[-1]["accuracy"], "mean_tokens": rows[-1]["mean_tokens"]})
-        levels = budget_levels(fast_mean, slow_mean, plan.curve_levels) if plan.curve_levels else []
-        for level, b in enumerate(levels, 1):
-            recs = budget_generate(model, tokenizer, items, b, dataset=name, references=refs and refs["slow"],
-                                   **common)
-            add_live(Method.curve_level(level), recs, budget=b)
     for r in rows:
         if r["method"] in (Method.FAST, Method.SLOW, Method.ORACLE, Method.RANDOM):  # fixed points, no sweep
             points.append({"method": r["method"], "set": r["set"], "param": "", "accuracy": r["accuracy"],
@@ -649,7 +652,7 @@ def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier
     if live and live_sets is not None:
         note += (f" Live methods ({Method.KV_GENERATIVE}, {Method.DEER}, token budgets) run on "
                  f"{', '.join(set_label(k) for k in live_sets if k in test_items) or 'no set'}; the other sets "
-                 "show the offline rows only.")
+                 "show the offline rows and the budget curve only.")
     feats = f"features: last {spec.n_tokens} tokens x last {spec.n_layers} layers; " if features else ""
     generous = getattr(plan, "fast_generous", None)
     picked = (f" (the {getattr(plan, 'fast_cap_quantile', 0):g} quantile of the training fast answers generated "
