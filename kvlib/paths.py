@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 
-__all__ = ["repository_root", "machine_roots", "shown_path", "hide_machine_paths"]
+__all__ = ["repository_root", "machine_roots", "shown_path", "hide_machine_paths", "machine_paths_in"]
 
 
 def repository_root() -> Path | None:
@@ -75,3 +76,15 @@ def hide_machine_paths(text: str) -> str:
         text = re.sub(start + "/", lambda m, label=label: f"{label}/" if label else "", text)
         text = re.sub(start + r"(?![\w-]|\.[\w.-])", lambda m, label=label: label or ".", text)
     return text
+
+
+def machine_paths_in(text: str, extra_roots=()) -> list[str]:
+    """Absolute paths of this machine in ``text``: under one of :func:`machine_roots`, the temporary folder or
+    ``extra_roots`` (each found path up to the next space or quote). ``[]`` for text fit to publish."""
+    roots = {str(r) for r, _ in machine_roots()} | {tempfile.gettempdir(), *map(str, extra_roots)}
+    found = []
+    for root in sorted(r for r in roots if len(r.rstrip("/")) > 1):
+        pattern = r"(?<![\w.~$/-])" + re.escape(root.rstrip("/")) + r"(?:/[^\s'\"<>`]*)?(?![\w-]|\.[\w.-])"
+        found += [m.group(0) for m in re.finditer(pattern, text)]
+    return found
+
