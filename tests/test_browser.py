@@ -40,7 +40,6 @@ RUN_PARAMETERS = {"SMOKE": True, "MODEL": "random:tiny"}
 STDERR = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'  # errors and warnings
 _RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*\|", re.M)  # a Markdown table's |---|---| line
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
 def _missing() -> str:
@@ -55,7 +54,7 @@ def _missing() -> str:
     return ""
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def _browser_available():
     reason = _missing()
     if reason and os.environ.get("KVLIB_REQUIRE_BROWSER"):
@@ -94,11 +93,12 @@ def _run_copy(source: Path, folder: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(_browser_available, tmp_path_factory):
     """``(base URL, token, served folder)`` of a JupyterLab started by scripts/lab.py (what `make lab` runs)."""
-    make = subprocess.run(["make", "-n", "lab", "VENV=" + str(Path(sys.prefix))], cwd=ROOT, capture_output=True,
-                          text=True)
-    assert "scripts/lab.py" in make.stdout, f"`make lab` no longer runs scripts/lab.py:\n{make.stdout}{make.stderr}"
+    if shutil.which("make"):
+        make = subprocess.run(["make", "-n", "lab", "VENV=" + str(Path(sys.prefix))], cwd=ROOT, capture_output=True,
+                              text=True)
+        assert "scripts/lab.py" in make.stdout, f"`make lab` no longer runs scripts/lab.py:\n{make.stdout}{make.stderr}"
     tmp = tmp_path_factory.mktemp("lab")
     served = tmp / "notebooks"
     served.mkdir()
@@ -203,6 +203,8 @@ def _shot(driver, element, name: str) -> None:
     driver.save_screenshot(str(SHOTS / f"{Path(name).stem}.png"))
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_renders_its_committed_outputs(lab, browser, path):
     from selenium.webdriver.common.by import By
@@ -237,6 +239,8 @@ def test_notebook_renders_its_committed_outputs(lab, browser, path):
     assert not as_text, f"{path.name}: a Markdown table shown as text: {as_text[0][:300]}"
 
 
+@pytest.mark.browser
+@pytest.mark.slow
 def test_run_all_on_a_tiny_model_in_the_browser(lab, browser):
     from selenium.webdriver.common.by import By
 
@@ -270,3 +274,36 @@ def test_run_all_on_a_tiny_model_in_the_browser(lab, browser):
     assert numbers == sorted(numbers) and len(set(numbers)) == n_code, f"cells ran out of order: {detail}"
     assert panel.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output table"), f"{name} ran but shows no table"
     assert panel.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img"), f"{name} ran but shows no figure"
+
+
+# --- the launcher itself (no browser needed) --------------------------------------------------------------------------
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("kvlib_lab_launcher", ROOT / "scripts" / "lab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("uid", [0, 1000])
+def test_lab_command_binds_to_localhost_opens_no_browser_and_allows_root_only_as_root(monkeypatch, uid):
+    lab = _launcher()
+    monkeypatch.setattr(lab.os, "geteuid", lambda: uid)
+    cmd = lab.lab_command(ROOT / "notebooks", token="t0k")
+    assert cmd[1:3] == ["-m", "jupyterlab"]
+    assert {"--ServerApp.ip=localhost", "--ServerApp.port=8888", "--ServerApp.port_retries=0",
+            "--ServerApp.open_browser=False", "--IdentityProvider.token=t0k",
+            f"--ServerApp.root_dir={ROOT / 'notebooks'}"} <= set(cmd)
+    assert ("--allow-root" in cmd) == (uid == 0)
+
+
+def test_lab_refuses_a_port_in_use_and_names_another(capsys):
+    lab = _launcher()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert lab.main(["--ip", "127.0.0.1", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"port {port}" in err and f"LAB_PORT={port + 1}" in err
+
