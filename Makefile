@@ -70,8 +70,13 @@ test: $(VENV)/.test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# make lab [LAB_PORT=8888] [LAB_IP=localhost]: JupyterLab on notebooks/ that starts anywhere (as root, in a container,
+# over SSH): no browser, bound to LAB_IP (localhost: this machine only), prints the URL with its token and the SSH
+# tunnel command for reaching it from another machine.
+LAB_IP   ?= localhost
+LAB_PORT ?= 8888
 lab: $(VENV)/.lab
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) scripts/lab.py --ip $(LAB_IP) --port $(LAB_PORT) --notebook-dir notebooks
 
 clean-results:
 	rm -rf build/executed

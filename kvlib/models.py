@@ -200,7 +200,10 @@ def embedded_model_dir(name: str) -> Path:
     spec = EMBEDDED_MODELS[name]
     folder = cache_root() / name
     if not _is_current(folder, spec):
-        _log.info("kvlib: converting %s into %s (once; a few minutes on 2 cores)", spec.description, folder)
+        from .paths import shown_path
+
+        _log.info("kvlib: converting %s into %s (once; a few minutes on 2 cores)", spec.description,
+                  shown_path(folder))
         _convert(spec, folder)
     return folder
 

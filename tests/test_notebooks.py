@@ -2,19 +2,43 @@
 
 Outputs go to build/smoke/ (never over the committed tables and figures); the generation store goes to a
 temporary folder. Each notebook must run top to bottom and write at least one table (CSV) and a figure or a
-Markdown table.
+Markdown table; its outputs show no table as Markdown text and, as published, no path of this machine.
 """
 
+import re
 import time
 from pathlib import Path
 
+import nbformat
 import pytest
 
+from kvlib.experiments.notebook_outputs import clean_outputs
 from kvlib.experiments.pipeline import notebooks, run_notebook
+from kvlib.paths import machine_paths_in
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 NOTEBOOKS = notebooks(ROOT)
+_RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*\|", re.M)  # a Markdown table's |---|---| line
+
+
+def output_problems(executed: Path, roots=()) -> list[str]:
+    """What a reader would trip over in the outputs of ``executed``: a Markdown table printed as text, an error, or
+    (in the published form, :func:`clean_outputs`) an absolute path of this machine or under ``roots``."""
+    problems = []
+    for cell in nbformat.read(executed, as_version=4).cells:
+        outputs = cell.get("outputs", [])
+        for out in outputs:
+            if out.get("output_type") == "error":
+                problems.append(f"cell {cell.get('id')}: {out.get('ename')}")
+            if out.get("output_type") == "stream" and out.get("name") == "stdout" and _RULE.search(out.get("text", "")):
+                problems.append(f"cell {cell.get('id')}: a Markdown table printed as text")
+        for out in clean_outputs([dict(o) for o in outputs]):
+            texts = [out.get("text", "")] + [v for k, v in out.get("data", {}).items() if k.startswith("text/")]
+            for text in texts:
+                text = "".join(text) if isinstance(text, list) else text
+                problems += [f"cell {cell.get('id')}: path {p}" for p in machine_paths_in(text, roots)]
+    return problems
 
 
 def test_there_are_notebooks():
@@ -28,7 +52,8 @@ def test_notebook_smoke(path, tmp_path, monkeypatch):
     monkeypatch.setenv("KVLIB_RUNS", str(tmp_path / "runs"))
     start = time.time() - 1
     params = {"SMOKE": True, "DATA_DIR": str(SHARED_DATA) if SHARED_DATA.exists() else ""}
-    run_notebook(path, tmp_path / "executed", params)
+    executed = run_notebook(path, tmp_path / "executed", params)
+    assert not output_problems(executed, [tmp_path]), output_problems(executed, [tmp_path])
     smoke = ROOT / "build" / "smoke"
     fresh = [p for p in smoke.rglob("*") if p.is_file() and p.stat().st_mtime >= start]
     assert any(p.suffix == ".csv" for p in fresh), f"{path.name} wrote no table under build/smoke/"

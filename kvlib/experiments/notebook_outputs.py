@@ -6,7 +6,11 @@ and printed results without running anything. What changes from run to run is le
 the same results gives an empty or small diff:
 
 * papermill's injected-parameters cell is not copied (the source keeps its own defaults);
-* stderr streams (progress bars, warnings) are dropped; stdout, results and figures stay;
+* stderr streams (progress bars, warnings) and widget views (progress bars drawn by ipywidgets, which only a live
+  kernel can show) are dropped; stdout, results and figures stay;
+* absolute paths of the machine that ran it are shown as a reader should see them (``$KVLIB_CACHE/...``,
+  ``$KVLIB_RUNS/...``, relative to the repository, ``~/...``: :func:`kvlib.paths.hide_machine_paths`), in
+  printed text and in every text form of a result (plain, HTML, Markdown);
 * execution counts are renumbered 1, 2, ... over the code cells; per-cell papermill metadata (start and end
   times, duration, status) and notebook-level papermill metadata are not copied.
 
@@ -17,18 +21,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..paths import hide_machine_paths
+
 __all__ = ["publish_outputs", "clean_outputs"]
 
 _INJECTED = "injected-parameters"
+_WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def _text(value):
+    """A text field of an output (a string or nbformat's list of lines) with machine paths hidden."""
+    if isinstance(value, list):
+        return hide_machine_paths("".join(value)).splitlines(keepends=True)
+    return hide_machine_paths(value) if isinstance(value, str) else value
 
 
 def clean_outputs(outputs: list) -> list:
-    """``outputs`` (a list of output dicts) without stderr streams."""
+    """``outputs`` (a list of output dicts) without stderr streams and widget views, and with the machine's
+    absolute paths in printed text and in text results (``text/*`` data) shown relative to their roots."""
     kept = []
     for out in outputs:
         if out.get("output_type") == "stream" and out.get("name") == "stderr":
             continue
-        kept.append(dict(out))
+        if _WIDGET in out.get("data", {}):
+            continue
+        out = dict(out)
+        if "text" in out:
+            out["text"] = _text(out["text"])
+        if "data" in out:
+            out["data"] = {mime: _text(v) if mime.startswith("text/") else v for mime, v in out["data"].items()}
+        kept.append(out)
     return kept
 
 

@@ -8,22 +8,29 @@ Captions name what produced a table: :func:`run_label` (model, profile, hardware
 paper's set names, ``GSM8K``, ``MATH-500`` ...) and :func:`skipped_note` (optional sets a selection left out).
 :func:`flat_columns` turns a frame's two-level columns into one level for a CSV or Markdown table.
 :func:`show_log` makes the library's notices (a skipped set, a model converted once) part of a notebook's output.
+:func:`show_table` shows a table in a notebook as a rendered table (HTML, with its caption and notes), whether it
+comes as a data frame or as the Markdown text written to ``tables/``; :func:`shown_path` shows a path without the
+machine's folders (``$KVLIB_CACHE/...``, or relative to the repository).
 """
 
 from __future__ import annotations
 
+import html
+import io
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
 from ..data import SET_LABELS, skipped_sets
+from ..paths import shown_path
 
 __all__ = ["SET_LABELS", "TIMINGS_DIR", "set_label", "run_label", "skipped_note", "flat_columns", "timing_columns",
-           "save_table", "save_figure", "show_log"]
+           "save_table", "save_figure", "show_log", "ShownTable", "show_table", "markdown_table", "shown_path"]
 
 TIMINGS_DIR = "timings"
 _TIMING = re.compile(r"seconds|tok_s|tokens?[ _]?/[ _]?s\b|per[ _]second"
@@ -135,3 +142,92 @@ def save_figure(fig, stem: str | Path, dpi: int = 150, tight: bool = True) -> No
     stem.parent.mkdir(parents=True, exist_ok=True)
     for ext in (".png", ".pdf"):
         fig.savefig(stem.with_suffix(ext), dpi=dpi, bbox_inches="tight" if tight else None)
+
+
+# --- tables shown in a notebook --------------------------------------------------------------------------------------
+# A cell that ends with show_table(...) leaves one output holding text/html (a <table>, what JupyterLab, GitHub and
+# nbviewer render) and text/plain (the Markdown, what a terminal or a diff shows): no viewer sees a wall of pipes.
+
+_RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def markdown_table(text: str) -> tuple[str, pd.DataFrame, str, list[str]]:
+    """Split Markdown holding one pipe table (as :meth:`pandas.DataFrame.to_markdown` writes it, optionally with
+    paragraphs before and after) into ``(text before, table as a frame of strings, text after, alignments)``;
+    alignments are ``"left"``/``"right"``/``""`` per column, from the rule line. Raises ``ValueError`` when the text
+    holds no pipe table."""
+    lines = text.strip("\n").splitlines()
+    rule = next((i for i in range(1, len(lines)) if _RULE.match(lines[i]) and lines[i - 1].lstrip().startswith("|")),
+                None)
+    if rule is None:
+        raise ValueError("show_table: the Markdown holds no pipe table (a header row, then a |---|---| rule): "
+                         f"{text[:120]!r}")
+    end = rule + 1
+    while end < len(lines) and lines[end].lstrip().startswith("|"):
+        end += 1
+    header = _cells(lines[rule - 1])
+    frame = pd.read_csv(io.StringIO("\n".join("|".join(_cells(r)) for r in lines[rule + 1:end])), sep="|",
+                        header=None, names=range(len(header)), dtype=str, keep_default_na=False)
+    frame.columns = header
+    align = ["right" if c.endswith(":") and not c.startswith(":") else "left" if c.startswith(":") else ""
+             for c in _cells(lines[rule])]
+    return "\n".join(lines[:rule - 1]).strip(), frame, "\n".join(lines[end:]).strip(), align
+
+
+@dataclass(frozen=True, eq=False)
+class ShownTable:
+    """A table as a notebook shows it: ``caption`` above, ``frame`` as an HTML table, ``notes`` below; ``markdown``
+    is its plain-text form. Made by :func:`show_table`."""
+
+    frame: pd.DataFrame
+    caption: str = ""
+    notes: str = ""
+    markdown: str = ""
+    index: bool = False
+    align: tuple[str, ...] = ()
+
+    def _repr_html_(self) -> str:
+        table = _aligned(self.frame.to_html(index=self.index, border=0, na_rep="", classes="kvlib-table"), self.align)
+        text = [f"<p>{html.escape(p)}</p>" for p in (self.caption, self.notes)]
+        return "<div>" + (text[0] if self.caption else "") + table + (text[1] if self.notes else "") + "</div>"
+
+    def __repr__(self) -> str:
+        if self.markdown:
+            return self.markdown.rstrip("\n")
+        body = self.frame.to_markdown(index=self.index)
+        return "\n\n".join(p for p in (self.caption, body, self.notes) if p)
+
+
+def _aligned(table: str, align: Sequence[str]) -> str:
+    """``table`` (HTML rows of ``len(align)`` cells) with ``style="text-align: ..."`` on each cell of an aligned
+    column."""
+    def row(match: re.Match) -> str:
+        cells = iter(align)
+        return re.sub(r"<(td|th)>", lambda m: (f'<{m.group(1)} style="text-align: {a};">' if (a := next(cells, ""))
+                                               else m.group(0)), match.group(0))
+    return re.sub(r"<tr[^>]*>.*?</tr>", row, table, flags=re.S)
+
+
+def show_table(table: pd.DataFrame | str, caption: str = "", notes: str = "", index: bool | None = None
+               ) -> ShownTable:
+    """A table for a notebook cell to show (end the cell with it, or pass it to ``IPython.display.display``).
+
+    ``table`` is a data frame, or Markdown as written to ``tables/`` (a caption paragraph, a pipe table, notes),
+    split by :func:`markdown_table` so that the caption and notes are shown as text around the rendered table.
+    ``caption`` and ``notes`` add text above and below. ``index``: show a frame's index (default: when it is named
+    or not a plain range).
+    """
+    if isinstance(table, str):
+        before, frame, after, align = markdown_table(table)
+        return ShownTable(frame, " ".join(p for p in (caption, before) if p), " ".join(p for p in (after, notes) if p),
+                          markdown=table, align=tuple(align))
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"show_table takes a pandas DataFrame or Markdown text, not {type(table).__name__}")
+    if index is None:
+        index = table.index.name is not None or not isinstance(table.index, pd.RangeIndex)
+    return ShownTable(table, caption, notes, index=index)
+
