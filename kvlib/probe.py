@@ -150,15 +150,17 @@ class WholeSplitConfig:
         max_iter: logistic-regression iterations (lbfgs).
         n_boot / level: bootstrap resamples over test texts and the interval's level.
         seed: fold shuffling and bootstrap seed.
+        n_jobs: processes for the cross-validation fits (scikit-learn's ``n_jobs``; 1 on a shared CPU).
     """
 
-    cs: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
     folds: int = 5
     scoring: str = "neg_log_loss"
     max_iter: int = 500
     n_boot: int = 1000
     level: float = 0.95
     seed: int = 0
+    n_jobs: int = 1
 
     def __post_init__(self):
         if not self.cs or min(self.cs) <= 0:
@@ -197,7 +199,8 @@ def whole_split_probe(train_x: np.ndarray, train_y: Sequence[int], test_x: np.nd
         raise ValueError("the whole-split probe needs at least 2 training texts of each of 2 or more labels")
     pipe = make_pipeline(*_head(train_x, text_features, standardise=True), LogisticRegression(max_iter=config.max_iter))
     cv = StratifiedKFold(n_splits=min(config.folds, smallest), shuffle=True, random_state=config.seed)
-    search = GridSearchCV(pipe, {"logisticregression__C": list(config.cs)}, cv=cv, scoring=config.scoring)
+    search = GridSearchCV(pipe, {"logisticregression__C": list(config.cs)}, cv=cv, scoring=config.scoring,
+                          n_jobs=config.n_jobs)
     with warnings.catch_warnings(), threadpool_limits(1):  # many small fits: BLAS threads only contend
         warnings.simplefilter("ignore", ConvergenceWarning)
         search.fit(train_x, train_y)

@@ -91,7 +91,9 @@ def probe_run(profile, model: str = "", seed: int = 0, max_train: int = 0, max_t
         profile=profile.name, model=name,
         max_train=max_train or profile.probe_train, max_test=max_test or profile.probe_test,
         prefill=PrefillConfig(batch_size=batch, max_tokens=_TOKENS.get(profile.name, 512)), config=config,
-        whole=WholeSplitConfig(seed=seed, n_boot=200 if smoke else 1000),
+        # a GPU machine's CPU cores fit the cross-validation folds side by side
+        whole=WholeSplitConfig(seed=seed, n_boot=200 if smoke else 1000,
+                               n_jobs=1 if placement["device"] == "cpu" else 8),
         size_models=tuple(m for m in profile.probe_models if m != name), placement=placement,
     )
 
@@ -276,8 +278,8 @@ def table1(long: pd.DataFrame, run: ProbeRun, digits: int = 3) -> tuple[pd.DataF
 
 
 def table1_markdown(table: pd.DataFrame, caption: str) -> str:
-    """Table 1's Markdown file (or its difference table's): the caption, then the table."""
-    return f"{caption}\n\n{table.to_markdown()}\n"
+    """Table 1's Markdown file (or its difference table's): the caption, then the table (its index as columns)."""
+    return f"{caption}\n\n{table.reset_index().to_markdown(index=False)}\n"
 
 
 def table1_differences(long: pd.DataFrame, run: ProbeRun, pairs=DIFFERENCE_PAIRS, digits: int = 3
