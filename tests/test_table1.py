@@ -239,6 +239,8 @@ def test_table1_differences_and_verdict_from_the_tables(tmp_path):
     assert "at its level on flat" in verdict and "cannot rank" in verdict
     kv_bow = dcsv[(dcsv.set == "toy") & (dcsv.b == "bag-of-words")].iloc[0]
     assert f"{kv_bow.accuracy:+.3f}" in verdict
+    below = int(((dcsv.a == "KV cache") & (dcsv.b == "bag-of-words") & (dcsv.accuracy_hi < 0)).sum())
+    assert f"bag-of-words on {below} of 2 sets" in verdict
     assert f"{toy.loc['bag-of-words', 'whole_accuracy']:.3f}" in verdict
 
     # the model-size table reads the new layout

@@ -347,6 +347,14 @@ def table1_verdict(table: pd.DataFrame, diffs: pd.DataFrame | None = None) -> st
                              f"{r.accuracy_hi:+.3f}] ({verdict})")
             if parts:
                 out.append("Paired whole-split accuracy differences with 95% intervals: " + "; ".join(parts) + ".")
+                tally = []
+                for b in (COLUMNS[1], BOW):
+                    d = diffs[(diffs.a == COLUMNS[0]) & (diffs.b == b)]
+                    if len(d):
+                        tally.append(f"below {b} on {int((d.accuracy_hi < 0).sum())} of {len(d)} sets, above on "
+                                     f"{int((d.accuracy_lo > 0).sum())}")
+                if tally:
+                    out.append("In sum, with the whole training split the KV cache is " + "; ".join(tally) + ".")
     return "\n\n".join(out)
 
 
