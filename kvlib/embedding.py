@@ -29,6 +29,13 @@ Design choices:
 * Text presentation: ``raw`` (default) feeds the text as the paper did through Llama (the
   tokenizer's own special tokens, e.g. a BOS, and nothing else); ``chat`` wraps it in the model's
   chat template as a user turn after an instruction. Raw text keeps every pooled token a text token.
+* Pooling recipes without a second prefill: :class:`LayerPooler` keeps each text's per-layer vectors
+  (KV: ``[L, kv_heads, 2 * head_dim]``, token-mean per head; hidden: ``[L, hidden]``) and every
+  :class:`RecipeEmbedder` (every layer, the last 4, heads kept apart, a layer sweep...) is derived from
+  them. Tokens, heads and layers are plain means, so a derived recipe equals the pooler that averages
+  them directly (:class:`KVEmbedder`), up to float rounding.
+* :class:`BagOfWords` is the control a text embedding must beat: its "vectors" are the texts themselves,
+  which the probe turns into TF-IDF word uni- and bigrams fitted on the training texts only.
 * The cache is read only through :func:`kvlib.cache.cache_layers`.
 """
 
@@ -50,11 +57,13 @@ from .pooling import select_layers
 
 __all__ = [
     "Embedder", "PrefillConfig", "Prefill", "PrefillBatch", "KVPooling", "KVEmbedder", "HiddenStateEmbedder",
-    "RandomEmbedder", "SentenceTransformerEmbedder", "minilm_path", "embed_all",
+    "RandomEmbedder", "SentenceTransformerEmbedder", "minilm_path", "embed_all", "LayerPooler", "RecipeEmbedder",
+    "BagOfWords", "KV_RECIPES",
 ]
 
 Part = Literal["keys", "values", "both"]
 TokenPooling = Literal["mean", "last"]
+HeadPooling = Literal["mean", "apart"]
 
 
 @runtime_checkable
@@ -323,7 +332,8 @@ class SentenceTransformerEmbedder:
 
 
 def embed_all(embedders: Sequence[Embedder], texts: Sequence[str]) -> dict[str, np.ndarray]:
-    """Embed ``texts`` with every embedder; those sharing a :class:`Prefill` share one forward pass.
+    """Embed ``texts`` with every embedder; those sharing a :class:`Prefill` share one forward pass, and
+    :class:`RecipeEmbedder` s sharing a :class:`LayerPooler` share its per-layer vectors.
 
     Returns ``{embedder.name: [N, D]}``; names must be unique.
     """
@@ -331,13 +341,132 @@ def embed_all(embedders: Sequence[Embedder], texts: Sequence[str]) -> dict[str, 
     if len(set(names)) != len(names):
         raise ValueError(f"embedder names must be unique, got {names}")
     out: dict[str, np.ndarray] = {}
-    groups: dict[int, list] = {}
+    groups: dict[int, dict[int, object]] = {}  # prefill -> poolers (unique) run in its pass
     for e in embedders:
-        if hasattr(e, "prefill") and hasattr(e, "pool"):
-            groups.setdefault(id(e.prefill), []).append(e)
+        pooler = e.source if isinstance(e, RecipeEmbedder) else e
+        if hasattr(pooler, "prefill") and hasattr(pooler, "pool"):
+            groups.setdefault(id(pooler.prefill), {})[id(pooler)] = pooler
         else:
             out[e.name] = e.embed(texts)
+    pooled: dict[int, np.ndarray] = {}
     for group in groups.values():
-        for e, arr in zip(group, group[0].prefill.run(texts, group)):
-            out[e.name] = arr
+        poolers = list(group.values())
+        for p, arr in zip(poolers, poolers[0].prefill.run(texts, poolers)):
+            pooled[id(p)] = arr
+    for e in embedders:
+        if isinstance(e, RecipeEmbedder):
+            out[e.name] = e.derive(pooled[id(e.source)])
+        elif id(e) in pooled:
+            out[e.name] = pooled[id(e)]
     return {n: out[n] for n in names}
+
+
+def _kv_heads(config) -> int:
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+class LayerPooler:
+    """Per-layer token-pooled vectors of one prefill, flattened to ``[N, dim]`` (see :attr:`shape`).
+
+    ``source="kv"``: per layer and KV head, keys ++ values pooled over the text's tokens, ``shape``
+    ``(L, kv_heads, 2 * head_dim)``. ``source="hidden"``: each decoder layer's output pooled over tokens,
+    ``(L, hidden_size)``. Nothing is normalised: :class:`RecipeEmbedder` derives the embeddings.
+    """
+
+    def __init__(self, prefill: Prefill, source: Literal["kv", "hidden"] = "kv", tokens: TokenPooling = "mean"):
+        if source not in ("kv", "hidden"):
+            raise ValueError(f"source must be 'kv' or 'hidden', not {source!r}")
+        KVPooling(tokens=tokens)  # validation
+        self.prefill, self.source, self.tokens = prefill, source, tokens
+        self.name = f"per-layer {source}"
+        self.needs_hidden_states = source == "hidden"
+        n = prefill.n_layers
+        self.shape = ((n, _kv_heads(prefill.model.config), 2 * prefill.head_dim) if source == "kv"
+                      else (n, prefill.hidden_size))
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.shape))
+
+    def pool(self, batch: PrefillBatch) -> torch.Tensor:
+        """``[B, dim]``: the per-layer vectors of :attr:`shape`, flattened."""
+        mask = batch.attention_mask
+        per_layer = []
+        if self.source == "hidden":
+            for h in batch.hidden_states[1:]:  # [0] is the embedding output
+                per_layer.append(_pool_tokens(h.float(), mask.to(h.device), self.tokens).to(mask.device))
+        else:
+            for layer in batch.layers:
+                x = torch.cat([layer.keys, layer.values], dim=-1).float().transpose(1, 2)  # [B, S, H, 2hd]
+                held = mask[:, layer.first_position : layer.first_position + x.shape[1]].to(x.device)
+                per_layer.append(_pool_tokens(x, held, self.tokens).to(mask.device))  # [B, H, 2hd]
+        return torch.stack(per_layer, dim=1).flatten(1)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.prefill.run(texts, [self])[0]
+
+
+class RecipeEmbedder:
+    """An embedding derived from a :class:`LayerPooler`'s per-layer vectors (no forward pass of its own).
+
+    Layers chosen by ``layers`` (:func:`kvlib.pooling.select_layers`) are averaged; for the KV cache,
+    ``part`` keeps keys, values or both, and ``heads="mean"`` averages the KV heads (the paper's recipe,
+    ``[N, P * head_dim]``) while ``heads="apart"`` concatenates them (``[N, kv_heads * P * head_dim]``).
+    Hidden states: ``[N, hidden_size]``.
+    """
+
+    def __init__(self, source: LayerPooler, layers: str | tuple[int, ...] = "last4", part: Part = "both",
+                 heads: HeadPooling = "mean", normalize: bool = True, name: str = "KV cache"):
+        self.pooling = KVPooling(layers=layers, part=part, tokens=source.tokens, normalize=normalize)
+        if heads not in ("mean", "apart"):
+            raise ValueError(f"heads must be 'mean' or 'apart', not {heads!r}")
+        if source.source == "hidden" and (part != "both" or heads != "mean"):
+            raise ValueError("hidden states have no keys, values or KV heads: keep part='both' and heads='mean'")
+        self.source, self.heads, self.name = source, heads, name
+        self.prefill = source.prefill
+        self.layer_ids = select_layers(self.prefill.n_layers, layers)
+
+    @property
+    def dim(self) -> int:
+        if self.source.source == "hidden":
+            return self.source.shape[1]
+        _, h, width = self.source.shape
+        return (width if self.pooling.part == "both" else width // 2) * (h if self.heads == "apart" else 1)
+
+    def derive(self, flat: np.ndarray) -> np.ndarray:
+        """``[N, source.dim]`` per-layer vectors -> ``[N, dim]`` float32 embeddings."""
+        x = flat.reshape((len(flat), *self.source.shape))[:, self.layer_ids].mean(axis=1, dtype=np.float64)
+        if self.source.source == "kv":  # x [N, H, 2hd]
+            hd = x.shape[-1] // 2
+            x = {"keys": x[..., :hd], "values": x[..., hd:], "both": x}[self.pooling.part]
+            x = x.mean(axis=1) if self.heads == "mean" else x.reshape(len(x), -1)
+        if self.pooling.normalize:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x.astype(np.float32)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.derive(self.source.embed(texts))
+
+
+class BagOfWords:
+    """The bag-of-words control: ``embed`` returns the texts themselves (``[N]`` object array); the probe
+    fits :meth:`vectorizer` (TF-IDF of word uni- and bigrams, sublinear term frequency) on the training
+    texts of each fit only, so no test text shapes the vocabulary or the idf weights."""
+
+    text_features = True
+
+    def __init__(self, ngram_range: tuple[int, int] = (1, 2), sublinear_tf: bool = True, name: str = "bag-of-words"):
+        self.ngram_range, self.sublinear_tf, self.name = tuple(ngram_range), sublinear_tf, name
+
+    def vectorizer(self):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        return TfidfVectorizer(ngram_range=self.ngram_range, sublinear_tf=self.sublinear_tf)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(list(texts), dtype=object)
+
+
+# Table 1's KV pooling recipes: (name, layers, heads)
+KV_RECIPES = (("KV cache", "last4", "mean"), ("KV cache (every layer)", "all", "mean"),
+              ("KV cache (heads apart)", "last4", "apart"))

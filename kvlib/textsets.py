@@ -20,6 +20,8 @@ never copies them); the stand-ins install from the package index. Splits:
   2.x marks it superseded by a ``.v2`` with a test split) has one split, ``train``, used both to draw
   the training samples and to evaluate. We do the same, so the handful of sampled sentences are also
   among the evaluated ones (at most 24 of 2264); 8 texts per label, MTEB's default.
+  The whole-split protocol (:mod:`kvlib.probe`) cannot evaluate on its training texts: it halves the
+  split (:func:`whole_split`: stratified, ``random_state=0``), fits on one half and scores the other.
 * Stand-ins have no official split: a fixed stratified half/half split (``random_state=0``) after
   dropping exact duplicate texts; 8 texts per label.
 * Amazon review snippets (Hutto & Gilbert, ICWSM 2014): each snippet's mean crowd rating in
@@ -47,7 +49,7 @@ import pandas as pd
 __all__ = [
     "TextSet", "load_amazon_counterfactual", "load_financial_phrasebank", "load_bbc_news", "load_rotten_tomatoes",
     "load_vader_snippets", "fetch_vader", "load_textsets", "cap", "describe", "STANDIN_SETS", "DATA_DIR_SETS",
-    "VADER_SDIST", "VADER_SHA256", "TextSets",
+    "VADER_SDIST", "VADER_SHA256", "TextSets", "whole_split", "split_note",
 ]
 
 _log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class TextSet:
         stands_for: the paper's set this one is (or replaces).
         source: where the files come from.
         samples_per_label: MTEB's training sample size per label for this task.
+        one_split: the pool and the test split are one split (FinancialPhrasebank, as in MTEB): the
+            whole-split protocol halves it (:func:`whole_split`).
     """
 
     name: str
@@ -83,6 +87,7 @@ class TextSet:
     stands_for: str
     source: str
     samples_per_label: int = 8
+    one_split: bool = False
 
     def __post_init__(self):
         if len(self.train_texts) != len(self.train_labels) or len(self.test_texts) != len(self.test_labels):
@@ -97,12 +102,12 @@ class TextSet:
                              f"{self.source}): check its files, or leave {self.name} out of the sets")
 
 
-def _from_labels(name, train, test, stands_for, source, samples_per_label=8) -> TextSet:
+def _from_labels(name, train, test, stands_for, source, samples_per_label=8, one_split=False) -> TextSet:
     """Build a :class:`TextSet` from ``[(text, label_name)]`` lists; label ids follow sorted names."""
     names = tuple(sorted({y for _, y in train} | {y for _, y in test}))
     ids = {n: i for i, n in enumerate(names)}
     return TextSet(name, tuple(t for t, _ in train), tuple(ids[y] for _, y in train), tuple(t for t, _ in test),
-                   tuple(ids[y] for _, y in test), names, stands_for, source, samples_per_label)
+                   tuple(ids[y] for _, y in test), names, stands_for, source, samples_per_label, one_split)
 
 
 def _split(name, rows, stands_for, source) -> TextSet:
@@ -117,6 +122,45 @@ def _split(name, rows, stands_for, source) -> TextSet:
             uniq.append((text, label))
     train, test = train_test_split(uniq, test_size=0.5, random_state=0, stratify=[y for _, y in uniq])
     return _from_labels(name, train, test, stands_for, source)
+
+
+def _halves(texts, labels, seed: int = 0):
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(labels)
+    if min(counts[counts > 0]) < 2:
+        raise ValueError("a stratified half/half split needs at least 2 texts of every label")
+    return train_test_split(np.arange(len(texts)), test_size=0.5, random_state=seed, stratify=labels)
+
+
+def whole_split(ts: TextSet) -> TextSet:
+    """The training and test texts of the whole-split protocol.
+
+    A set with a pool and a test split keeps them. A ``one_split`` set (FinancialPhrasebank) is halved: its
+    test split (what the few-shot protocol evaluates, after any cap; repeated texts kept once) is split once,
+    stratified by label with ``random_state=0``; the first half trains, the second is scored. The same set
+    always gives the same halves.
+    """
+    if not ts.one_split:
+        return ts
+    first = {}
+    for i, t in enumerate(ts.test_texts):  # a repeated sentence must not sit in both halves
+        first.setdefault(t, i)
+    keep = np.asarray(sorted(first.values()))
+    texts, labels = [ts.test_texts[i] for i in keep], np.asarray(ts.test_labels)[keep]
+    tr, te = (np.sort(i) for i in _halves(texts, labels))
+    return replace(ts, train_texts=tuple(texts[i] for i in tr), train_labels=tuple(int(y) for y in labels[tr]),
+                   test_texts=tuple(texts[i] for i in te), test_labels=tuple(int(y) for y in labels[te]),
+                   one_split=False)
+
+
+def split_note(ts: TextSet) -> str:
+    """How :func:`whole_split` splits ``ts``, for captions."""
+    if ts.one_split:
+        return "its one split halved (stratified, random_state=0)"
+    if ts.name in STANDIN_SETS:
+        return "fixed stratified half/half split (random_state=0)"
+    return "train -> test"
 
 
 def _require(data_dir: str | Path, rel: list[str]) -> Path:
@@ -154,7 +198,8 @@ def load_financial_phrasebank(data_dir: str | Path) -> TextSet:
             text, _, label = line.rpartition("@")
             rows.append((text.strip(), label.strip()))
     return _from_labels("FinancialPhrasebank", rows, rows, "FinancialPhrasebankClassification",
-                        "DATA_DIR/financial_phrasebank_allagree.txt (MTEB: one split for sampling and evaluation)")
+                        "DATA_DIR/financial_phrasebank_allagree.txt (MTEB: one split for sampling and evaluation)",
+                        one_split=True)
 
 
 def _package_dir(module: str, pip_name: str) -> Path:

@@ -133,9 +133,12 @@ def test_table1_files_and_figures(tmp_path):
     assert run.model == "tiny-qwen2" and run.config.seed == 42 and run.config.n_experiments == 10
     ts = _toy_set(30)
     long = probe_textset(ts, [KeywordEmbedder(), RandomEmbedder(4)], ProbeConfig(n_experiments=3))
-    md, csv, caption = table1(long, run)
-    assert list(md.columns[:3]) == ["stands for", "oracle", "random"] and md.loc["toy", "oracle"] == "1.000 ± 0.000"
-    assert {"oracle", "oracle std", "model", "profile", "n_test", "samples_per_label"} <= set(csv.columns)
+    md, csv, caption = table1(long, run)  # few-shot only: no whole-split columns
+    assert list(md.index.get_level_values("representation")) == ["oracle", "random", "majority class"]
+    assert md.loc[("toy", "oracle"), "few-shot accuracy"] == "1.000 ± 0.000"
+    assert "whole-split accuracy [95% CI]" not in md.columns
+    assert {"representation", "few_shot_accuracy", "few_shot_accuracy_std", "few_shot_f1", "model", "profile",
+            "n_test", "samples_per_label"} <= set(csv.columns)
     assert "tiny-qwen2" in caption and "toy 15" in caption
     plot_table1(long).figure.savefig(tmp_path / "t.png")
     model, tok = tiny_model("qwen2")

@@ -27,7 +27,8 @@ TABLE2_SCORES = ("MaxProb", "PPL", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C
 KEY_COMPARISONS = (("Output+KV", "Output-probe"), ("KV-probe", "Output-probe"), ("KV-probe", "MaxProb"),
                    ("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-C (V)", "CoE-C"))
 # what each of notebook 06's tables shows, after the caption's profile and models
-CAPTIONS = {"table1": "Table 1: mean accuracy.", "table2": "Table 2: AUROC x100 [95% CI].",
+CAPTIONS = {"table1": "Table 1: accuracy per representation, few-shot (MTEB, mean) and whole split.",
+            "table2": "Table 2: AUROC x100 [95% CI].",
             "differences": "AUROC differences x100 with paired bootstrap 95% intervals.",
             "table3": "Table 3: accuracy / mean generated tokens."}
 TABLE3_METHODS = (Method.FAST, Method.SLOW, Method.KV_CLASSIFICATION, Method.KV_GENERATIVE, Method.DEER,
@@ -81,14 +82,42 @@ def _read(dirs: dict[str, Path], name: str) -> dict[str, pd.DataFrame]:
     return {m: pd.read_csv(d / f"{name}.csv") for m, d in dirs.items() if (d / f"{name}.csv").exists()}
 
 
-def table1_by_model(dirs: dict[str, Path], columns=("KV cache", "hidden states", "random", "dedicated embedder")
-                    ) -> pd.DataFrame:
-    """Rows ``(set, model)``; columns the embedders' mean accuracy (``nan`` where absent)."""
+TABLE1_PROTOCOLS = {"few-shot": "few_shot_accuracy", "whole split": "whole_accuracy"}
+
+
+def _table1_long(df: pd.DataFrame) -> pd.DataFrame:
+    """A model's ``table1_kv_probe.csv`` as rows ``(set, representation)`` with one accuracy column per protocol
+    (:data:`TABLE1_PROTOCOLS`); a table of the earlier wide layout (one column per embedder, few-shot only) too."""
+    if "representation" in df:
+        cols = [c for c in TABLE1_PROTOCOLS.values() if c in df]
+        return df.set_index(["set", "representation"])[cols].rename(columns={v: k for k, v in
+                                                                            TABLE1_PROTOCOLS.items()})
+    reps = [c for c in df.columns if f"{c} std" in df.columns]
+    return (df.melt(id_vars="set", value_vars=reps, var_name="representation", value_name="few-shot")
+            .set_index(["set", "representation"]))
+
+
+def table1_by_model(dirs: dict[str, Path], columns=("KV cache", "hidden states", "random", "dedicated embedder",
+                                                     "bag-of-words", "majority class"),
+                    protocols=tuple(TABLE1_PROTOCOLS)) -> pd.DataFrame:
+    """Rows ``(set, model)``; columns ``(representation, protocol)``: the accuracy of each representation in
+    ``columns`` under each protocol (few-shot mean; whole split) as the model's Table 1 gives it; a
+    representation or protocol no model has is left out, ``nan`` where one model lacks it."""
     parts = []
     for model, df in _read(dirs, "table1_kv_probe").items():
-        keep = [c for c in columns if c in df]
-        parts.append(df.set_index("set")[keep].assign(model=model).set_index("model", append=True))
-    return pd.concat(parts).sort_index(level=0, sort_remaining=False) if parts else pd.DataFrame()
+        long = _table1_long(df)
+        long = long[long.index.get_level_values("representation").isin(columns)]
+        wide = long.reindex(columns=[p for p in protocols if p in long]).unstack("representation")
+        wide = wide.swaplevel(axis=1)
+        wide.index = pd.MultiIndex.from_arrays([wide.index, [model] * len(wide)], names=["set", "model"])
+        parts.append(wide)
+    if not parts:
+        return pd.DataFrame()
+    out = pd.concat(parts).sort_index(level=0, sort_remaining=False)
+    order = [(c, p) for c in columns for p in protocols if (c, p) in out.columns]
+    out = out[order]
+    out.columns = pd.MultiIndex.from_tuples(order, names=["representation", "protocol"])
+    return out
 
 
 def table2_by_model(dirs: dict[str, Path], scores=TABLE2_SCORES) -> pd.DataFrame:
@@ -158,14 +187,16 @@ def size_figure(dirs: dict[str, Path], scores=("MaxProb", "Entropy", "KV-CoE-C (
     the models in ``dirs`` (one line per set)."""
     import matplotlib.pyplot as plt
 
-    t1 = _read(dirs, "table1_kv_probe")
+    t1 = table1_by_model(dirs)
     t2 = _read(dirs, "table2_kv_coe")
     models = list(dirs)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
     for emb, color in zip(("KV cache", "hidden states", "dedicated embedder", "random"), ("C0", "C3", "C2", "gray")):
-        ys = [t1[m].set_index("set")[emb].mean() if m in t1 and emb in t1[m] else float("nan") for m in models]
+        col = (emb, "few-shot")
+        ys = [t1.xs(m, level="model")[col].mean() if col in t1 and m in t1.index.get_level_values("model")
+              else float("nan") for m in models]
         ax.plot(models, ys, "o-", color=color, label=emb)
-    ax.set(ylabel="accuracy (mean over sets)", title="Table 1: probe accuracy by model")
+    ax.set(ylabel="few-shot accuracy (mean over sets)", title="Table 1: probe accuracy by model")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     for k, score in enumerate(scores):
