@@ -263,6 +263,7 @@ def test_orientation_and_forms_tables_and_the_caption_notes(scored):
     md = table2_markdown(tab, ["A"], caption="Model m.")
     assert md.startswith("Model m. Length: minus") and f"{hi:.1f}] {BELOW}" in md
     assert "none here" in table2_notes(tab[~tab["A below chance"].astype(bool)])
+    assert "here MaxProb scores" in notes and "here MaxProb" not in table2_notes(tab.assign(**{"A AUROC": np.nan}))
 
 
 def _halves_scores(seed=0, n=120):
@@ -313,6 +314,10 @@ def test_the_best_variant_is_picked_on_validation_and_scored_on_test_only():
     assert row["AUROC"] == pytest.approx(auroc(t["correct"], t["good"]))
     assert row["n_correct"] + row["n_wrong"] == len(t)
     assert set(other.test_differences["baseline"]) == {"MaxProb", "Length"}  # no hidden CoE here
+    saved = other.table()
+    assert len(saved) == len(other.test) and saved["difference"].isna().sum() == 2  # the pick's own rows, A and B
+    d = other.test_differences.set_index(["set", "baseline"]).loc[("B", "Length"), "AUROC difference"]
+    assert saved.set_index(["set", "score"]).loc[("B", "Length"), "difference"] == pytest.approx(d)
     quote = other.quote()
     assert quote.startswith("good, chosen among 2 KV-CoE variants on a validation 50%") and "A " in quote
     # too few answers per class in every validation half: no pick

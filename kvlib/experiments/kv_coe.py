@@ -57,6 +57,8 @@ COMPARISONS = [("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-R (V)", "MaxProb"), ("KV-Co
 # what each of notebook 03's tables shows, after the caption's model, profile and hardware
 CAPTIONS = {"differences": "AUROC differences x100 with paired bootstrap 95% intervals.",
             "cost": "extra cost per answer of each trajectory.",
+            "verdicts": "what Table 2 says, sentence by sentence, copied from table2_kv_coe, table2_differences and "
+                        "table2_best_variant (95% intervals; higher/lower only where a paired interval excludes 0).",
             "best": ("the KV-CoE variant chosen on a validation half of each set's items (a seeded split of item "
                      "ids, labels never read), by its mean validation AUROC over the sets with at least 10 answers "
                      "per class in that half; AUROC x100 [95% CI] and paired differences on the other, test half.")}
@@ -203,8 +205,9 @@ def table2_notes(table: pd.DataFrame) -> str:
                  f"fitted; {BELOW} marks a score whose flipped version's 95% interval lies above 50, i.e. reliably "
                  f"below chance as oriented: {'; '.join(flagged) if flagged else 'none here'}.")
     mp, kv = PAPER_QWEN2_7B["MaxProb"], PAPER_QWEN2_7B["KV-CoE"]
-    ours = ("; here MaxProb scores " + ", ".join(f"{_auc(table, 'MaxProb', s)} on {s}" for s in sets)
-            if "MaxProb" in table.index and sets else "")
+    measured = [s for s in sets if "MaxProb" in table.index and pd.notna(table.loc["MaxProb", f"{s} AUROC"])]
+    ours = "; here MaxProb scores " + ", ".join(f"{_auc(table, 'MaxProb', s)} on {s}" for s in measured) if measured \
+        else ""
     notes.append(f"The paper's Table 2 gives MaxProb {mp['MATH']:.1f} (MATH) and {mp['TheoremQA']:.1f} (TheoremQA) for "
                  f"Qwen2-7B-Instruct, far below chance: flipped, they would read {100 - mp['MATH']:.1f} and "
                  f"{100 - mp['TheoremQA']:.1f}, above that table's best KV-CoE ({kv['MATH']:.1f}, "
@@ -277,6 +280,14 @@ class BestVariant:
     fraction: float = 0.5
     seed: int = 0
     candidates: tuple[str, ...] = field(default_factory=tuple)
+
+    def table(self) -> pd.DataFrame:
+        """:attr:`test` with, on each baseline's row, the chosen variant minus that baseline (``difference``,
+        ``difference lo``, ``difference hi``; NaN on the chosen variant's own row): the table notebook 03 saves."""
+        d = self.test_differences.drop(columns=["score"]).rename(
+            columns={"baseline": "score", "AUROC difference": "difference", "lo": "difference lo",
+                     "hi": "difference hi"})
+        return self.test.merge(d, on=["set", "score"], how="left").assign(chosen=self.name, validation_seed=self.seed)
 
     def quote(self) -> str:
         """One sentence giving the choice and its test-part AUROC per set, for text to quote."""
@@ -390,7 +401,7 @@ def table2_verdicts(table: pd.DataFrame, differences: pd.DataFrame, best: BestVa
                 clauses.append(f"vs {label} {_auc(table, b, s)}" + (f": {d}" if d else ""))
         d = _diff_text(differences, s, pa, kv)
         if d:
-            clauses.append(f"the prompt+answer trajectory {_auc(table, pa, s)}: {d} than answer-only")
+            clauses.append(f"over prompt+answer, {pa} {_auc(table, pa, s)}, minus answer-only: {d}")
         d = _diff_text(differences, s, "Output+KV", "Output-probe")
         if d:
             clauses.append(f"Output+KV - Output-probe (length and output statistics): {d}")
@@ -401,13 +412,13 @@ def table2_verdicts(table: pd.DataFrame, differences: pd.DataFrame, best: BestVa
     if best is not None:
         line = best.quote()
         extra = []
-        for s in dict.fromkeys(best.test_differences["set"]):
-            ds = [f"- {b} {t}" for b in ("MaxProb", "Length")
+        for b in dict.fromkeys(best.test_differences["baseline"]):
+            ds = [f"{s} {t}" for s in dict.fromkeys(best.test_differences["set"])
                   if (t := _diff_text(best.test_differences, s, best.name, b))]
             if ds:
-                extra.append(f"{s}: " + ", ".join(ds))
+                extra.append(f"minus {b}: " + "; ".join(ds))
         if extra:
-            line += " Test-part differences: " + "; ".join(extra) + "."
+            line += " On the test half, the pick " + " | ".join(extra) + "."
         out.append(line)
     return out
 
