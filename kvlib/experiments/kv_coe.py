@@ -43,7 +43,7 @@ __all__ = ["MAIN_SCORES", "COMPARISONS", "CAPTIONS", "PAPER_QWEN2_7B", "selfeval
 
 _log = logging.getLogger(__name__)
 
-MAIN_SCORES = ["MaxProb", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-probe", "Output+KV"]
+MAIN_SCORES = ["MaxProb", "Entropy", "Length", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-probe", "Output+KV"]
 COMPARISONS = [("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-R (V)", "MaxProb"), ("KV-CoE-C (V)", "Entropy"),
                ("KV-CoE-C (V)", "Length"), ("KV-CoE-R (V)", "Length"), ("KV-CoE-C (K)", "Length"),
                ("MaxProb", "Length"),
