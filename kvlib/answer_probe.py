@@ -11,11 +11,13 @@ probe             features per answer
 ================  ===========================================================================================
 ``KV-probe``      token-mean of the answer's layer-averaged keys and values ``[2 * kv_heads * head_dim]``
 ``Output-probe``  MaxProb, log(1/PPL), -Entropy and log(answer length): what the output distribution gives
-``Output+KV``     the output features, the KV-CoE scores (R and C on keys, values, both; both forms) and the
-                  pooled keys and values
+``Output+KV``     the output features, the KV-CoE scores (R and C on keys, values, both; answer-only and
+                  prompt+answer; both forms) and the pooled keys and values
 ================  ===========================================================================================
 
-``Output+KV`` minus ``Output-probe`` (paired bootstrap) is the value the cache adds on top of the output.
+``Output+KV`` minus ``Output-probe`` (paired bootstrap) is the value the cache adds on top of the output
+statistics *and* the answer's length: the Output-probe has length among its features, so a KV signal that only
+tracks how long the answer is (keys are cached after RoPE, so a key trajectory knows positions) adds nothing.
 """
 
 from __future__ import annotations

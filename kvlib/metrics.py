@@ -13,7 +13,10 @@ Conventions (those of the original CoE evaluation):
   equals ``roc_auc_score``;
 * rows whose score is NaN (an undefined CoE trajectory) are dropped and counted in ``n_dropped``;
 * a set with fewer than ``min_class`` correct or wrong answers keeps its counts and gets NaN metrics
-  rather than a number too noisy to read.
+  rather than a number too noisy to read;
+* orientation is never fitted: each score is used as oriented and :func:`below_chance` flags one whose
+  flipped version (``-score``, AUROC ``100 - AUROC``) has a 95% interval above 50, i.e. a score that is
+  reliably *worse* than chance as oriented (a strong detector read upside down).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 __all__ = ["MIN_CLASS", "auroc", "fpr_at_tpr", "aupr", "bootstrap_auroc_ci", "paired_auroc_difference",
-           "evaluate_score"]
+           "flipped_interval", "below_chance", "evaluate_score"]
 
 MIN_CLASS = 10
 
@@ -102,12 +105,30 @@ def paired_auroc_difference(correct, score_a, score_b, n_boot: int = 1000, level
     return auroc(y, a) - auroc(y, b), float(lo), float(hi)
 
 
+def flipped_interval(lo: float, hi: float) -> tuple[float, float]:
+    """The AUROC interval of the flipped score ``-s`` from that of ``s``: ``(100 - hi, 100 - lo)``.
+
+    Exact for :func:`bootstrap_auroc_ci` with the same seed: each resample's AUROC of ``-s`` is ``100`` minus
+    that of ``s`` (ties count one half either way), so the percentiles swap.
+    """
+    return 100.0 - hi, 100.0 - lo
+
+
+def below_chance(lo: float, hi: float, chance: float = 50.0) -> bool:
+    """Whether the flipped score's interval lies above ``chance`` (the score as oriented is reliably below it);
+    ``False`` when the interval is NaN."""
+    flo, _ = flipped_interval(lo, hi)
+    return bool(np.isfinite(flo) and flo > chance)
+
+
 def evaluate_score(correct, score, min_class: int = MIN_CLASS, n_boot: int = 1000, seed: int = 0) -> dict:
     """Every metric of one score on one set.
 
     Returns:
         ``n``, ``n_correct``, ``n_wrong`` (after dropping NaN scores), ``n_dropped``, ``AUROC``,
-        ``AUROC_lo``, ``AUROC_hi``, ``FPR95``, ``AUPR`` (x100; NaN when a class has < ``min_class`` answers).
+        ``AUROC_lo``, ``AUROC_hi``, ``FPR95``, ``AUPR`` (x100; NaN when a class has < ``min_class`` answers) and
+        ``below_chance`` (:func:`below_chance`: the flipped score's interval lies above 50; ``False`` without
+        an interval).
     """
     y, s = _xy(correct, score)
     keep = ~np.isnan(s)
@@ -116,7 +137,8 @@ def evaluate_score(correct, score, min_class: int = MIN_CLASS, n_boot: int = 100
            "n_dropped": int((~keep).sum())}
     nan = float("nan")
     if min(row["n_correct"], row["n_wrong"]) < max(1, min_class):
-        return {**row, "AUROC": nan, "AUROC_lo": nan, "AUROC_hi": nan, "FPR95": nan, "AUPR": nan}
+        return {**row, "AUROC": nan, "AUROC_lo": nan, "AUROC_hi": nan, "FPR95": nan, "AUPR": nan,
+                "below_chance": False}
     lo, hi = bootstrap_auroc_ci(y, s, n_boot=n_boot, seed=seed)
     return {**row, "AUROC": auroc(y, s), "AUROC_lo": lo, "AUROC_hi": hi, "FPR95": fpr_at_tpr(y, s),
-            "AUPR": aupr(y, s)}
+            "AUPR": aupr(y, s), "below_chance": below_chance(lo, hi)}

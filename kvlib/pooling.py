@@ -4,6 +4,12 @@ After :func:`kvlib.decoding.decode`, ``state.slots[row]`` lists the cache slot o
 row that went through the model (the final token of an item never does). :func:`token_trajectory`
 turns those slots into a ``[T, kv_heads * head_dim]`` trajectory, one point per token, averaged over
 the chosen layers: the paper's equation (6) with keys, values or both.
+
+The prompt's tokens sit in the first ``input_ids.shape[1]`` cache slots (left-padded; the filler slots are
+masked): :func:`prompt_slots` lists a row's real ones, so that :func:`kv_trajectory_extractor` also stores the
+prompt's trajectory (``traj_prompt_<part>``) and the prompt + answer trajectory is the two concatenated
+(:func:`kvlib.selfeval.kv_coe_scores`). Positions come from the attention mask, so left padding moves a row's
+slots but not its vectors: a row's trajectory is the same alone or in a padded batch.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 
 from .cache import cache_layers
 
-__all__ = ["token_trajectory", "kv_trajectory_extractor", "select_layers"]
+__all__ = ["token_trajectory", "kv_trajectory_extractor", "select_layers", "prompt_slots"]
 
 Part = Literal["keys", "values", "both"]
 
@@ -78,20 +84,41 @@ def token_trajectory(cache, row: int, slots: Sequence[int], part: Part = "values
     return acc / len(chosen)
 
 
-def kv_trajectory_extractor(parts: Sequence[Part] = ("keys", "values"), dtype=np.float16):
-    """An :data:`kvlib.generation.Extractor` storing ``traj_<part>`` ``[T_fed, D]`` per row for each part.
+def prompt_slots(attention_mask: torch.Tensor, fed: Sequence[int] = ()) -> list[int]:
+    """Cache slots of one row's real prompt tokens, in order.
 
-    ``T_fed = n_tokens - 1`` for plain decoding.
+    Args:
+        attention_mask: ``[W]`` the row's input attention mask (1 = real token, 0 = left filler); the input
+            fills cache slots ``0 .. W - 1``.
+        fed: the row's answer slots (``state.slots[row]``). A resumed row (``decode(..., history=...)``)
+            carries earlier answer tokens at the end of its input: those are answer, not prompt, and are left out.
+    """
+    answer = set(int(j) for j in fed)
+    real = torch.as_tensor(attention_mask).reshape(-1).nonzero().reshape(-1).tolist()
+    return [j for j in real if j not in answer]
+
+
+def kv_trajectory_extractor(parts: Sequence[Part] = ("keys", "values"), dtype=np.float16, prompt: bool = True):
+    """An :data:`kvlib.generation.Extractor` storing, per row and part, the answer's and the prompt's trajectories.
+
+    Arrays per row: ``traj_<part>`` ``[T_fed, D]`` (``T_fed = n_tokens - 1`` for plain decoding: every answer
+    token fed to the model) and, with ``prompt=True``, ``traj_prompt_<part>`` ``[P, D]`` (the ``P`` real prompt
+    tokens, see :func:`prompt_slots`); ``D = kv_heads * head_dim``, every layer averaged, stored as ``dtype``.
+    The prompt adds ``P / T_fed`` to the answer's bytes (a math prompt of ~100-250 tokens beside answers of up
+    to several hundred).
     """
 
     def extract(model, result, input_ids, attention_mask) -> list[dict[str, np.ndarray]]:
         state = result.state
         out = []
         for row, slots in enumerate(state.slots):  # every fed token; an item's final token never is
-            out.append({
-                f"traj_{p}": token_trajectory(state.cache, row, slots, part=p).cpu().numpy().astype(dtype)
-                for p in parts
-            })
+            arrays = {f"traj_{p}": token_trajectory(state.cache, row, slots, part=p).cpu().numpy().astype(dtype)
+                      for p in parts}
+            if prompt:
+                where = prompt_slots(attention_mask[row], slots)
+                arrays.update({f"traj_prompt_{p}": token_trajectory(state.cache, row, where, part=p).cpu().numpy()
+                               .astype(dtype) for p in parts})
+            out.append(arrays)
         return out
 
     return extract

@@ -12,19 +12,30 @@ score                         definition and orientation
 ``PPL``                       ``1 / PPL = exp(mean log maxprob)``; the original's "PPL" is
                               ``-mean log maxprob``, so this ranks answers identically, reversed
 ``Entropy``                   ``-mean`` base-2 entropy of the next-token distribution
+``Length``                    ``-n_tokens``, minus the answer's generated token count: a control that
+                              reads nothing but length. Oriented shorter = more likely correct, fixed in
+                              advance (an answer that runs to its budget is unfinished, hence wrong)
 ``CoE-R`` / ``CoE-C``         original CoE on hidden states (``hidden_traj``: layers of output-token
                               means), as is
 ``KV-CoE-R/C (V|K|KV)``       CoE over the answer's tokens of layer-averaged cached values, keys or
                               both concatenated (``traj_values``/``traj_keys``), as is
+``KV-CoE-R/C (V, prompt+answer)``  the same over the prompt's tokens, then the answer's
+                              (``traj_prompt_*`` then ``traj_*``; also K and KV)
 ``KV-probe``                  out-of-fold probability of "correct" from a logistic regression on the
                               answer's token-mean keys and values (beyond the paper)
-``Output-probe``, ``Output+KV``  the same probe on the output statistics alone, and on those plus the
-                              KV-CoE scores and pooled keys/values (:mod:`kvlib.answer_probe`): what
-                              the cache adds over the output distribution
+``Output-probe``, ``Output+KV``  the same probe on the output statistics and log answer length, and on
+                              those plus the KV-CoE scores and pooled keys/values
+                              (:mod:`kvlib.answer_probe`): what the cache adds beyond length and the
+                              output distribution
 ============================  ====================================================================
+
+Keys are cached after RoPE: a K trajectory rotates with each token's position, so position and answer
+length can leak into a K score. The ``Length`` row and ``Output-probe`` (which has length as a feature)
+are the controls for that.
 
 CoE rows use ``form="reference"`` (the original CoE code, which the paper's experiments most likely ran);
 the same rows with `` [paper]`` use the seed's equations (``alpha = beta = 1``). See :mod:`kvlib.coe`.
+:data:`METHODS` lists each `` [paper]`` row right after its reference row.
 A CoE score is NaN for an undefined trajectory (fewer than 3 points, ...): such answers are dropped from
 that row's metrics and counted in ``n_dropped``.
 
@@ -44,14 +55,26 @@ from .coe import coe_scores
 from .generation import record_array
 from .records import AnswerRecord, GenerationRecord
 
-__all__ = ["PARTS", "HEADLINE", "METHODS", "output_scores", "kv_coe_scores", "score_records", "kv_probe_features",
-           "grouped_folds", "kv_probe_scores"]
+__all__ = ["PARTS", "SPANS", "HEADLINE", "METHODS", "KV_COE_VARIANTS", "kv_coe_name", "output_scores",
+           "length_score", "kv_coe_scores", "score_records", "kv_probe_features", "grouped_folds", "kv_probe_scores"]
 
 PARTS = {"V": ("values",), "K": ("keys",), "KV": ("keys", "values")}
-HEADLINE = ["MaxProb", "PPL", "Entropy", "CoE-R", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)",
-            "KV-CoE-R (K)", "KV-CoE-C (K)", "KV-CoE-R (KV)", "KV-CoE-C (KV)", "KV-probe", "Output-probe", "Output+KV"]
+SPANS = ("answer", "prompt+answer")  # which tokens a KV trajectory runs over
 _FORM_SUFFIX = {"reference": "", "paper": " [paper]"}
-METHODS = HEADLINE + [f"{m} [paper]" for m in HEADLINE if "CoE" in m]
+
+
+def kv_coe_name(score: str, part: str, span: str = "answer", form: str = "reference") -> str:
+    """Column name of a KV-CoE score: ``kv_coe_name("C", "V", "prompt+answer", "paper")`` is
+    ``"KV-CoE-C (V, prompt+answer) [paper]"``; the answer span is the default and not written."""
+    where = "" if span == "answer" else f", {span}"
+    return f"KV-CoE-{score} ({part}{where}){_FORM_SUFFIX[form]}"
+
+
+HEADLINE = (["MaxProb", "PPL", "Entropy", "Length", "CoE-R", "CoE-C"]
+            + [kv_coe_name(x, part, span) for span in SPANS for part in PARTS for x in "RC"]
+            + ["KV-probe", "Output-probe", "Output+KV"])
+METHODS = [n for m in HEADLINE for n in ((m, f"{m} [paper]") if "CoE" in m else (m,))]
+KV_COE_VARIANTS = [m for m in METHODS if m.startswith("KV-CoE-")]
 
 
 def output_scores(record: GenerationRecord) -> dict[str, float]:
@@ -65,20 +88,40 @@ def output_scores(record: GenerationRecord) -> dict[str, float]:
             "Entropy": float(-ent.mean()) if ent.size else np.nan}
 
 
-def _traj(record: GenerationRecord, part: str) -> np.ndarray:
-    arrs = [record_array(record, f"traj_{p}").astype(np.float64) for p in PARTS[part]]
+def length_score(record: GenerationRecord) -> float:
+    """The ``Length`` control: ``-n_tokens`` (shorter = judged more likely correct)."""
+    return -float(record["n_tokens"])
+
+
+def _traj(record: GenerationRecord, part: str, span: str = "answer") -> np.ndarray:
+    """``[T, D]`` answer trajectory, or ``[P + T, D]`` prompt then answer for ``span="prompt+answer"``."""
+    names = ("traj_prompt_", "traj_") if span == "prompt+answer" else ("traj_",)
+    arrs = [np.concatenate([record_array(record, f"{n}{p}").astype(np.float64) for n in names], axis=0)
+            for p in PARTS[part]]
     return np.concatenate(arrs, axis=-1)
 
 
-def kv_coe_scores(record: GenerationRecord, forms: Sequence[str] = ("reference", "paper")) -> dict[str, float]:
-    """KV-CoE-R/C over the answer's token trajectory for parts V, K, KV and each form (needs ``traj_*``)."""
+def kv_coe_scores(record: GenerationRecord, forms: Sequence[str] = ("reference", "paper"),
+                  spans: Sequence[str] = SPANS) -> dict[str, float]:
+    """KV-CoE-R/C for parts V, K, KV, each span and each form (see :func:`kv_coe_name`).
+
+    Needs ``traj_keys``/``traj_values``; the ``prompt+answer`` span also ``traj_prompt_keys``/``traj_prompt_values``
+    (:func:`kvlib.pooling.kv_trajectory_extractor` with ``prompt=True``) and is left out of a record without them.
+    """
+    bad = set(spans) - set(SPANS)
+    if bad:
+        raise ValueError(f"unknown span(s) {sorted(bad)}: choose from {SPANS}")
+    arrays = record.get("arrays", {})
     out = {}
-    for part in PARTS:
-        traj = _traj(record, part)
-        for form in forms:
-            s = coe_scores(traj, form=form)
-            out[f"KV-CoE-R ({part}){_FORM_SUFFIX[form]}"] = s["R"]
-            out[f"KV-CoE-C ({part}){_FORM_SUFFIX[form]}"] = s["C"]
+    for span in spans:
+        if span == "prompt+answer" and not {"traj_prompt_keys", "traj_prompt_values"} <= set(arrays):
+            continue
+        for part in PARTS:
+            traj = _traj(record, part, span)
+            for form in forms:
+                s = coe_scores(traj, form=form)
+                out[kv_coe_name("R", part, span, form)] = s["R"]
+                out[kv_coe_name("C", part, span, form)] = s["C"]
     return out
 
 
@@ -104,10 +147,12 @@ def _costs(record: GenerationRecord) -> dict[str, float]:
 
 def score_records(records: Sequence[AnswerRecord], forms: Sequence[str] = ("reference", "paper"),
                   probe: bool = True, seed: int = 0) -> pd.DataFrame:
-    """One row per graded record: ``item_id``, ``correct``, ``n_tokens``, ``finish_reason``, every score,
-    and the extraction costs (``kv_seconds``, ``hidden_seconds``, ``kv_bytes``, ``hidden_bytes``).
+    """One row per graded record: ``item_id``, ``correct``, ``n_tokens``, ``finish_reason``, every score
+    (in the order of :data:`METHODS`), and the extraction costs (``kv_seconds``, ``hidden_seconds``,
+    ``kv_bytes``, ``hidden_bytes``).
 
-    Hidden-state and KV scores are computed when the record holds ``hidden_traj`` / ``traj_*`` arrays.
+    Hidden-state and KV scores are computed when the record holds ``hidden_traj`` / ``traj_*`` arrays (the
+    prompt+answer KV-CoE rows when it also holds ``traj_prompt_*``).
     ``probe=True`` adds the cross-validated ``KV-probe`` column (see :func:`kv_probe_scores`).
     """
     rows = []
@@ -117,7 +162,7 @@ def score_records(records: Sequence[AnswerRecord], forms: Sequence[str] = ("refe
                            "read answers with kvlib.answers.answer_records")
         arrays = rec.get("arrays", {})
         row = {"item_id": rec["item_id"], "correct": bool(rec["correct"]), "n_tokens": rec["n_tokens"],
-               "finish_reason": rec.get("finish_reason"), **output_scores(rec)}
+               "finish_reason": rec.get("finish_reason"), **output_scores(rec), "Length": length_score(rec)}
         if "hidden_traj" in arrays:
             row.update(_hidden_coe(rec, forms))
         if "traj_values" in arrays and "traj_keys" in arrays:
@@ -127,7 +172,8 @@ def score_records(records: Sequence[AnswerRecord], forms: Sequence[str] = ("refe
     if probe and len(records) and "KV-CoE-R (V)" in df:
         for name, col in answer_probes(records, df, seed=seed).items():
             df[name] = col
-    return df
+    first = [c for c in ("item_id", "correct", "n_tokens", "finish_reason") if c in df]
+    return df[first + [m for m in METHODS if m in df] + [c for c in df if c not in first and c not in METHODS]]
 
 
 def kv_probe_features(record: GenerationRecord) -> np.ndarray:

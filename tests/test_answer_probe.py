@@ -78,3 +78,10 @@ def test_probe_scores_rejects_mismatched_shapes():
         probe_scores(np.zeros((4, 2)), np.zeros(3), ["a"] * 4)
     with pytest.raises(ValueError, match="3 records but 2 score rows"):
         answer_probes(_records("kv", n=3), pd.DataFrame({"n_tokens": [1, 2]}))
+
+
+def test_the_output_probe_has_answer_length_among_its_features():
+    """Output+KV - Output-probe is measured beyond length: the Output-probe's last feature is log(1 + length)."""
+    x = output_features({"MaxProb": 0.5, "PPL": 0.25, "Entropy": -1.0}, n_tokens=99)
+    assert x.tolist() == pytest.approx([0.5, np.log(0.25), -1.0, np.log(100.0)])
+    assert output_features({"MaxProb": 0.5, "PPL": 0.25, "Entropy": -1.0}, 7)[-1] != x[-1]

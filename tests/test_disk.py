@@ -19,7 +19,7 @@ def test_the_size_model_bounds_a_real_answer_store_closely(tmp_path, arch):
     recs = generate(model, tok, prompts, open_store(tmp_path, "m", "x", settings, ex), settings, extractors=ex,
                     progress=False)
     actual = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.name.endswith((".jsonl", ".jsonl.bin")))
-    estimate = sum(record_bytes(model.config)["answer"](r["n_tokens"]) for r in recs)
+    estimate = sum(record_bytes(model.config)["answer"](r["n_tokens"], len(tok(r["prompt"]).input_ids)) for r in recs)
     assert actual <= estimate <= 1.5 * actual
 
 

@@ -106,3 +106,19 @@ def test_paired_difference(noisy):
     assert lo < d < hi and lo > 0  # a clearly better score: the interval excludes 0
     assert paired_auroc_difference(y, s, s, n_boot=200) == (0.0, 0.0, 0.0)  # identical scores: exactly 0
     assert all(math.isnan(v) for v in paired_auroc_difference(np.ones(5, bool), s[:5], s[:5]))
+
+
+def test_below_chance_flags_a_reliably_inverted_score_and_nothing_else(noisy):
+    """The flipped score's interval is (100 - hi, 100 - lo) exactly; the flag is raised when it lies above 50."""
+    from kvlib.metrics import below_chance, flipped_interval
+
+    y, s = noisy
+    lo, hi = bootstrap_auroc_ci(y, s, n_boot=500, seed=2)
+    flo, fhi = bootstrap_auroc_ci(y, -s, n_boot=500, seed=2)  # the flipped score, computed directly
+    assert flipped_interval(lo, hi) == (pytest.approx(flo), pytest.approx(fhi))
+    assert evaluate_score(y, -s, n_boot=500)["below_chance"]  # built below chance
+    assert not evaluate_score(y, s, n_boot=500)["below_chance"]  # above chance
+    chance = np.random.default_rng(4).normal(size=len(y))  # no signal: interval straddles 50
+    assert not evaluate_score(y, chance, n_boot=500)["below_chance"]
+    assert not evaluate_score(y[:15], -s[:15], min_class=10)["below_chance"]  # no interval, no flag
+    assert not below_chance(float("nan"), float("nan")) and below_chance(30.0, 49.9) and not below_chance(30, 50.5)

@@ -16,8 +16,10 @@ from kvlib.store import encode_array
 D = 6
 
 
-def _rec(item_id, correct, max_prob, entropy, values, keys, hidden=None):
+def _rec(item_id, correct, max_prob, entropy, values, keys, hidden=None, prompt=None):
     arrays = {"traj_values": values.astype(np.float16), "traj_keys": keys.astype(np.float16)}
+    if prompt is not None:  # (prompt values, prompt keys)
+        arrays["traj_prompt_values"], arrays["traj_prompt_keys"] = (x.astype(np.float16) for x in prompt)
     if hidden is not None:
         arrays["hidden_traj"] = hidden.astype(np.float32)
         arrays["hidden_bytes"] = np.array([1000], dtype=np.int64)
@@ -25,6 +27,11 @@ def _rec(item_id, correct, max_prob, entropy, values, keys, hidden=None):
             "max_prob": list(max_prob), "entropy": list(entropy), "seconds": 1.0,
             "extract_seconds": {"kv": 0.001, "hidden_coe": 0.01},
             "arrays": {k: encode_array(v) for k, v in arrays.items()}}
+
+
+@pytest.fixture(scope="module")
+def scored(synthetic):
+    return score_records(synthetic)
 
 
 def _walk(rng, n, step):
@@ -46,7 +53,8 @@ def synthetic():
         values = _walk(rng, n - 1, 0.1) + (1.0 if ok else 0.0)
         keys = _walk(rng, n - 1, 0.1)
         hidden = _walk(rng, 5, 1.0)
-        recs.append(_rec(f"q{i}", ok, mp, ent, values, keys, hidden))
+        prompt = (_walk(rng, 6, 0.5), _walk(rng, 6, 0.5))
+        recs.append(_rec(f"q{i}", ok, mp, ent, values, keys, hidden, prompt))
     return recs
 
 
@@ -100,8 +108,8 @@ def test_probe_learns_and_folds_respect_questions(synthetic):
     assert np.isnan(kv_probe_scores(synthetic[:1] + [r for r in synthetic if not r["correct"]][:5])).all()
 
 
-def test_score_records_columns_and_errors(synthetic):
-    df = score_records(synthetic)
+def test_score_records_columns_and_errors(synthetic, scored):
+    df = scored
     assert len(df) == 60 and df["item_id"].tolist() == [r["item_id"] for r in synthetic]
     assert set(HEADLINE) <= set(df.columns)
     assert {"kv_seconds", "hidden_seconds", "kv_bytes", "hidden_bytes"} <= set(df.columns)
@@ -113,12 +121,16 @@ def test_score_records_columns_and_errors(synthetic):
     assert math.isnan(row["KV-CoE-R (V)"]) and row["MaxProb"] == pytest.approx(0.9)
 
 
-def test_table2_layout_and_small_sets(synthetic):
-    big = score_records(synthetic)
+def test_table2_layout_and_small_sets(scored):
+    big = scored
     small = big[big["correct"] | (np.arange(60) < 10)]  # 30 correct, 5 wrong
     tab = table2({"A": big, "B": small}, min_class=10, n_boot=200)
-    assert tab.index.tolist()[:5] == ["MaxProb", "PPL", "Entropy", "CoE-R", "CoE-C"]
+    assert tab.index.tolist()[:6] == ["MaxProb", "PPL", "Entropy", "Length", "CoE-R", "CoE-R [paper]"]
     assert "KV-probe" in tab.index and "KV-CoE-C (KV) [paper]" in tab.index
+    assert "KV-CoE-C (V, prompt+answer)" in tab.index
+    # each paper-form row right after its reference-form row: both forms side by side
+    rows = tab.index.tolist()
+    assert all(rows[rows.index(m) - 1] == m.removesuffix(" [paper]") for m in rows if m.endswith(" [paper]"))
     assert tab.loc["MaxProb", "A AUROC"] == pytest.approx(auroc(big["correct"], big["MaxProb"]))
     assert tab.loc["MaxProb", "A AUROC lo"] <= tab.loc["MaxProb", "A AUROC"] <= tab.loc["MaxProb", "A AUROC hi"]
     assert (tab["B n correct"] == 30).all() and (tab["B n wrong"] == 5).all()
@@ -135,10 +147,10 @@ def test_coe_cost(synthetic):
     assert isinstance(cost, pd.DataFrame)
 
 
-def test_auroc_differences(synthetic):
+def test_auroc_differences(scored):
     from kvlib.experiments.kv_coe import auroc_differences
 
-    df = score_records(synthetic)
+    df = scored
     diffs = auroc_differences({"A": df}, pairs=[("MaxProb", "KV-CoE-C (V)"), ("MaxProb", "missing")], n_boot=200)
     assert len(diffs) == 1
     row = diffs.iloc[0]
@@ -205,3 +217,131 @@ def test_the_captions_of_notebook_03_name_the_run_and_the_table(synthetic):
     assert cost == "Model m, profile small; extra cost per answer of each trajectory."
     with pytest.raises(ValueError, match="unknown table 'x'"):
         caption("m", "small", scores, 24, table="x")
+
+
+def test_the_length_row_is_minus_the_token_count_and_a_length_only_signal_reaches_it():
+    """Answers whose correctness depends on their length only: Length and the Output-probe (which has length among
+    its features) see it; a score with the opposite orientation is below chance and flagged."""
+    rng = np.random.default_rng(3)
+    recs = []
+    for i in range(80):
+        ok = i % 2 == 0
+        n = int(rng.integers(5, 15) if ok else rng.integers(12, 30))
+        mp, ent = rng.uniform(0.5, 0.9, n), rng.uniform(0.2, 2.0, n)
+        recs.append(_rec(f"q{i}", ok, mp, ent, _walk(rng, n - 1, 0.1), _walk(rng, n - 1, 0.1)))
+    df = score_records(recs)
+    assert (df["Length"] == -df["n_tokens"]).all()
+    assert auroc(df["correct"], df["Length"]) > 85
+    assert auroc(df["correct"], df["Output-probe"]) > 80
+    assert abs(auroc(df["correct"], df["MaxProb"]) - 50) < 20  # nothing but length separates them
+    tab = table2({"A": df.assign(Longer=df["n_tokens"])}, methods=["Length", "Longer", "MaxProb"], n_boot=300)
+    assert bool(tab.loc["Longer", "A below chance"]) and not bool(tab.loc["Length", "A below chance"])
+    assert not bool(tab.loc["MaxProb", "A below chance"])
+
+
+def test_orientation_and_forms_tables_and_the_caption_notes(scored):
+    from kvlib.experiments.kv_coe import BELOW, forms_table, orientation_table, table2_notes
+
+    df = scored.copy()
+    df["Upside down"] = -df["MaxProb"]
+    tab = table2({"A": df}, methods=["MaxProb", "Upside down", "Length", "CoE-C", "CoE-C [paper]", "KV-CoE-C (K)",
+                                     "KV-CoE-C (K) [paper]", "KV-CoE-C (V, prompt+answer)", "Output-probe"],
+                 n_boot=300)
+    ori = orientation_table(tab)
+    assert ori.loc["Upside down", ("A", "below chance")] and not ori.loc["MaxProb", ("A", "below chance")]
+    a, lo, hi = tab.loc["Upside down", ["A AUROC", "A AUROC lo", "A AUROC hi"]]
+    assert ori.loc["Upside down", ("A", "flipped AUROC")] == f"{100 - a:.1f} [{100 - hi:.1f}, {100 - lo:.1f}]"
+    forms = forms_table(tab)
+    assert forms.index.tolist() == ["CoE-C", "KV-CoE-C (K)", "KV-CoE-C (V, prompt+answer)"]
+    assert forms.columns.tolist() == [("A", "reference"), ("A", "paper")]
+    assert forms.loc["CoE-C", ("A", "paper")].startswith(f"{tab.loc['CoE-C [paper]', 'A AUROC']:.1f} [")
+    assert forms.loc["KV-CoE-C (V, prompt+answer)", ("A", "paper")] == "–"
+    notes = table2_notes(tab)
+    assert "keys are cached after RoPE" in notes and "log answer length" in notes
+    assert f"Upside down on A ({a:.1f} [{lo:.1f}, {hi:.1f}])" in notes and "MaxProb on" not in notes
+    assert "12.4 (MATH) and 4.9 (TheoremQA)" in notes and "87.6 and 95.1" in notes
+    md = table2_markdown(tab, ["A"], caption="Model m.")
+    assert md.startswith("Model m. Length: minus") and f"{hi:.1f}] {BELOW}" in md
+    assert "none here" in table2_notes(tab[~tab["A below chance"].astype(bool)])
+    assert "here MaxProb scores" in notes and "here MaxProb" not in table2_notes(tab.assign(**{"A AUROC": np.nan}))
+
+
+def _halves_scores(seed=0, n=120):
+    """Two sets of scored answers; candidate 'good' separates the classes, 'noise' does not."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in ("A", "B"):
+        y = rng.random(n) < 0.5
+        out[s] = pd.DataFrame({"item_id": [f"{s}{i}" for i in range(n)], "correct": y,
+                               "good": y + rng.normal(0, 0.7, n), "noise": rng.normal(size=n),
+                               "MaxProb": y + rng.normal(0, 1.5, n), "Length": rng.normal(size=n)})
+    return out
+
+
+def test_validation_split_reads_ids_only_and_keeps_a_question_together():
+    from kvlib.experiments.kv_coe import validation_split
+
+    ids = [f"q{i // 2}" for i in range(40)]  # two answers per question
+    v = validation_split(ids, 0.5, seed=1)
+    assert v.sum() == 20 and all(v[i] == v[i + 1] for i in range(0, 40, 2))
+    assert (validation_split(ids[::-1], 0.5, seed=1) == v[::-1]).all()  # order of answers does not matter
+    assert not (validation_split(ids, 0.5, seed=2) == v).all()
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        validation_split(ids, 1.0)
+
+
+def test_the_best_variant_is_picked_on_validation_and_scored_on_test_only():
+    from kvlib.experiments.kv_coe import best_variant, validation_split
+
+    scores = _halves_scores()
+    best = best_variant(scores, candidates=["noise", "good"], n_boot=200)
+    assert best.name == "good" and best.validation.loc["good", "mean"] > best.validation.loc["noise", "mean"]
+    # the pick and its validation table ignore the test answers: scramble them (labels and scores) and nothing moves
+    rng = np.random.default_rng(9)
+    scrambled = {}
+    for s, df in scores.items():
+        test = ~validation_split(df["item_id"])
+        df = df.copy()
+        df.loc[test, "correct"] = rng.random(test.sum()) < 0.5
+        df.loc[test, "noise"] = np.where(df.loc[test, "correct"], 5.0, -5.0)  # 'noise' is perfect on test
+        scrambled[s] = df
+    other = best_variant(scrambled, candidates=["noise", "good"], n_boot=200)
+    assert other.name == "good"
+    pd.testing.assert_frame_equal(other.validation, best.validation)
+    # ... and the reported numbers are the test half's alone
+    row = other.test[(other.test["set"] == "A") & (other.test["score"] == "good")].iloc[0]
+    t = scrambled["A"][~validation_split(scrambled["A"]["item_id"])]
+    assert row["AUROC"] == pytest.approx(auroc(t["correct"], t["good"]))
+    assert row["n_correct"] + row["n_wrong"] == len(t)
+    assert set(other.test_differences["baseline"]) == {"MaxProb", "Length"}  # no hidden CoE here
+    saved = other.table()
+    assert len(saved) == len(other.test) and saved["difference"].isna().sum() == 2  # the pick's own rows, A and B
+    d = other.test_differences.set_index(["set", "baseline"]).loc[("B", "Length"), "AUROC difference"]
+    assert saved.set_index(["set", "score"]).loc[("B", "Length"), "difference"] == pytest.approx(d)
+    quote = other.quote()
+    assert quote.startswith("good, chosen among 2 KV-CoE variants on a validation 50%") and "A " in quote
+    # too few answers per class in every validation half: no pick
+    none = best_variant({s: df.iloc[:12] for s, df in scores.items()}, candidates=["good"], n_boot=50)
+    assert none.name is None and none.test.empty and "No KV-CoE variant" in none.quote()
+
+
+def test_the_verdict_sentences_quote_the_tables(scored):
+    from kvlib.experiments.kv_coe import auroc_differences, best_variant, table2_verdicts
+
+    df = scored
+    scores = {"A": df, "B": df.iloc[:12]}
+    tab = table2(scores, n_boot=200)
+    diffs = auroc_differences(scores, n_boot=200)
+    best = best_variant({"A": df}, n_boot=200, min_class=5)
+    lines = table2_verdicts(tab, diffs, best)
+    assert len(lines) == 3 and lines[1].startswith("B (") and "no AUROC" in lines[1]
+    a = lines[0]
+    assert a.startswith("A (30 correct / 30 wrong): KV-CoE-C (V) ")
+    for m in ("MaxProb", "Length", "CoE-C"):
+        lo, hi = tab.loc[m, "A AUROC lo"], tab.loc[m, "A AUROC hi"]
+        assert f"{tab.loc[m, 'A AUROC']:.1f} [{lo:.1f}, {hi:.1f}]" in a
+    r = diffs[(diffs["set"] == "A") & (diffs["score"] == "KV-CoE-C (V)") & (diffs["baseline"] == "MaxProb")].iloc[0]
+    word = "higher" if r["lo"] > 0 else "lower" if r["hi"] < 0 else "no difference shown"
+    assert f"{r['AUROC difference']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}], {word}" in a
+    assert "paper's form" in a and "prompt+answer" in a and "Output+KV - Output-probe" in a
+    assert lines[2].startswith(best.quote())

@@ -3,7 +3,8 @@
 An upper bound from the model's shape and the profile's sizes, with every answer at its token budget:
 
 * an answer record (:func:`kvlib.answers.answer_records`) holds, per generated token, the layer-averaged keys
-  and values (fp16, ``2 x kv_heads x head_dim`` values) and its id, max probability and entropy; per record the
+  and values (fp16, ``2 x kv_heads x head_dim`` values) and its id, max probability and entropy; per prompt token
+  the same keys and values (the prompt's trajectory; :data:`PROMPT_TOKENS` of them unless told); per record the
   pooled prompt KV sums (fp32, ``3 x 8 x 2 x kv_heads x head_dim``) and the prompt. Arrays are raw bytes in the
   store's binary sidecar.
 * a hidden-state CoE record (notebook 03's sets) holds every layer's mean hidden state (fp32, ``(L + 1) x hidden``).
@@ -22,17 +23,20 @@ __all__ = ["RecordBytes", "record_bytes", "estimate_disk", "describe"]
 REF = 120  # bytes of JSON per stored array: its sidecar offset, dtype, shape and checksum
 TOKEN_STATS = 36  # bytes of JSON per token: its id, max_prob and entropy (6 decimals each)
 PROMPT = 1500  # bytes of a rendered prompt and a record's fixed JSON keys
+PROMPT_TOKENS = 384  # tokens of a rendered prompt, for an estimate made before any prompt is rendered
 
 
 @dataclass(frozen=True)
 class RecordBytes:
-    """Bytes of one stored record: ``fixed`` + ``per_token`` x generated tokens."""
+    """Bytes of one stored record: ``fixed`` + ``per_token`` x generated tokens + ``per_prompt_token`` x prompt
+    tokens."""
 
     fixed: float
     per_token: float
+    per_prompt_token: float = 0.0
 
-    def __call__(self, tokens: int) -> float:
-        return self.fixed + self.per_token * tokens
+    def __call__(self, tokens: int, prompt_tokens: int = PROMPT_TOKENS) -> float:
+        return self.fixed + self.per_token * tokens + self.per_prompt_token * prompt_tokens
 
 
 def record_bytes(config) -> dict[str, RecordBytes]:
@@ -42,7 +46,7 @@ def record_bytes(config) -> dict[str, RecordBytes]:
     heads = int(get("num_attention_heads"))
     kv = int(get("num_key_value_heads") or heads) * int(get("head_dim") or int(get("hidden_size")) // heads)
     layers, hidden = int(get("num_hidden_layers")), int(get("hidden_size"))
-    answer = RecordBytes(PROMPT + 8 * REF + 3 * min(8, layers) * 2 * kv * 4, TOKEN_STATS + 2 * kv * 2)
+    answer = RecordBytes(PROMPT + 10 * REF + 3 * min(8, layers) * 2 * kv * 4, TOKEN_STATS + 2 * kv * 2, 2 * kv * 2)
     return {"answer": answer, "hidden_coe": RecordBytes(PROMPT + 2 * REF + (layers + 1) * hidden * 4, 0.0),
             "method": RecordBytes(PROMPT, TOKEN_STATS)}
 

@@ -7,11 +7,24 @@ reads the graded slow answers (generated once and shared with the switching note
 :func:`auroc_differences` and :func:`coe_cost` evaluate the scores per set, and the plotting functions draw ROC
 curves and score distributions for the main scores. Sets are labelled as in the paper (``GSM8K``, ``MATH-500``
 ...). The per-answer scores themselves are library code, in :mod:`kvlib.selfeval`.
+
+The controls that decide how to read Table 2:
+
+* ``Length`` (minus the answer's token count) and the ``Output-probe`` (which has log answer length among its
+  features): what length and the output statistics alone give;
+* the ``prompt+answer`` KV-CoE rows beside the answer-only ones, and each CoE row in both forms
+  (:func:`forms_table`);
+* orientation: every score is used as oriented; ``below chance`` flags a score whose flipped version's 95%
+  interval lies above 50 (:func:`orientation_table`, and the caption :func:`table2_notes`);
+* the KV-CoE variant called "best" is picked on a validation half of each set's items and reported on the other
+  half (:func:`best_variant`), never picked on the answers it is reported on;
+* :func:`table2_verdicts` writes the sentences a reader takes away, from the tables, with their intervals.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -19,23 +32,39 @@ import numpy as np
 import pandas as pd
 
 from ..data import SelectedSets, select_sets, skipped_sets
-from ..metrics import MIN_CLASS, evaluate_score, paired_auroc_difference
-from ..selfeval import METHODS, score_records
+from ..metrics import MIN_CLASS, auroc, evaluate_score, flipped_interval, paired_auroc_difference
+from ..selfeval import KV_COE_VARIANTS, METHODS, score_records
 from .report import run_label, set_label, skipped_note
 
-__all__ = ["MAIN_SCORES", "COMPARISONS", "CAPTIONS", "selfeval_sets", "collect_scores", "answer_summary",
-           "evaluate_sets", "table2", "table2_markdown", "auroc_differences", "coe_cost", "caption", "roc_figure",
-           "score_figure"]
+__all__ = ["MAIN_SCORES", "COMPARISONS", "CAPTIONS", "PAPER_QWEN2_7B", "selfeval_sets", "collect_scores",
+           "answer_summary", "evaluate_sets", "table2", "table2_markdown", "table2_notes", "orientation_table",
+           "forms_table", "validation_split", "BestVariant", "best_variant", "table2_verdicts", "auroc_differences",
+           "coe_cost", "caption", "roc_figure", "score_figure"]
 
 _log = logging.getLogger(__name__)
 
-MAIN_SCORES = ["MaxProb", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-probe", "Output+KV"]
+MAIN_SCORES = ["MaxProb", "Entropy", "Length", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-probe", "Output+KV"]
 COMPARISONS = [("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-R (V)", "MaxProb"), ("KV-CoE-C (V)", "Entropy"),
-               ("KV-CoE-C (V)", "CoE-C"), ("KV-CoE-R (V)", "CoE-R"), ("KV-probe", "MaxProb"),
-               ("KV-probe", "Output-probe"), ("Output+KV", "Output-probe"), ("Output+KV", "MaxProb")]
+               ("KV-CoE-C (V)", "Length"), ("KV-CoE-R (V)", "Length"), ("KV-CoE-C (K)", "Length"),
+               ("MaxProb", "Length"),
+               ("KV-CoE-C (V)", "CoE-C"), ("KV-CoE-R (V)", "CoE-R"),
+               ("KV-CoE-C (V)", "CoE-C [paper]"), ("KV-CoE-R (V)", "CoE-R [paper]"),
+               ("KV-CoE-C (V) [paper]", "CoE-C [paper]"), ("KV-CoE-R (V) [paper]", "CoE-R [paper]"),
+               ("KV-CoE-C (V, prompt+answer)", "KV-CoE-C (V)"), ("KV-CoE-R (V, prompt+answer)", "KV-CoE-R (V)"),
+               ("KV-CoE-C (V, prompt+answer)", "MaxProb"),
+               ("KV-probe", "MaxProb"), ("KV-probe", "Length"), ("KV-probe", "Output-probe"),
+               ("Output-probe", "Length"), ("Output+KV", "Output-probe"), ("Output+KV", "MaxProb")]
 # what each of notebook 03's tables shows, after the caption's model, profile and hardware
 CAPTIONS = {"differences": "AUROC differences x100 with paired bootstrap 95% intervals.",
-            "cost": "extra cost per answer of each trajectory."}
+            "cost": "extra cost per answer of each trajectory.",
+            "verdicts": "what Table 2 says, sentence by sentence, copied from table2_kv_coe, table2_differences and "
+                        "table2_best_variant (95% intervals; higher/lower only where a paired interval excludes 0).",
+            "best": ("the KV-CoE variant chosen on a validation half of each set's items (a seeded split of item "
+                     "ids, labels never read), by its mean validation AUROC over the sets with at least 10 answers "
+                     "per class in that half; AUROC x100 [95% CI] and paired differences on the other, test half.")}
+# The paper's Table 2, Qwen2-7B-Instruct (AUROC x100): MaxProb far below chance, and its best KV-CoE row per set
+PAPER_QWEN2_7B = {"MaxProb": {"MATH": 12.40, "TheoremQA": 4.92}, "KV-CoE": {"MATH": 84.12, "TheoremQA": 88.87}}
+BELOW = "▼"  # marks a below-chance AUROC in Markdown tables
 
 
 def selfeval_sets(sizes: Mapping[str, int | str | None], data_dir: str | Path | None = None,
@@ -103,10 +132,11 @@ def evaluate_sets(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[s
 def table2(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | None = None,
            min_class: int = MIN_CLASS, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Table 2: rows = methods, columns ``"{set} AUROC"``, ``"... AUROC lo"``, ``"... AUROC hi"``,
-    ``"... FPR95"``, ``"... AUPR"``, ``"... n correct"``, ``"... n wrong"`` per set (x100; NaN = too few)."""
+    ``"... FPR95"``, ``"... AUPR"``, ``"... n correct"``, ``"... n wrong"``, ``"... below chance"`` per set (x100;
+    NaN = too few; ``below chance``: the flipped score's 95% interval lies above 50)."""
     long = evaluate_sets(scores_by_set, methods, min_class, n_boot, seed)
     cols = {"AUROC": "AUROC", "AUROC_lo": "AUROC lo", "AUROC_hi": "AUROC hi", "FPR95": "FPR95", "AUPR": "AUPR",
-            "n_correct": "n correct", "n_wrong": "n wrong"}
+            "n_correct": "n correct", "n_wrong": "n wrong", "below_chance": "below chance"}
     parts = []
     for name in scores_by_set:
         sub = long[long["set"] == name].set_index("method")[list(cols)].rename(columns=cols)
@@ -115,8 +145,31 @@ def table2(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | N
     return pd.concat(parts, axis=1).reindex(order).rename_axis("method")
 
 
+def _sets(table: pd.DataFrame) -> list[str]:
+    return [c[: -len(" AUROC")] for c in table.columns if c.endswith(" AUROC")]
+
+
+def _ci(a, lo, hi, signed: bool = False) -> str:
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return "–" if pd.isna(a) else f"{f.format(a)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def _auc(table: pd.DataFrame, method: str, s: str) -> str:
+    """``AUROC [lo, hi]`` of ``method`` on set ``s`` in a :func:`table2` (``–`` where absent)."""
+    if method not in table.index:
+        return "–"
+    return _ci(*(table.loc[method, f"{s} AUROC{x}"] for x in ("", " lo", " hi")))
+
+
+def _flagged(table: pd.DataFrame, method: str, s: str) -> bool:
+    col = f"{s} below chance"
+    return col in table and method in table.index and bool(table.loc[method, col] is True
+                                                           or table.loc[method, col] == 1)
+
+
 def table2_markdown(table: pd.DataFrame, sets: Sequence[str], caption: str = "") -> str:
-    """Markdown of :func:`table2`: ``AUROC [lo, hi]``, FPR95 and AUPR per set, counts in the header."""
+    """Markdown of :func:`table2`: ``AUROC [lo, hi]`` (``▼``: below chance), FPR95 and AUPR per set, counts in the
+    header; a ``caption`` is followed by :func:`table2_notes`."""
     def fmt(x):
         return "–" if pd.isna(x) else f"{x:.1f}"
 
@@ -125,12 +178,249 @@ def table2_markdown(table: pd.DataFrame, sets: Sequence[str], caption: str = "")
         nc, nw = table[f"{s} n correct"].max(), table[f"{s} n wrong"].max()
         head = f"{s} ({int(nc)}✓/{int(nw)}✗)"
         show[f"{head} AUROC [95% CI]"] = [
-            "–" if pd.isna(a) else f"{a:.1f} [{lo:.1f}, {hi:.1f}]"
-            for a, lo, hi in zip(table[f"{s} AUROC"], table[f"{s} AUROC lo"], table[f"{s} AUROC hi"])]
+            _ci(a, lo, hi) + (f" {BELOW}" if _flagged(table, m, s) else "")
+            for m, a, lo, hi in zip(table.index, table[f"{s} AUROC"], table[f"{s} AUROC lo"], table[f"{s} AUROC hi"])]
         show[f"{head} FPR95↓"] = table[f"{s} FPR95"].map(fmt)
         show[f"{head} AUPR"] = table[f"{s} AUPR"].map(fmt)
     md = show.reset_index().to_markdown(index=False)
-    return f"{caption}\n\n{md}\n" if caption else md + "\n"
+    return f"{caption} {table2_notes(table)}\n\n{md}\n" if caption else md + "\n"
+
+
+def table2_notes(table: pd.DataFrame) -> str:
+    """The caption sentences that say how to read :func:`table2`: the controls, the post-RoPE keys, and the
+    orientation check with its comparison to the paper's below-chance MaxProb."""
+    sets = _sets(table)
+    notes = ["Length: minus the answer's token count (shorter = judged correct)."]
+    if "Output-probe" in table.index:
+        notes.append("Output-probe: MaxProb, 1/PPL, -Entropy and log answer length; Output+KV adds the KV-CoE scores "
+                     "and the mean keys and values, so Output+KV - Output-probe is what the cache adds beyond length "
+                     "and the output statistics.")
+    if any(", prompt+answer)" in m for m in table.index):
+        notes.append("(…, prompt+answer) rows: the trajectory runs over the prompt's tokens, then the answer's.")
+    if any("(K" in m for m in table.index):
+        notes.append("K rows: keys are cached after RoPE, so a key trajectory turns with each token's position: "
+                     "position and answer length can leak into it (compare the Length row).")
+    flagged = [f"{m} on {s} ({_auc(table, m, s)})" for s in sets for m in table.index if _flagged(table, m, s)]
+    notes.append(f"Orientation: every score is used as oriented, larger = judged correct, fixed in advance and never "
+                 f"fitted; {BELOW} marks a score whose flipped version's 95% interval lies above 50, i.e. reliably "
+                 f"below chance as oriented: {'; '.join(flagged) if flagged else 'none here'}.")
+    mp, kv = PAPER_QWEN2_7B["MaxProb"], PAPER_QWEN2_7B["KV-CoE"]
+    measured = [s for s in sets if "MaxProb" in table.index and pd.notna(table.loc["MaxProb", f"{s} AUROC"])]
+    ours = "; here MaxProb scores " + ", ".join(f"{_auc(table, 'MaxProb', s)} on {s}" for s in measured) if measured \
+        else ""
+    notes.append(f"The paper's Table 2 gives MaxProb {mp['MATH']:.1f} (MATH) and {mp['TheoremQA']:.1f} (TheoremQA) for "
+                 f"Qwen2-7B-Instruct, far below chance: flipped, they would read {100 - mp['MATH']:.1f} and "
+                 f"{100 - mp['TheoremQA']:.1f}, above that table's best KV-CoE ({kv['MATH']:.1f}, "
+                 f"{kv['TheoremQA']:.1f}){ours}.")
+    return " ".join(notes)
+
+
+def orientation_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Per score and set: the AUROC as oriented with its 95% interval, the flipped score's interval, and the flag
+    (``True`` where that flipped interval lies above 50). Columns ``(set, field)``; rows as in ``table``."""
+    cols = {}
+    for s in _sets(table):
+        a, lo, hi = (table[f"{s} AUROC{x}"] for x in ("", " lo", " hi"))
+        flo, fhi = flipped_interval(lo, hi)
+        cols[(s, "AUROC as oriented")] = [_ci(*v) for v in zip(a, lo, hi)]
+        cols[(s, "flipped AUROC")] = [_ci(*v) for v in zip(100 - a, flo, fhi)]
+        cols[(s, "below chance")] = [_flagged(table, m, s) for m in table.index]
+    return pd.DataFrame(cols, index=table.index)
+
+
+def forms_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Every trajectory score in both forms side by side: rows hidden-state CoE and each KV-CoE variant, columns
+    ``(set, "reference" | "paper")`` holding ``AUROC [lo, hi]`` (``▼`` below chance)."""
+    bases = [m for m in table.index if "CoE" in m and not m.endswith(" [paper]")]
+    cols = {}
+    for s in _sets(table):
+        for form, suffix in (("reference", ""), ("paper", " [paper]")):
+            cells = []
+            for b in bases:
+                m = b + suffix
+                if m not in table.index:
+                    cells.append("–")
+                    continue
+                cells.append(_auc(table, m, s) + (f" {BELOW}" if _flagged(table, m, s) else ""))
+            cols[(s, form)] = cells
+    return pd.DataFrame(cols, index=pd.Index(bases, name="score"))
+
+
+def validation_split(item_ids: Sequence, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+    """``[N]`` bool, True for answers in the validation part: a seeded random ``fraction`` of the distinct item ids
+    (sorted, then permuted), so every answer to one question falls on one side. Reads ids only, never labels or
+    scores."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie strictly between 0 and 1, not {fraction}")
+    ids = np.asarray([str(i) for i in item_ids])
+    distinct = np.unique(ids)
+    picked = np.random.default_rng(seed).permutation(distinct)[: int(round(fraction * len(distinct)))]
+    return np.isin(ids, picked)
+
+
+@dataclass
+class BestVariant:
+    """The KV-CoE variant picked on validation answers, and how it does on the test answers.
+
+    Attributes:
+        name: the chosen variant (``None`` when no set had enough validation answers per class).
+        validation: validation AUROC x100 per candidate (rows) and set (columns), and their ``mean`` (the pick's
+            criterion, over the sets with at least ``min_class`` answers per class in the validation part).
+        test: per set and score, the chosen variant and its baselines on the test part: ``AUROC``, ``lo``, ``hi``,
+            ``n_correct``, ``n_wrong``.
+        test_differences: per set, ``name`` minus each baseline on the test part: ``AUROC difference``, ``lo``,
+            ``hi`` (paired bootstrap).
+        fraction, seed: the validation split (:func:`validation_split`).
+    """
+
+    name: str | None
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    test_differences: pd.DataFrame
+    fraction: float = 0.5
+    seed: int = 0
+    candidates: tuple[str, ...] = field(default_factory=tuple)
+
+    def table(self) -> pd.DataFrame:
+        """:attr:`test` with, on each baseline's row, the chosen variant minus that baseline (``difference``,
+        ``difference lo``, ``difference hi``; NaN on the chosen variant's own row): the table notebook 03 saves."""
+        d = self.test_differences.drop(columns=["score"]).rename(
+            columns={"baseline": "score", "AUROC difference": "difference", "lo": "difference lo",
+                     "hi": "difference hi"})
+        return self.test.merge(d, on=["set", "score"], how="left").assign(chosen=self.name, validation_seed=self.seed)
+
+    def quote(self) -> str:
+        """One sentence giving the choice and its test-part AUROC per set, for text to quote."""
+        if self.name is None:
+            return "No KV-CoE variant could be chosen: no set has enough validation answers in both classes."
+        own = self.test[self.test["score"] == self.name]
+        per_set = ", ".join(f"{r.set} {_ci(r.AUROC, r.lo, r.hi)}" for r in own.itertuples())
+        return (f"{self.name}, chosen among {len(self.candidates)} KV-CoE variants on a validation "
+                f"{100 * self.fraction:.0f}% of each set's items (seed {self.seed}), scores on the other "
+                f"{100 * (1 - self.fraction):.0f}%: {per_set or 'no set with enough test answers'}.")
+
+
+def _hidden_of(variant: str) -> list[str]:
+    letter = "R" if variant.startswith("KV-CoE-R") else "C"
+    return [f"CoE-{letter}", f"CoE-{letter} [paper]"]
+
+
+def best_variant(scores_by_set: Mapping[str, pd.DataFrame], candidates: Sequence[str] | None = None,
+                 fraction: float = 0.5, seed: int = 0, baselines: Sequence[str] = ("MaxProb", "Length"),
+                 min_class: int = MIN_CLASS, n_boot: int = 1000) -> BestVariant:
+    """Pick the KV-CoE variant with the highest mean validation AUROC, and score it on the test part only.
+
+    Each set's answers are split by :func:`validation_split` (item ids only). On the validation part every
+    candidate (default: every KV-CoE variant present, :data:`kvlib.selfeval.KV_COE_VARIANTS`) gets its AUROC per
+    set; the pick is the highest mean over the sets where both classes have ``min_class`` answers in that part
+    (a candidate absent from one of those sets is out; ties go to the earlier candidate). The test part alone
+    gives the reported numbers: the pick, ``baselines`` and the hidden-state CoE of the same letter in both forms,
+    with stratified bootstrap intervals, and the pick minus each of them with a paired bootstrap interval.
+    """
+    present = [c for c in (candidates or KV_COE_VARIANTS) if any(c in df for df in scores_by_set.values())]
+    val_rows, parts = {}, {}
+    for s, df in scores_by_set.items():
+        val = validation_split(df["item_id"], fraction, seed)
+        parts[s] = (df[val], df[~val])
+        v = df[val]
+        n_ok = int(v["correct"].sum())
+        if min(n_ok, len(v) - n_ok) < max(1, min_class):
+            continue
+        col = {}
+        for c in present:
+            if c in v:
+                keep = v[c].notna()
+                y = v.loc[keep, "correct"]
+                col[c] = auroc(y, v.loc[keep, c]) if 0 < y.sum() < len(y) else np.nan
+        val_rows[s] = pd.Series(col, dtype=float)
+    validation = pd.DataFrame(val_rows, index=pd.Index(present, name="candidate"))
+    validation["mean"] = validation.mean(axis=1, skipna=False) if len(val_rows) else np.nan
+    name = None
+    if len(val_rows) and validation["mean"].notna().any():
+        name = str(validation["mean"].idxmax())
+    test_rows, diff_rows = [], []
+    if name is not None:
+        others = [b for b in (*baselines, *_hidden_of(name)) if b != name]
+        for s, (_, t) in parts.items():
+            for m in [name, *others]:
+                if m not in t:
+                    continue
+                r = evaluate_score(t["correct"], t[m], min_class=min_class, n_boot=n_boot, seed=seed)
+                test_rows.append({"set": s, "score": m, "AUROC": r["AUROC"], "lo": r["AUROC_lo"], "hi": r["AUROC_hi"],
+                                  "n_correct": r["n_correct"], "n_wrong": r["n_wrong"]})
+            n_ok = int(t["correct"].sum())
+            for b in others:
+                if b not in t:
+                    continue
+                d = (np.nan,) * 3
+                if min(n_ok, len(t) - n_ok) >= max(1, min_class):
+                    d = paired_auroc_difference(t["correct"], t[name], t[b], n_boot=n_boot, seed=seed)
+                diff_rows.append({"set": s, "score": name, "baseline": b, "AUROC difference": d[0], "lo": d[1],
+                                  "hi": d[2]})
+    test = pd.DataFrame(test_rows, columns=["set", "score", "AUROC", "lo", "hi", "n_correct", "n_wrong"])
+    diffs = pd.DataFrame(diff_rows, columns=["set", "score", "baseline", "AUROC difference", "lo", "hi"])
+    return BestVariant(name, validation, test, diffs, fraction, seed, tuple(present))
+
+
+def _diff_text(diffs: pd.DataFrame, s: str, a: str, b: str) -> str | None:
+    if diffs is None or not len(diffs):
+        return None
+    sub = diffs[(diffs["set"] == s) & (diffs["score"] == a) & (diffs["baseline"] == b)]
+    if not len(sub) or pd.isna(sub["AUROC difference"].iloc[0]):
+        return None
+    d, lo, hi = sub[["AUROC difference", "lo", "hi"]].iloc[0]
+    word = "higher" if lo > 0 else "lower" if hi < 0 else "no difference shown"
+    return f"{_ci(d, lo, hi, signed=True)}, {word}"
+
+
+def table2_verdicts(table: pd.DataFrame, differences: pd.DataFrame, best: BestVariant | None = None,
+                    kv: str = "KV-CoE-C (V)") -> list[str]:
+    """The sentences that read Table 2, one per set (then one for the validation pick), every number with its
+    95% interval, copied from :func:`table2`, :func:`auroc_differences` and :func:`best_variant`.
+
+    Per set: ``kv`` against MaxProb, against answer length alone, against hidden-state CoE of the same letter in
+    the reference and the paper's form, the prompt+answer variant against the answer-only one, and Output+KV
+    against the Output-probe (length included). "higher"/"lower" only where the paired interval excludes 0.
+    A set without metrics (too few answers in a class) says so.
+    """
+    hid_ref, hid_paper = _hidden_of(kv)
+    pa = kv.replace(")", ", prompt+answer)", 1)
+    out = []
+    for s in _sets(table):
+        nc, nw = int(table[f"{s} n correct"].max()), int(table[f"{s} n wrong"].max())
+        head = f"{s} ({nc} correct / {nw} wrong)"
+        if kv not in table.index or pd.isna(table.loc[kv, f"{s} AUROC"]):
+            out.append(f"{head}: no AUROC, fewer than {MIN_CLASS} answers in a class (or no {kv} score).")
+            continue
+        clauses = [f"{kv} {_auc(table, kv, s)}"]
+        for b, label in (("MaxProb", "MaxProb"), ("Length", "answer length alone"),
+                         (hid_ref, f"hidden-state {hid_ref} (reference form)"),
+                         (hid_paper, f"hidden-state {hid_ref} in the paper's form")):
+            d = _diff_text(differences, s, kv, b)
+            if b in table.index:
+                clauses.append(f"vs {label} {_auc(table, b, s)}" + (f": {d}" if d else ""))
+        d = _diff_text(differences, s, pa, kv)
+        if d:
+            clauses.append(f"over prompt+answer, {pa} {_auc(table, pa, s)}, minus answer-only: {d}")
+        d = _diff_text(differences, s, "Output+KV", "Output-probe")
+        if d:
+            clauses.append(f"Output+KV - Output-probe (length and output statistics): {d}")
+        flagged = [m for m in table.index if _flagged(table, m, s)]
+        if flagged:
+            clauses.append(f"below chance as oriented: {', '.join(flagged)}")
+        out.append(f"{head}: " + "; ".join(clauses) + ".")
+    if best is not None:
+        line = best.quote()
+        extra = []
+        for b in dict.fromkeys(best.test_differences["baseline"]):
+            ds = [f"{s} {t}" for s in dict.fromkeys(best.test_differences["set"])
+                  if (t := _diff_text(best.test_differences, s, best.name, b))]
+            if ds:
+                extra.append(f"minus {b}: " + "; ".join(ds))
+        if extra:
+            line += " On the test half, the pick " + " | ".join(extra) + "."
+        out.append(line)
+    return out
 
 
 def auroc_differences(scores_by_set: Mapping[str, pd.DataFrame],

@@ -22,10 +22,11 @@ from .report import flat_columns
 __all__ = ["model_dirs", "table1_by_model", "table2_by_model", "differences_by_model", "table3_by_model",
            "size_figure", "caption", "flat_table", "KEY_COMPARISONS", "CAPTIONS"]
 
-TABLE2_SCORES = ("MaxProb", "PPL", "Entropy", "CoE-C", "KV-CoE-R (V)", "KV-CoE-C (V)", "KV-CoE-C (K)", "KV-probe",
-                 "Output-probe", "Output+KV")
+TABLE2_SCORES = ("MaxProb", "PPL", "Entropy", "Length", "CoE-C", "CoE-C [paper]", "KV-CoE-R (V)", "KV-CoE-C (V)",
+                 "KV-CoE-C (K)", "KV-CoE-C (V, prompt+answer)", "KV-probe", "Output-probe", "Output+KV")
 KEY_COMPARISONS = (("Output+KV", "Output-probe"), ("KV-probe", "Output-probe"), ("KV-probe", "MaxProb"),
-                   ("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-C (V)", "CoE-C"))
+                   ("KV-CoE-C (V)", "MaxProb"), ("KV-CoE-C (V)", "Length"), ("KV-CoE-C (V)", "CoE-C"),
+                   ("KV-CoE-C (V)", "CoE-C [paper]"))
 # what each of notebook 06's tables shows, after the caption's profile and models
 CAPTIONS = {"table1": "Table 1: accuracy per representation, few-shot (MTEB, mean) and whole split.",
             "table2": "Table 2: AUROC x100 [95% CI].",
@@ -121,7 +122,8 @@ def table1_by_model(dirs: dict[str, Path], columns=("KV cache", "hidden states",
 
 
 def table2_by_model(dirs: dict[str, Path], scores=TABLE2_SCORES) -> pd.DataFrame:
-    """Rows: scores; columns ``(set, model)``: ``AUROC [lo, hi]`` (``–`` where a class was too small)."""
+    """Rows: scores; columns ``(set, model)``: ``AUROC [lo, hi]`` (``–`` where a class was too small), followed by
+    ``(below chance)`` where the model's table flags it (the flipped score's 95% interval lies above 50)."""
     cols = {}
     for model, df in _read(dirs, "table2_kv_coe").items():
         df = df.set_index("method")
@@ -133,7 +135,8 @@ def table2_by_model(dirs: dict[str, Path], scores=TABLE2_SCORES) -> pd.DataFrame
                 if method not in df.index:
                     continue
                 a, lo, hi = (df.loc[method, f"{s} AUROC{x}"] for x in ("", " lo", " hi"))
-                cells[method] = "–" if pd.isna(a) else f"{a:.1f} [{lo:.1f}, {hi:.1f}]"
+                flag = f"{s} below chance" in df and str(df.loc[method, f"{s} below chance"]) in ("True", "1", "1.0")
+                cells[method] = "–" if pd.isna(a) else f"{a:.1f} [{lo:.1f}, {hi:.1f}]" + (" (below chance)" * flag)
             cols[(s, f"{model} ({n})")] = pd.Series(cells)
     out = pd.DataFrame(cols)
     return out.reindex([s for s in scores if s in out.index]) if len(out) else out
