@@ -559,7 +559,10 @@ class ResultStore:
                     _write_all(f, data)
                     os.fsync(f.fileno())
                 except OSError:
-                    f.truncate(self._offset)  # no partial line left behind (a full disk)
+                    try:
+                        f.truncate(self._offset)  # no partial line left behind (a full disk)
+                    except OSError:
+                        pass  # the next writer drops a partial last line
                     raise
         except OSError as err:
             raise _disk_error(err, self.path, "the store") from None

@@ -131,6 +131,22 @@ def _mark_not_run(out: Path, nb, running: int) -> None:
         pass
 
 
+def _kernel_manager(log: Path):
+    """A kernel manager class whose kernel writes its own stderr (the kernel app's log and what it prints while
+    shutting down, e.g. after Ctrl-C) to ``log`` instead of this terminal; cell output still comes through."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class _LoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw["stderr"] = open(log, "ab")
+            try:
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+            finally:
+                kw["stderr"].close()  # the kernel holds its own copy
+
+    return _LoggedKernelManager
+
+
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str = "python3") -> Path:
     """Run one notebook with papermill; the executed copy goes to ``out_dir/<name>``.
 
@@ -154,6 +170,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str =
         pm.execute_notebook(
             str(path), str(out), parameters=parameters, cwd=str(path.parent), kernel_name=kernel_name,
             progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr,
+            kernel_manager_class=_kernel_manager(out.with_suffix(".kernel.log")),
         )
     except pm.PapermillExecutionError as err:
         executed = nbformat.read(out, as_version=4)
@@ -175,7 +192,8 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str =
             f"likely cause is memory: the system kills a process that exhausts RAM (or GPU memory). Run it again "
             f"with a smaller PROFILE (e.g. PROFILE=small, or SMOKE=True to check the code path), a profile with a "
             f"smaller batch_size, or a smaller MODEL, and close other memory-hungry programs.\n"
-            f"  executed copy up to that cell: {out}", path.name, index, out) from None
+            f"  executed copy up to that cell: {out}; the kernel's own log: {out.with_suffix('.kernel.log')}",
+            path.name, index, out) from None
     return out
 
 
