@@ -38,7 +38,7 @@ def fake_model(tmp_path, monkeypatch):
                         lambda *a, **kw: model if "gguf_file" in kw else real_model(*a, **kw))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
                         lambda *a, **kw: tok if "gguf_file" in kw else real_tok(*a, **kw))
-    models._VERIFIED.clear()
+    getattr(models, "_VERIFIED", {}).clear()
     return tmp_path / "cache" / "fake"
 
 

@@ -100,10 +100,9 @@ def test_f09_a_deleted_lock_file_stops_the_first_writer_and_the_second_gets_a_cl
                             env={**os.environ, "PYTHONPATH": str(__import__("kvlib").__path__[0].rsplit("/", 1)[0])})
     try:
         assert proc.stdout.readline().strip() == "locked"
-        mine = _store.__wrapped__ if hasattr(_store, "__wrapped__") else _store
         lock = next(tmp_path.rglob("*.jsonl.lock"))
         lock.unlink()  # the mistake: now a second process can lock a new file of that name
-        second = mine(tmp_path)
+        second = _store(tmp_path)
         second.add([{"item_id": "x"}])
         proc.stdin.write("go\n")
         proc.stdin.flush()
