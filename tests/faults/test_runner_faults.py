@@ -187,3 +187,27 @@ def test_f11_readme_table_markers_stay_inside_tables(tmp_path):
     (tmp_path / "README.md").write_text(text)
     assert pipeline.update_readme(tmp_path) == []
     assert (tmp_path / "README.md").read_text() == text
+
+
+@pytest.mark.slow
+def test_f03_the_real_kv_coe_notebook_on_a_random_model_leaves_a_copy_of_this_repository_clean(tmp_path):
+    """``kvlib reproduce --profile smoke --model random:tiny --only 03`` in a committed copy of this checkout:
+    its tables, figures and executed notebook land in build/, and ``git status`` stays clean."""
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-C", str(REPO), "--null", "-T", "-", "-cf", str(tmp_path / "a.tar")], input=files,
+                   check=True)
+    subprocess.run(["tar", "-C", str(copy), "-xf", str(tmp_path / "a.tar")], check=True)
+    git = ["git", "-C", str(copy), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", str(copy)], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "copy"], check=True)
+    env = {**os.environ, "PYTHONPATH": str(copy), "KVLIB_RUNS": str(tmp_path / "runs")}
+    proc = subprocess.run([sys.executable, "-m", "kvlib.cli", "reproduce", "--profile", "smoke", "--model",
+                           "random:tiny", "--only", "03"], cwd=copy, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _status(copy) == ""
+    run = copy / "build" / "smoke" / "random_tiny"
+    assert (run / "tables" / "table2_kv_coe.md").exists() and (run / "notebooks" / "03_kv_coe.ipynb").exists()
