@@ -12,8 +12,9 @@ pinned hash triggers a fresh conversion.
 at conversion; every load checks them all, streamed, in full, before transformers reads the folder (once per
 process and entry while its files are unchanged): a flipped bit or a truncated ``model.safetensors`` is refused
 with a :class:`ModelFileError` that names the entry to delete. Measured on the 0.5B conversion (2.5 GB of fp32
-safetensors), on a shared 2-core machine: 5.7 s to hash it all with the file in the page cache (1.2 s of that
-reading it), against tens of seconds to load the model and minutes to convert it. An entry converted by an older
+safetensors), on a shared 2-core machine (load average 6 to 11): 5.7 to 7.0 s to hash it all with the file in
+the page cache (1.2 s of that reading it); the conversion pays the same once more to record the digests, against
+minutes to convert. An entry converted by an older
 kvlib (no digests) is converted again. A conversion holds a lock on its staging folder; the next start removes
 any staging folder whose lock is free (its conversion was killed).
 
