@@ -314,19 +314,21 @@ def _check_request(args) -> tuple:
 
 
 def _staging(profile) -> Path:
-    """An empty folder for a publishing run (``build/publish/<profile>/<model>/``): the notebooks write there and
-    nothing is copied into the checkout unless every notebook succeeds. A profile with ``results_dir`` starts
-    from a copy of its committed results, so a notebook that lines up every model (06) sees the others."""
+    """The folder of a publishing run (``build/publish/<profile>/<model>/``): the notebooks write there and
+    nothing is copied into the checkout unless every notebook succeeds. It starts from a copy of the profile's
+    committed results (``tables/`` and ``figures/``, or their ``results_dir`` subfolders), so a notebook that reads
+    earlier results (06 lines up every model) sees them in a partial run (``--only``) too; files the run does not
+    change are not copied back."""
     import shutil
 
     stage = ROOT / "build" / "publish" / profile.name / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(profile.model).name)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
-    if profile.results_dir:
-        for kind in ("tables", "figures"):
-            src = ROOT / kind / profile.results_dir
-            if src.is_dir():
-                shutil.copytree(src, stage / kind / profile.results_dir)
+    for kind in ("tables", "figures"):
+        src = ROOT / kind / profile.results_dir if profile.results_dir else ROOT / kind
+        if src.is_dir():
+            shutil.copytree(src, stage / kind / profile.results_dir if profile.results_dir else stage / kind,
+                            symlinks=True)
     return stage
 
 
@@ -364,7 +366,7 @@ def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: P
         changed = 0
         for kind in ("tables", "figures"):
             for f in sorted((stage / kind).rglob("*")):
-                if f.is_file():
+                if f.is_file() and not f.is_symlink():
                     changed += _replace_if_changed(f, root / kind / f.relative_to(stage / kind))
         for copy, src in ready:
             changed += _replace_if_changed(copy, src)
