@@ -1,9 +1,13 @@
 # kvlib: one command to set up and reproduce everything, one to test.
-#   make reproduce [PROFILE=small|gpu|full|dryrun] [MODEL=qwen2.5-0.5b|Qwen/Qwen3-8B|/path/to/model] [DATA_DIR=/path]
+#   make reproduce [PROFILE=small|gpu|full|dryrun|smoke] [MODEL=qwen2.5-0.5b|Qwen/Qwen3-8B|/path] [DATA_DIR=/path]
 #   make test
 #   make lab
-# `make reproduce` with the small profile and the default model also copies the executed outputs into notebooks/,
-# so the committed notebooks show the run that wrote the committed tables.
+# `make reproduce` with the default profile and model (small, qwen2.5-0.5b) publishes: it runs every notebook into
+# build/publish/ and, once all of them succeeded, copies the tables, figures and notebook outputs into tables/,
+# figures/, notebooks/ and the README (all or nothing). Any other PROFILE or MODEL is a scratch run: its results
+# stay in build/<profile>/... and the committed files are not touched. PUBLISH=1 publishes another committed pair
+# (e.g. PROFILE=gpu MODEL=qwen2.5-1.5b), PUBLISH=0 makes the default run a scratch run; `make publish` is
+# `make reproduce PUBLISH=1`.
 # Before installing anything, scripts/preflight.py (system Python, standard library only) checks the Python
 # version, the venv module and the free disk, and says what to install or free when one falls short.
 PYTHON   ?= python3
@@ -11,6 +15,7 @@ VENV     ?= .venv
 PROFILE  ?= small
 MODEL    ?=
 DATA_DIR ?=
+PUBLISH  ?=
 TORCH    ?= torch==2.13.0
 # extra pip arguments for torch alone, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 # where the package index would otherwise give a CUDA build
@@ -20,7 +25,7 @@ PIP      := $(PY) -m pip
 PREFLIGHT = scripts/preflight.py --venv "$(VENV)" --model "$(MODEL)" --goals "$(or $(MAKECMDGOALS),venv)"
 SAY       = @$(PY) scripts/preflight.py --venv "$(VENV)" --announce
 
-.PHONY: venv venv-test extra reproduce test lab clean-results
+.PHONY: venv venv-test extra reproduce publish test lab clean-results
 
 $(VENV)/.base: pyproject.toml requirements-assets.txt
 	@$(PYTHON) $(PREFLIGHT)
@@ -62,8 +67,12 @@ venv-test: $(VENV)/.test
 
 reproduce: $(VENV)/.base $(if $(filter qwen2.5-1.5b,$(MODEL)),$(VENV)/.extra,)
 	@$(PY) $(PREFLIGHT)
-	$(PY) -m kvlib.experiments.pipeline --profile $(PROFILE) $(if $(MODEL),--model $(MODEL),) $(if $(DATA_DIR),--data-dir $(DATA_DIR),) \
-		$(if $(filter small,$(PROFILE)),$(if $(MODEL),,--publish),)
+	$(PY) -m kvlib.experiments.pipeline --profile "$(PROFILE)" $(if $(MODEL),--model "$(MODEL)",) \
+		$(if $(DATA_DIR),--data-dir "$(DATA_DIR)",) \
+		$(if $(filter 1,$(PUBLISH)),--publish,$(if $(PUBLISH),,$(if $(filter small,$(PROFILE)),$(if $(MODEL),,--publish),)))
+
+publish:
+	$(MAKE) reproduce PUBLISH=1
 
 test: $(VENV)/.test
 	@$(PY) $(PREFLIGHT)
@@ -79,4 +88,4 @@ lab: $(VENV)/.lab
 	$(PY) scripts/lab.py --ip $(LAB_IP) --port $(LAB_PORT) --notebook-dir notebooks
 
 clean-results:
-	rm -rf build/executed
+	rm -rf build/executed build/publish build/small build/smoke build/dryrun build/gpu build/full

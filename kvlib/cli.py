@@ -1,7 +1,9 @@
 """The ``kvlib`` command: ``kvlib reproduce`` runs the notebooks, ``kvlib info MODEL`` tells what a model costs.
 
-``kvlib reproduce [--profile P] [--model M] [--data-dir D] [--only NN ...]`` hands its arguments to
-:func:`kvlib.experiments.pipeline.main` (papermill over ``notebooks/NN_*.ipynb`` of the source checkout).
+``kvlib reproduce [--profile P] [--model M] [--data-dir D] [--only NN ...] [--publish]`` hands its arguments to
+:func:`kvlib.experiments.pipeline.main` (papermill over ``notebooks/NN_*.ipynb`` of the source checkout, into a
+run folder under ``build/``; ``--publish`` copies the results into the committed files once every notebook
+succeeded).
 
 ``kvlib info MODEL`` loads no weights. It names where the weights come from (for an embedded model: its
 packages, pinned SHA-256 and converted folder; a local folder; a hub id) and prints
@@ -283,8 +285,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvlib {ver}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     rep = sub.add_parser("reproduce", help="run the numbered notebooks headlessly (papermill), as `make reproduce`",
-                         description="Run notebooks/NN_*.ipynb with papermill; executed copies go to build/executed/ "
-                         "and the README tables are refreshed.")
+                         description="Run notebooks/NN_*.ipynb with papermill into a run folder under build/ "
+                         "(tables, figures, executed notebooks); --publish copies them into tables/, figures/, "
+                         "notebooks/ and the README once every notebook succeeded.")
     rep.add_argument("--profile", default="small", choices=sorted(PROFILES), help="sizes and settings (default small)")
     rep.add_argument("--model", default="", metavar="M",
                      help=f"embedded model ({', '.join(EMBEDDED_MODELS)}), local folder or hub id; "
@@ -292,9 +295,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--data-dir", default="", metavar="D",
                      help="folder with theoremqa_test.json, amazon_counterfactual/, financial_phrasebank_allagree.txt")
     rep.add_argument("--only", nargs="+", type=_notebook_number, metavar="NN", help="notebook numbers, e.g. 01 03")
-    rep.add_argument("--out", default="", metavar="DIR", help="where executed notebooks go (default build/executed)")
+    rep.add_argument("--out", default="", metavar="DIR",
+                     help="where executed notebooks go (default: the run folder's notebooks/ under build/)")
     rep.add_argument("--publish", action="store_true",
-                     help="copy the executed outputs into notebooks/ (what the committed notebooks show)")
+                     help="after every notebook succeeded, copy the run's tables, figures and notebook outputs "
+                     "into tables/, figures/, notebooks/ and the README (only the profile and model of the committed "
+                     "results)")
     info = sub.add_parser("info", help="where a model's weights come from and its memory at a few context lengths",
                           description="Print where MODEL's weights come from and kvlib.memory_estimate at a few "
                           "context lengths, without loading any weights.")

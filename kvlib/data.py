@@ -60,8 +60,8 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["MathItem", "load_math", "answer_type", "DATASETS", "SET_LABELS", "TEST_FRACTION", "last_boxed",
-           "select_sets", "SelectedSets", "SkippedSet", "skipped_sets", "DATA_DIR_FILES", "ALL"]
+__all__ = ["MathItem", "load_math", "DataFileError", "answer_type", "DATASETS", "SET_LABELS", "TEST_FRACTION",
+           "last_boxed", "select_sets", "SelectedSets", "SkippedSet", "skipped_sets", "DATA_DIR_FILES", "ALL"]
 
 _log = logging.getLogger(__name__)
 
@@ -134,11 +134,31 @@ def _package_data_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be read as its set: the message names the file, what is wrong and what to do."""
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall the data with `{_INSTALL_HINT}`")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    fix = f"the file is damaged: reinstall the data with `{_INSTALL_HINT.replace('--no', '--force-reinstall --no')}`"
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFileError(f"{path}, line {n}: not UTF-8 text (byte {err.start}); {fix}") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise DataFileError(f"{path}, line {n}: not valid JSON ({err.msg}); {fix}") from None
+            if not isinstance(row, dict):
+                raise DataFileError(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; {fix}")
+            rows.append(row)
+    return rows
 
 
 def _num(x: float) -> str:
@@ -240,6 +260,56 @@ def _tqa_answer(a, kind: str) -> str:
     return str(a).strip()
 
 
+_TQA_FIELDS = ("Question", "Answer", "Answer_type")
+_TQA_KINDS = ("bool", "integer", "float", "list of integer", "list of float", "option")
+
+
+def _theoremqa_rows(path: Path) -> list[dict]:
+    """The rows of a TheoremQA ``test.json``, checked: a JSON list of objects with a text ``Question``, an
+    ``Answer`` of its ``Answer_type`` (one of :data:`_TQA_KINDS`). Raises :class:`DataFileError` naming the file,
+    the row and what is wrong."""
+    fix = ("Download the TheoremQA test.json again (a JSON list of 800 objects with Question, Answer, Answer_type, "
+           "Picture) and pass its folder as DATA_DIR, or leave DATA_DIR empty to skip TheoremQA")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"TheoremQA file {path}: not UTF-8 text (byte {err.start} is {raw[err.start]:#04x}). "
+                            f"{fix}.") from None
+    if not text.strip():
+        raise DataFileError(f"TheoremQA file {path} is empty. {fix}.")
+    try:
+        rows = json.loads(text)
+    except ValueError as err:
+        cut = " (it ends early: truncated?)" if err.pos >= len(text.rstrip()) else ""
+        raise DataFileError(f"TheoremQA file {path}: not valid JSON at line {err.lineno}, column {err.colno}: "
+                            f"{err.msg}{cut}. {fix}.") from None
+    if not isinstance(rows, list):
+        raise DataFileError(f"TheoremQA file {path}: a JSON {type(rows).__name__}, not a list of questions. {fix}.")
+    if not rows:
+        raise DataFileError(f"TheoremQA file {path}: an empty list (no questions). {fix}.")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataFileError(f"TheoremQA file {path}, row {i}: a JSON {type(r).__name__}, not an object. {fix}.")
+        missing = [k for k in _TQA_FIELDS if k not in r]
+        if missing:
+            raise DataFileError(f"TheoremQA file {path}, row {i}: no field {', '.join(missing)} (it has "
+                                f"{', '.join(sorted(r)) or 'no fields'}). {fix}.")
+        bad = [k for k in _TQA_FIELDS if r[k] is None or (k != "Answer" and not isinstance(r[k], str))]
+        if bad:
+            raise DataFileError(f"TheoremQA file {path}, row {i}: {', '.join(bad)} is {r[bad[0]]!r} (null or not "
+                                f"text). {fix}.")
+        if r["Answer_type"] not in _TQA_KINDS:
+            raise DataFileError(f"TheoremQA file {path}, row {i}: unknown Answer_type {r['Answer_type']!r} (known: "
+                                f"{', '.join(_TQA_KINDS)}). {fix}.")
+        try:
+            _tqa_answer(r["Answer"], r["Answer_type"])
+        except (TypeError, ValueError):
+            raise DataFileError(f"TheoremQA file {path}, row {i}: Answer {r['Answer']!r} is not a "
+                                f"{r['Answer_type']}. {fix}.") from None
+    return rows
+
+
 def _theoremqa(path) -> list[MathItem]:
     if path is None:
         raise FileNotFoundError("theoremqa is not shipped (its licence forbids redistribution): download the "
@@ -248,8 +318,7 @@ def _theoremqa(path) -> list[MathItem]:
     if not path.is_file():
         raise FileNotFoundError(f"TheoremQA file {path} does not exist; pass path= pointing to the TheoremQA "
                                 f"test.json (a list of objects with Question, Answer, Answer_type, Picture)")
-    with open(path, encoding="utf-8") as f:
-        rows = json.load(f)
+    rows = _theoremqa_rows(path)
     items = []
     for i, r in enumerate(rows):
         if r.get("Picture"):
@@ -305,9 +374,15 @@ def load_math(name: str, split: str = "test", n: int | str | None = None, seed: 
         source = path
     else:
         root = Path(path) if path is not None else _package_data_dir()
-        items = {"gsm8k": lambda: _gsm8k(root, split), "math": lambda: _math(root, split),
-                 "math500": lambda: _math500(root), "svamp": lambda: _svamp(root, split),
-                 "asdiv": lambda: _asdiv(root, split), "mawps": lambda: _mawps(root, split)}[name]()
+        read = {"gsm8k": lambda: _gsm8k(root, split), "math": lambda: _math(root, split),
+                "math500": lambda: _math500(root), "svamp": lambda: _svamp(root, split),
+                "asdiv": lambda: _asdiv(root, split), "mawps": lambda: _mawps(root, split)}[name]
+        try:
+            items = read()
+        except (KeyError, TypeError, AttributeError) as err:  # a row without a field, or of another type
+            raise DataFileError(f"data set {name}: a row of its file under {root} lacks a field or has one of another "
+                                f"type ({type(err).__name__}: {err}): the data files are damaged or of another "
+                                f"version; reinstall them with `{_INSTALL_HINT}`") from None
         source = root
     _check_items(items, name, split, source)
     if n is None:

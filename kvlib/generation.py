@@ -54,7 +54,10 @@ class Prompt:
 class GenerationSettings:
     """Everything that changes what is generated (hashed into the store's run identity).
 
-    ``batch_size`` is not part of the identity: results do not depend on it.
+    ``batch_size`` is not part of the identity: the generated tokens do not depend on it, but extractor arrays
+    (hidden states, KV features) may differ by up to ~2e-4 relative between batch sizes (bf16 and fp32 batched
+    matrix products sum in another order for another batch shape); a store keeps the arrays of the batch size
+    that first computed each item.
     """
 
     max_new_tokens: int = 384
@@ -131,6 +134,9 @@ def generate(
         StoreMismatchError: the store is of another model or settings, or a stored item's prompt differs
             from the one given now (nothing is generated).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}: set the profile's batch_size "
+                         "(or the batch_size argument) to 1 or more")
     extractors = dict(extractors or {})
     ids = _unique_ids(prompts)
     shard = current_shard() if shard is None else shard

@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-__all__ = ["Profile", "get_profile", "PROFILES", "resolve_device", "resolve_dtype", "hardware_label",
-           "cpu_has_bf16"]
+__all__ = ["Profile", "get_profile", "PROFILES", "COMMITTED", "is_checkout", "resolve_device", "resolve_dtype",
+           "hardware_label", "cpu_has_bf16"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -117,7 +117,8 @@ class Profile:
         dtype: ``"auto"`` (bf16 on CUDA and on a CPU with native bf16, else fp32) or a torch dtype name.
         results_dir: where tables and figures go, relative to the repository root: ``""`` writes
             ``tables/`` and ``figures/``; ``"gpu"`` writes ``tables/gpu/<model>/`` and ``figures/gpu/<model>/``.
-        scratch: a check, not a result: tables, figures and notebook timings go under ``build/<name>/``.
+        scratch: a check, not a result: never :attr:`committed`, whatever the model; its tables, figures and
+            notebook timings go under ``build/<name>/``.
     """
 
     name: str
@@ -146,6 +147,8 @@ class Profile:
     def __post_init__(self):
         if self.fast_tokens < 1 or self.slow_tokens < self.fast_tokens:
             raise ValueError("need 1 <= fast_tokens <= slow_tokens")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"profile {self.name!r}: batch_size must be a positive integer, not {self.batch_size!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
         if not (self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device)):
@@ -169,6 +172,18 @@ class Profile:
         """:func:`hardware_label` of this profile's placement on this machine."""
         return hardware_label(**self.placement())
 
+    @property
+    def committed(self) -> bool:
+        """Whether this profile with this model produced the committed results (:data:`COMMITTED`): only such a
+        run may write into a source checkout's ``tables/`` and ``figures/``; any other is a scratch run."""
+        return not self.scratch and self.model in COMMITTED.get(self.name, ())
+
+    def run_dir(self, root: str | Path = "..") -> Path:
+        """The folder of a scratch run of this profile and model under ``root``: ``build/<profile>/`` for a
+        profile with ``results_dir`` (its folders already split by model), else ``build/<profile>/<model>/``."""
+        base = Path(root) / "build" / self.name
+        return base if self.results_dir else base / _model_slug(self.model)
+
     def results_root(self, root: str | Path = "..", smoke: bool = False) -> tuple[Path, Path]:
         """``(tables, figures)`` folders that hold every model's results of this profile (created): the
         parents of :meth:`output_dirs` for a profile with ``results_dir``, else the same folders."""
@@ -178,17 +193,46 @@ class Profile:
         return tables, figures
 
     def output_dirs(self, root: str | Path = "..", smoke: bool = False) -> tuple[Path, Path]:
-        """``(tables, figures)`` folders of this profile under the repository ``root`` (created).
+        """``(tables, figures)`` folders of this profile under ``root`` (created).
 
-        ``smoke`` runs write under ``build/smoke/`` so they never touch committed results."""
-        base = Path(root) / "build" / ("smoke" if smoke else self.name) if smoke or self.scratch else Path(root)
+        ``root`` is a source checkout (a folder with ``pyproject.toml`` and ``notebooks/``, as a notebook's
+        ``ROOT = ".."``) or a run folder (the runner's ``OUT_DIR``). In a source checkout only a
+        :attr:`committed` profile and model writes ``tables/`` and ``figures/``; any other writes under
+        :meth:`run_dir` (``build/...``), and ``smoke`` runs under ``build/smoke/``, so a scratch run never touches
+        committed results. In a run folder everything goes to its ``tables/`` and ``figures/``."""
+        root = Path(root)
+        if smoke:
+            base = root / "build" / "smoke"
+        elif is_checkout(root) and not self.committed:
+            base = self.run_dir(root)
+        else:
+            base = root
         tables, figures = base / "tables", base / "figures"
         if self.results_dir and not smoke:
-            sub = Path(self.results_dir) / (re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model).name) or "model")
+            sub = Path(self.results_dir) / _model_slug(self.model)
             tables, figures = tables / sub, figures / sub
         tables.mkdir(parents=True, exist_ok=True)
         figures.mkdir(parents=True, exist_ok=True)
         return tables, figures
+
+
+def _model_slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name).strip("._") or "model"
+
+
+def is_checkout(root: str | Path) -> bool:
+    """Whether ``root`` is a source checkout of kvlib (``pyproject.toml`` and ``notebooks/``), whose ``tables/``,
+    ``figures/``, ``notebooks/`` and README hold the committed results."""
+    root = Path(root)
+    return (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir()
+
+
+# The (profile, model) pairs whose results are committed (tables/, figures/, the notebooks' outputs, the README):
+# only these are published (``make reproduce``, ``kvlib reproduce --publish``); every other run is a scratch run.
+COMMITTED: dict[str, tuple[str, ...]] = {
+    "small": ("qwen2.5-0.5b",),
+    "gpu": ("qwen2.5-0.5b", "qwen2.5-1.5b"),
+}
 
 
 PROFILES: dict[str, Profile] = {
@@ -299,5 +343,6 @@ def get_profile(name: str, smoke: bool = False) -> Profile:
     if smoke:
         return PROFILES["smoke"]
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(sorted(PROFILES))} "
+                         "(kvlib/profiles.py describes each)")
     return PROFILES[name]

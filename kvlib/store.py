@@ -31,6 +31,18 @@ beside the store's, of the same identity: ``<data set>-<hash>.shard-<rank>-of-<w
 and not 0) a store's own file is written by rank 0 only: other ranks' stores of it take its lock at their first
 :meth:`ResultStore.add` rather than on opening, and read it as a reader until then.
 
+**Verified lines.** Every line ends with a checksum of the rest of it (``,"check":"<16 hex digits>"}``: the first
+64 bits of its SHA-256). A record's array references hold each array's length and CRC-32, so the line's checksum
+covers its sidecar slice too: on every read the line's checksum is checked, and the slice must be present in full
+(the sidecar long enough); the slice's bytes are checked against their CRC-32 when the array is read
+(:meth:`ResultStore.verify` reads them all). A second line for an item already stored is refused when written and
+reported when read. Every read error names the file and the line and says what to do. Files of older formats
+(before 4: no checksums) are not read: a new file is started beside them (a :class:`StoreIdentityWarning` says
+so) and their items are computed again.
+
+**Links.** Store, sidecar and lock files are opened with ``O_NOFOLLOW``: a symbolic link in their place is refused,
+so a planted link cannot make a run write (or truncate) another file.
+
 **Arrays** (KV trajectories, pooled features) go to a binary sidecar beside the file, ``<file>.bin``, as raw
 bytes (fp16 trajectories stay fp16: no base64, no ``.npy`` header); the record holds where they are, their dtype,
 shape and CRC-32. The sidecar is written and fsync'ed before the record's line, so a record is complete or
@@ -44,6 +56,8 @@ missing or changed raises :class:`CorruptStoreError` naming the item. Records ma
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import io
 import json
 import os
@@ -58,22 +72,29 @@ import numpy as np
 
 from .identity import canonical, differences, digest
 from .sharding import Shard, current_shard
-from .writer_lock import StoreLockedError, acquire as _acquire, release as _release
+from .writer_lock import StoreLockedError, acquire as _acquire, check_held as _check_held, release as _release
 
 
-__all__ = ["ResultStore", "CorruptStoreError", "StoreLockedError", "StoreMismatchError", "StoreIdentityWarning",
-           "StoredArray", "FORMAT_VERSION", "encode_array", "decode_array", "default_store_dir", "sidecar_path"]
+__all__ = ["ResultStore", "CorruptStoreError", "DuplicateItemError", "StoreLockedError", "StoreMismatchError",
+           "StoreIdentityWarning", "StoredArray", "FORMAT_VERSION", "encode_array", "decode_array",
+           "default_store_dir", "sidecar_path", "open_nofollow"]
 
-FORMAT_VERSION = 3  # bump when records change meaning: every store then starts a new file (3: binary sidecars)
+FORMAT_VERSION = 4  # bump when records change meaning: every store then starts a new file (3: binary sidecars,
+# 4: a checksum on every line)
 _SHOWN = 5  # items / fields named in an error before "..."
 
 
 class CorruptStoreError(RuntimeError):
-    """A results file has an unreadable line that is not a partial last line, or a line of another run."""
+    """A results file has an unreadable line that is not a partial last line, or a line of another run, or a
+    line whose checksum or sidecar slice does not match, or a second line for one item."""
 
 
 class StoreMismatchError(ValueError):
     """What a run asks for differs from what its store holds (settings, model or an item's input)."""
+
+
+class DuplicateItemError(ValueError):
+    """A record for an item that the store already holds (the first one stays)."""
 
 
 class StoreIdentityWarning(UserWarning):
@@ -99,6 +120,53 @@ def encode_array(a: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+_CHECK = re.compile(rb'(.*),"check":"([0-9a-f]{16})"\}', re.S)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _check(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:16]
+
+
+def _seal(body: bytes) -> bytes:
+    """A JSON object's bytes with its checksum as a last field: ``{...,"check":"<hex>"}``."""
+    return body[:-1] + b',"check":"' + _check(body).encode() + b'"}'
+
+
+def open_nofollow(path: Path, mode: str = "rb"):
+    """``open(path, mode)`` (binary modes ``rb``, ``ab``, ``r+b``) refusing a symbolic link in ``path``'s place."""
+    flags = {"rb": os.O_RDONLY, "ab": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "r+b": os.O_RDWR}[mode]
+    try:
+        fd = os.open(path, flags | _NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path} is a symbolic link: kvlib reads and writes its stores and lock files "
+                          "only as plain files, never through a link. Replace the link with the file itself (or move "
+                          "it away to start afresh)") from None
+        raise
+    return os.fdopen(fd, mode, buffering=0 if mode == "ab" else -1)
+
+
+def _write_all(f, data: bytes) -> None:
+    """Write all of ``data`` to the unbuffered file ``f`` (a raw write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
+
+
+def _disk_error(err: OSError, path: Path, what: str) -> OSError:
+    """``err`` again with the file and what to do (disk full, read-only or not writable)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = (f"no space left on the device holding {path.parent} while writing {what}. Free space there or set "
+                "KVLIB_RUNS to a folder on another disk; run again to resume (finished items are kept)")
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = (f"cannot write {what} {path}: {os.strerror(err.errno)}. Make that folder writable or set KVLIB_RUNS "
+                "to a writable folder")
+    else:
+        return err
+    return OSError(err.errno, hint)
+
+
 def sidecar_path(path: Path) -> Path:
     """The binary sidecar of a store file: ``<file>.bin``."""
     return path.with_name(path.name + ".bin")
@@ -121,7 +189,7 @@ class StoredArray:
 
     def load(self) -> np.ndarray:
         try:
-            with open(self.path, "rb") as f:
+            with open_nofollow(self.path, "rb") as f:
                 f.seek(self.offset)
                 raw = f.read(self.nbytes)
         except FileNotFoundError:
@@ -199,6 +267,7 @@ class ResultStore:
         self.path: Path | None = None
         self._lock: str | None = None
         self._records: dict[str, dict] = {}
+        self._line_of: dict[str, int] = {}  # item id -> its line (1-based), for errors
         self._offset = 0  # bytes of complete lines read so far
         self._lines = 0
         if model_identity is not None:
@@ -298,31 +367,65 @@ class ResultStore:
             size = 0
         if size < self._offset:  # moved away or replaced: start over
             self._records.clear()
+            self._line_of.clear()
             self._offset = self._lines = 0
         if size == self._offset:
             return
-        with open(path, "rb") as f:
+        with open_nofollow(path, "rb") as f:
             f.seek(self._offset)
             chunk = f.read(size - self._offset)
         end = chunk.rfind(b"\n") + 1
+        side = sidecar_path(path)
+        try:
+            side_size = os.stat(side).st_size
+        except FileNotFoundError:
+            side_size = -1
+        short: list[tuple[int, str]] = []  # (line, item) whose arrays lie beyond the sidecar's end
         for line in chunk[:end].split(b"\n")[:-1]:
             self._lines += 1
             if line.strip():
-                self._take(line)
+                rec = self._take(line)
+                refs = [v for v in (rec or {}).get("arrays", {}).values() if isinstance(v, StoredArray)]
+                if any(r.offset + r.nbytes > side_size for r in refs):
+                    short.append((self._lines, str(rec["item_id"])))
         self._offset += end
+        if short:
+            lines = ", ".join(str(n) for n, _ in short[:_SHOWN]) + (f" ... ({len(short)} in all)" if len(short) >
+                                                                      _SHOWN else "")
+            state = "is missing" if side_size < 0 else f"holds only {side_size} bytes"
+            raise CorruptStoreError(
+                f"{path}, line(s) {lines}: the arrays of item(s) {_listing([i for _, i in short])} lie beyond the end "
+                f"of the sidecar {side.name}, which {state} (deleted, truncated or copied without it). Delete those "
+                "lines from the .jsonl file (their items will be computed again), or move both files away to start "
+                "afresh.")
         if end < len(chunk) and self._lock is not None:  # a torn last line, and we are the only writer
             warnings.warn(f"{path}: dropping a partial last record (an interrupted write); it will be redone")
-            with open(path, "r+b") as f:
+            with open_nofollow(path, "r+b") as f:
                 f.truncate(self._offset)
 
-    def _take(self, line: bytes) -> None:
+    def _take(self, line: bytes) -> dict | None:
+        where = f"{self.path}, line {self._lines}"
+        todo = ("Delete that line (its item will be computed again) or move the file away (with its .bin sidecar) "
+                "to start this run afresh.")
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise CorruptStoreError(f"{where}: not UTF-8 text (byte {err.start} of the line is {line[err.start]:#04x}):"
+                                    f" the file was damaged or edited. {todo}") from None
+        sealed = _CHECK.fullmatch(line.rstrip(b"\r"))
+        if sealed is None:
+            raise CorruptStoreError(
+                f"{where}: the line has no checksum (it was edited, or written by a kvlib older than store format "
+                f"{FORMAT_VERSION}). {todo}")
+        if _check(sealed[1] + b"}") != sealed[2].decode():
+            raise CorruptStoreError(f"{where}: checksum mismatch: the line was changed after it was written. {todo}")
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise CorruptStoreError(
-                f"{self.path}, line {self._lines}: not valid JSON. Inspect that line; delete it (the item will be "
-                "regenerated) or move the file away to start this run afresh."
-            ) from None
+        except ValueError:
+            raise CorruptStoreError(f"{where}: not valid JSON. {todo}") from None
+        if not isinstance(rec, dict):
+            raise CorruptStoreError(f"{where}: not a JSON object. {todo}")
+        rec.pop("check", None)
         if "kvlib_store" in rec:
             if rec.get("settings_key") != self.key:
                 fields = differences(rec.get("identity"), self.identity)
@@ -336,11 +439,19 @@ class ResultStore:
                 f"{self.path}, line {self._lines}: record of another run (settings_key {rec.get('settings_key')!r}, "
                 f"expected {self.key!r}). Move the file away or delete that line."
             )
+        item = str(rec["item_id"])
+        if item in self._records:
+            raise CorruptStoreError(
+                f"{where}: a second record for item {item!r} (the first is on line {self._line_of[item]}): two "
+                "processes wrote this store at once (was its .lock file deleted?) or lines were copied. Delete one of "
+                "the two lines (or both: the item is computed again), or move the file away.")
         if rec.get("arrays"):
-            side, item = sidecar_path(self.path), str(rec["item_id"])
+            side = sidecar_path(self.path)
             rec["arrays"] = {k: StoredArray(side, v, item) if isinstance(v, dict) and "$bin" in v else v
                              for k, v in rec["arrays"].items()}
-        self._records[str(rec["item_id"])] = rec
+        self._records[item] = rec
+        self._line_of[item] = self._lines
+        return rec
 
     def __contains__(self, item_id: str) -> bool:
         self._sync()
@@ -368,6 +479,22 @@ class ResultStore:
         self._sync()
         return [str(i) for i in item_ids if str(i) not in self._records]
 
+    def verify(self) -> int:
+        """Read every array of every record and check its bytes against their CRC-32 (what reading a record's
+        arrays does one at a time); return the number of arrays checked.
+
+        Raises:
+            CorruptStoreError: naming the first item whose bytes are missing or changed, and what to do.
+        """
+        self._sync()
+        n = 0
+        for rec in self._records.values():
+            for a in rec.get("arrays", {}).values():
+                if isinstance(a, StoredArray):
+                    a.load()
+                    n += 1
+        return n
+
     # ----- writing -----
 
     def add(self, records: list[dict]) -> None:
@@ -378,18 +505,33 @@ class ResultStore:
         if self._deferred:
             self._lock = _acquire(self.path.with_name(self.path.name + ".lock"), self.path)
             self._deferred = False
+        if self._lock is not None:
+            _check_held(self._lock, self.path)
         self._sync()
         lines, new = [], {}
         if self._offset == 0:
             lines.append(json.dumps({"kvlib_store": FORMAT_VERSION, "settings_key": self.key,
                                      "identity": self.identity}, separators=(",", ":")))
         side = sidecar_path(self.path)
-        blob = open(side, "ab") if any(rec.get("arrays") for rec in records) else None
+        for rec in records:
+            item_id = str(rec["item_id"])
+            if item_id in self._records:
+                raise DuplicateItemError(
+                    f"item {item_id!r} is already stored in {self.path} (line {self._line_of[item_id]}); nothing was "
+                    "added. If no other process is writing this store, the caller asked for the item twice; if one "
+                    "is (its .lock file was deleted, so two runs took it), stop one of them and run again.")
+            if item_id in new:
+                raise DuplicateItemError(f"item {item_id!r} appears twice in one add() to {self.path}: item ids must "
+                                         "be unique; nothing was added")
+            new[item_id] = None
+        new = {}
+        try:
+            blob = open_nofollow(side, "ab") if any(rec.get("arrays") for rec in records) else None
+        except OSError as err:
+            raise _disk_error(err, side, "the store's arrays") from None
         try:
             for rec in records:
                 item_id = str(rec["item_id"])
-                if item_id in self._records or item_id in new:
-                    raise ValueError(f"item {item_id!r} is already stored in {self.path}")
                 rec = {**rec, "item_id": item_id, "settings_key": self.key, "model": self.model,
                        "dataset": self.dataset}
                 if rec.get("arrays"):
@@ -402,17 +544,33 @@ class ResultStore:
             if blob is not None:
                 blob.flush()
                 os.fsync(blob.fileno())
+        except OSError as err:
+            raise _disk_error(err, side, "the store's arrays") from None
         finally:
             if blob is not None:
-                blob.close()
-        data = ("\n".join(lines) + "\n").encode()
-        with open(self.path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+                try:
+                    blob.close()
+                except OSError:
+                    pass
+        data = b"".join(_seal(line.encode()) + b"\n" for line in lines)
+        try:
+            with open_nofollow(self.path, "ab") as f:
+                try:
+                    _write_all(f, data)
+                    os.fsync(f.fileno())
+                except OSError:
+                    try:
+                        f.truncate(self._offset)  # no partial line left behind (a full disk)
+                    except OSError:
+                        pass  # the next writer drops a partial last line
+                    raise
+        except OSError as err:
+            raise _disk_error(err, self.path, "the store") from None
+        first = self._lines + 1 + (len(lines) - len(new))
         self._offset += len(data)
         self._lines += len(lines)
         self._records.update(new)
+        self._line_of.update({item: first + k for k, item in enumerate(new)})
 
     # ----- lifetime -----
 

@@ -2,8 +2,6 @@
 
 import hashlib
 import json
-import os
-import time
 
 import pytest
 import torch
@@ -99,9 +97,8 @@ def test_killed_conversion_leaves_no_half_cache(fake_parts, tmp_path, monkeypatc
         raise KeyboardInterrupt("killed mid-conversion")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
-    stale = tmp_path / "cache" / ".fake.tmp-old"  # what a SIGKILL would leave; cleared once it is an hour old
+    stale = tmp_path / "cache" / ".fake.tmp-old"  # what a SIGKILL would leave: no live conversion holds its lock
     stale.mkdir(parents=True)
-    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     with pytest.raises(KeyboardInterrupt):
         models.embedded_model_dir("fake")
     assert list((tmp_path / "cache").iterdir()) == []
@@ -114,7 +111,7 @@ def test_conversion_runs_once_and_again_for_a_new_hash(tmp_path, monkeypatch):
     def fake_convert(spec, final):
         calls.append(spec.sha256)
         final.mkdir(parents=True, exist_ok=True)
-        (final / models._MARKER).write_text(json.dumps({"sha256": spec.sha256}))
+        (final / models._MARKER).write_text(json.dumps({"sha256": spec.sha256, "files": {}}))
 
     monkeypatch.setattr(models, "_convert", fake_convert)
     monkeypatch.setitem(EMBEDDED_MODELS, "fake", _spec("a" * 64))

@@ -36,8 +36,10 @@ def test_failing_cell_is_named(tmp_path, monkeypatch, caplog):
     failed = [r for r in caplog.records if r.getMessage().startswith("FAILED: 02_bad.ipynb")]
     assert [r.levelno for r in failed] == [logging.ERROR]
     assert (tmp_path / "out" / "01_ok.ipynb").exists()
-    recorded = pipeline.read_times(tmp_path / pipeline.NOTEBOOK_TIMES)  # the run that finished is timed
+    # the notebook that finished is timed, in the scratch run's folder (not the committed timings)
+    recorded = pipeline.read_times(tmp_path / "build" / "small" / "qwen2.5-0.5b" / "timings.csv")
     assert list(recorded) == [("small", "qwen2.5-0.5b", "01_ok.ipynb")]
+    assert not (tmp_path / pipeline.NOTEBOOK_TIMES).exists()
     assert any("02_bad.ipynb" in m and "time left" in m for m in caplog.messages)
 
 

@@ -1,15 +1,23 @@
 """Execute every numbered notebook headlessly with papermill, in order.
 
-``python -m kvlib.experiments.pipeline --profile small [--model NAME] [--data-dir DIR] [--only 03]``
+``python -m kvlib.experiments.pipeline --profile small [--model NAME] [--data-dir DIR] [--only 03] [--publish]``
 
 Each notebook runs with its working directory set to ``notebooks/`` (as in JupyterLab) and the
-parameters ``PROFILE``, ``MODEL``, ``DATA_DIR``; the executed copy is kept in ``build/executed/``.
-A failing cell stops the run with a non-zero exit naming the notebook and the cell, numbered as in the
-source notebook (papermill inserts a cell with the injected parameters; that shift is undone). A kernel
-that dies (most often killed by the system for running out of memory) is reported as such, with what to
-try next, instead of a traceback. Before each notebook the runner says how long the rest should take,
-from the durations it recorded last time (``tables/timings/notebooks.csv``, one row per profile, model and
-notebook); inside a notebook every long loop shows a progress bar with its own estimate.
+parameters ``PROFILE``, ``MODEL``, ``DATA_DIR`` and ``OUT_DIR``. A run writes only into its run folder under
+``build/`` (:meth:`kvlib.profiles.Profile.run_dir`: tables, figures, the executed notebooks in ``notebooks/``,
+``timings.csv``); the committed ``tables/``, ``figures/``, ``notebooks/`` and README change only with
+``--publish``, which runs into an empty ``build/publish/...`` folder and copies everything into place once every
+notebook succeeded (all or nothing), and only for the profile and model that produced the committed results
+(:data:`kvlib.profiles.COMMITTED`). Two runs of one run folder at once are refused (the second says which
+process holds it). An unknown profile or model, or a missing data folder, is refused before any notebook runs.
+
+A failing cell stops the run with a non-zero exit naming the notebook, the cell (numbered as in the source
+notebook: papermill inserts a cell with the injected parameters; that shift is undone) and the line of the
+cell that failed. A kernel that dies (most often killed by the system for running out of memory) is reported
+as such, with what to try next, instead of a traceback. Ctrl-C stops with one line (exit status 130): a rerun
+resumes from the stores. Before each notebook the runner says how long the rest should take, from the
+durations recorded last time (``tables/timings/notebooks.csv`` for published runs, the run folder's
+``timings.csv`` otherwise); inside a notebook every long loop shows a progress bar with its own estimate.
 """
 
 from __future__ import annotations
@@ -22,8 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["notebooks", "run_notebook", "update_readme", "main", "NotebookError", "KernelDiedError",
-           "source_cell_index", "read_times", "record_time", "time_left"]
+__all__ = ["notebooks", "run_notebook", "update_readme", "publish", "main", "NotebookError", "KernelDiedError",
+           "RunError", "failing_line", "source_cell_index", "read_times", "record_time", "time_left"]
 
 _log = logging.getLogger("kvlib.experiments.pipeline")  # not __name__: "__main__" under python -m
 
@@ -63,11 +71,30 @@ def source_cell_index(source_nb, executed_nb, index: int) -> int | None:
     return index - sum(_INJECTED in c.get("metadata", {}).get("tags", []) for c in executed_nb.cells[:index])
 
 
-def _describe_cell(source_nb, index: int | None) -> str:
+def _describe_cell(source_nb, index: int | None, line: int | None = None) -> str:
+    """``cell N (...)``: the cell as numbered in the source notebook and the line that failed (``line``, 1-based
+    in the cell), else the cell's first line."""
     if index is None:
         return "the injected parameters cell (check the parameter values)"
-    first = next((ln.strip() for ln in source_nb.cells[index].source.splitlines() if ln.strip()), "")
+    lines = source_nb.cells[index].source.splitlines()
+    if line is not None and 1 <= line <= len(lines) and lines[line - 1].strip():
+        return (f"cell {index} (source index from 0, markdown cells counted), line {line}: "
+                f"{lines[line - 1].strip()[:100]!r}")
+    first = next((ln.strip() for ln in lines if ln.strip()), "")
     return f"cell {index} (source index from 0, markdown cells counted; it starts {first[:70]!r})"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failing_line(traceback_lines) -> int | None:
+    """The line (1-based, in the cell) at which a cell raised: from IPython's traceback (``Cell In[3], line 2``),
+    the cell's own frame (the first one); ``None`` when the traceback does not say."""
+    for text in traceback_lines or []:
+        m = re.search(r"Cell In\[\d+\], line (\d+)", _ANSI.sub("", str(text)))
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def _running_cell(out: Path):
@@ -81,6 +108,43 @@ def _running_cell(out: Path):
         return None, None
     started = [i for i, c in enumerate(nb.cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
     return nb, (started[-1] if started else None)
+
+
+def _mark_not_run(out: Path, nb, running: int) -> None:
+    """In the executed copy of a notebook whose kernel died in cell ``running``: that cell failed and the
+    cells after it never ran (papermill may have marked them completed); their outputs are dropped."""
+    import nbformat
+
+    for i, cell in enumerate(nb.cells):
+        meta = cell.get("metadata", {}).get("papermill")
+        if i < running or meta is None:
+            continue
+        meta["status"] = "failed" if i == running else "pending"
+        if i > running:
+            for key in ("start_time", "end_time", "duration", "exception"):
+                meta[key] = None
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+    try:
+        nbformat.write(nb, out)
+    except OSError:
+        pass
+
+
+def _kernel_manager(log: Path):
+    """A kernel manager class whose kernel writes its own stderr (the kernel app's log and what it prints while
+    shutting down, e.g. after Ctrl-C) to ``log`` instead of this terminal; cell output still comes through."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class _LoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            kw["stderr"] = open(log, "ab")
+            try:
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+            finally:
+                kw["stderr"].close()  # the kernel holds its own copy
+
+    return _LoggedKernelManager
 
 
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str = "python3") -> Path:
@@ -106,6 +170,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str =
         pm.execute_notebook(
             str(path), str(out), parameters=parameters, cwd=str(path.parent), kernel_name=kernel_name,
             progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr,
+            kernel_manager_class=_kernel_manager(out.with_suffix(".kernel.log")),
         )
     except pm.PapermillExecutionError as err:
         executed = nbformat.read(out, as_version=4)
@@ -113,22 +178,27 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str =
         executed.cells = [c for c in executed.cells if _ERROR_MARKER not in c.get("metadata", {}).get("tags", [])]
         index = source_cell_index(source, executed, err.cell_index)
         raise NotebookError(
-            f"{path.name}: {_describe_cell(source, index)} failed with {err.ename}: {err.evalue}\n"
+            f"{path.name}: {_describe_cell(source, index, failing_line(err.traceback))} failed with {err.ename}: "
+            f"{err.evalue}\n"
             f"  executed copy with the traceback: {out}", path.name, index, out) from None
     except DeadKernelError as err:
         executed, running = _running_cell(out)
         index = source_cell_index(source, executed, running) if running is not None else None
+        if running is not None:
+            _mark_not_run(out, executed, running)
         where = _describe_cell(source, index) if running is not None else "the notebook"
         raise KernelDiedError(
             f"{path.name}: the kernel died while running {where} ({str(err).strip() or 'no message'}). The most "
             f"likely cause is memory: the system kills a process that exhausts RAM (or GPU memory). Run it again "
             f"with a smaller PROFILE (e.g. PROFILE=small, or SMOKE=True to check the code path), a profile with a "
             f"smaller batch_size, or a smaller MODEL, and close other memory-hungry programs.\n"
-            f"  executed copy up to that cell: {out}", path.name, index, out) from None
+            f"  executed copy up to that cell: {out}; the kernel's own log: {out.with_suffix('.kernel.log')}",
+            path.name, index, out) from None
     return out
 
 
-_TABLE = re.compile(r"(<!-- table: *(?P<name>[\w.-]+(?:/[\w.-]+)*) *-->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+# NAME: folders and a file name under tables/, each starting with a letter, digit or underscore (no ``..``)
+_TABLE = re.compile(r"(<!-- table: *(?P<name>\w[\w.-]*(?:/\w[\w.-]*)*) *-->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
 def update_readme(root: Path = ROOT) -> list[str]:
@@ -140,9 +210,11 @@ def update_readme(root: Path = ROOT) -> list[str]:
     text = readme.read_text(encoding="utf-8")
     filled = []
 
+    tables = (root / "tables").resolve()
+
     def fill(m: re.Match) -> str:
         path = root / "tables" / f"{m['name']}.md"
-        if not path.exists():
+        if not path.is_file() or not path.resolve().is_relative_to(tables):  # a link out of tables/ is not followed
             return m.group(0)
         filled.append(m["name"])
         return m.group(1) + path.read_text(encoding="utf-8").strip() + "\n" + m.group(4)
@@ -205,58 +277,183 @@ def _disk_note(profile: str, model: str) -> str:
     return describe(estimate_disk(get_profile(profile), load_config(config)))
 
 
+class RunError(RuntimeError):
+    """A run that cannot be what was asked (unknown profile or model, missing data folder, --publish of a
+    scratch run): one line saying what and what to do, exit status 2, before any notebook runs."""
+
+
+def _check_request(args) -> tuple:
+    """``(profile, data_dir)`` for the runner's arguments, or :class:`RunError` before any notebook runs."""
+    from ..profiles import COMMITTED, get_profile
+
+    try:
+        profile = get_profile(args.profile).with_model(args.model)
+    except ValueError as err:
+        raise RunError(f"--profile {args.profile}: {err}") from None
+    data_dir = ""
+    if args.data_dir:
+        path = Path(args.data_dir).expanduser()
+        if not path.is_dir():
+            raise RunError(f"--data-dir {args.data_dir}: no such folder. Give the folder that holds "
+                           "theoremqa_test.json, amazon_counterfactual/, ... (or leave DATA_DIR empty to skip those "
+                           "sets)")
+        data_dir = str(path.resolve())
+    if not profile.model.startswith("random:"):
+        from ..cli import describe_model
+
+        try:
+            describe_model(profile.model)
+        except ValueError as err:
+            raise RunError(f"--model: {err}") from None
+    if args.publish and not profile.committed:
+        pairs = "; ".join(f"profile {p} with {', '.join(m)}" for p, m in COMMITTED.items())
+        raise RunError(f"--publish: profile {profile.name} with model {profile.model} did not produce the committed "
+                       f"results (those come from {pairs}); run it without --publish: its results go to "
+                       f"{profile.run_dir(ROOT).relative_to(ROOT)}/")
+    return profile, data_dir
+
+
+def _staging(profile) -> Path:
+    """The folder of a publishing run (``build/publish/<profile>/<model>/``): the notebooks write there and
+    nothing is copied into the checkout unless every notebook succeeds. It starts from a copy of the profile's
+    committed results (``tables/`` and ``figures/``, or their ``results_dir`` subfolders), so a notebook that reads
+    earlier results (06 lines up every model) sees them in a partial run (``--only``) too; files the run does not
+    change are not copied back."""
+    import shutil
+
+    stage = ROOT / "build" / "publish" / profile.name / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(profile.model).name)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    for kind in ("tables", "figures"):
+        src = ROOT / kind / profile.results_dir if profile.results_dir else ROOT / kind
+        if src.is_dir():
+            shutil.copytree(src, stage / kind / profile.results_dir if profile.results_dir else stage / kind,
+                            symlinks=True)
+    return stage
+
+
+def _replace_if_changed(src: Path, dest: Path) -> bool:
+    """Copy ``src`` over ``dest`` (atomically: a temporary file renamed) unless they already hold the same bytes."""
+    data = src.read_bytes()
+    if dest.is_file() and dest.read_bytes() == data:
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return True
+
+
+def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: Path | None = None) -> list[str]:
+    """Copy a finished run's results into the checkout: ``stage/tables`` and ``stage/figures`` over ``tables/``
+    and ``figures/``, each executed notebook's outputs into its source (``executed``: ``(executed copy,
+    source)`` pairs), the notebook timings (``times``: ``{(profile, model, notebook): seconds}``) into
+    :data:`NOTEBOOK_TIMES`, then the README tables. Every notebook's outputs are checked before anything is
+    written. Returns the README tables filled in."""
+    import shutil
+    import tempfile
+
+    from .notebook_outputs import publish_outputs
+
+    root = ROOT if root is None else root
+    with tempfile.TemporaryDirectory() as tmp:  # all outputs first, into copies: a mismatch changes nothing
+        ready = []
+        for ex, src in executed:
+            copy = Path(tmp) / src.name
+            shutil.copyfile(src, copy)
+            publish_outputs(ex, copy)
+            ready.append((copy, src))
+        changed = 0
+        for kind in ("tables", "figures"):
+            for f in sorted((stage / kind).rglob("*")):
+                if f.is_file() and not f.is_symlink():
+                    changed += _replace_if_changed(f, root / kind / f.relative_to(stage / kind))
+        for copy, src in ready:
+            changed += _replace_if_changed(copy, src)
+    for (profile, model, name), seconds in times.items():
+        record_time(root / NOTEBOOK_TIMES, profile, model, name, seconds)
+    _log.info("published into tables/, figures/ and notebooks/ (%d file(s) changed)", changed)
+    return update_readme(root)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="small")
     ap.add_argument("--model", default="")
     ap.add_argument("--data-dir", default="", help="folder with theoremqa_test.json, amazon_counterfactual/, ...")
     ap.add_argument("--only", nargs="*", default=None, help="notebook number prefixes to run, e.g. 01 03")
-    ap.add_argument("--out", default=str(ROOT / "build" / "executed"))
+    ap.add_argument("--out", default="", help="where the executed notebooks go (default: the run folder's notebooks/)")
     ap.add_argument("--dry-run", action="store_true",
                     help="only say which notebooks would run and how long they took last time")
     ap.add_argument("--publish", action="store_true",
-                    help="copy each executed notebook's outputs into notebooks/ (the committed copies show them)")
+                    help="after every notebook succeeded, copy the run's tables, figures and notebook outputs into "
+                    "tables/, figures/, notebooks/ and the README (only for the profile and model of the committed "
+                    "results)")
     args = ap.parse_args(argv)
     _show_log()
+    try:
+        return _main(args)
+    except RunError as err:
+        _log.error("kvlib: %s", err)
+        return 2
+    except KeyboardInterrupt:
+        _log.error("\ninterrupted: every finished item is kept in the stores; run the same command again to resume")
+        return 130
 
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else ""
+
+def _main(args) -> int:
+    from ..writer_lock import StoreLockedError, acquire, release
+
     todo = [p for p in notebooks() if not args.only or p.name[:2] in args.only]
     if not todo:
-        _log.error("no notebooks matched")
-        return 2
-    params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": data_dir}
-    from ..profiles import get_profile
-
-    model = args.model or get_profile(args.profile).model
-    scratch = get_profile(args.profile).scratch
-    times_path = ROOT / ("build" / Path(args.profile) / "timings.csv" if scratch else NOTEBOOK_TIMES)
-    times = read_times(times_path)
+        raise RunError(f"--only {' '.join(args.only or [])}: no notebooks matched in {ROOT / 'notebooks'}")
+    profile, data_dir = _check_request(args)
+    model = profile.model
+    stage = _staging(profile) if args.publish and not args.dry_run else profile.run_dir(ROOT)
+    out_dir = Path(args.out) if args.out else stage / "notebooks"
+    params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": data_dir, "OUT_DIR": str(stage)}
+    times_path = stage / "timings.csv"
+    times = {**read_times(ROOT / NOTEBOOK_TIMES), **read_times(times_path)}
     _log.info("%d notebook(s) to run (%s), profile %s, model %s; time they took last time: %s", len(todo),
               ", ".join(p.name for p in todo), args.profile, model,
               time_left(times, args.profile, model, [p.name for p in todo]))
     _log.info("disk: %s", _disk_note(args.profile, model))
+    _log.info("results go to %s%s", stage, " (copied into tables/, figures/, notebooks/ and the README once every "
+              "notebook succeeded)" if args.publish else " (a scratch run: the committed results are not touched)")
     if args.dry_run:
         return 0
-    t_all = time.perf_counter()
-    for k, path in enumerate(todo):
-        t0 = time.perf_counter()
-        _log.info("==> %s %s; time left for this and the remaining notebooks: %s (last recorded run)", path.name,
-                  params, time_left(times, args.profile, model, [p.name for p in todo[k:]]))
-        try:
-            executed = run_notebook(path, Path(args.out), params)
-        except RuntimeError as err:
-            _log.error("FAILED: %s", err)
-            return 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:  # one run per executed-notebook folder: two would write the same copies
+        lock = acquire(out_dir / ".kvlib-run.lock", out_dir)
+    except StoreLockedError as err:
+        raise RunError(f"{err} (or give this run another --out)") from None
+    try:
+        t_all = time.perf_counter()
+        executed, this_run = [], {}
+        for k, path in enumerate(todo):
+            t0 = time.perf_counter()
+            _log.info("==> %s %s; time left for this and the remaining notebooks: %s (last recorded run)",
+                      path.name, params, time_left(times, args.profile, model, [p.name for p in todo[k:]]))
+            try:
+                executed.append((run_notebook(path, out_dir, params), path))
+            except RuntimeError as err:
+                _log.error("FAILED: %s", err)
+                if args.publish:
+                    _log.error("nothing was published: tables/, figures/, notebooks/ and the README are unchanged "
+                               "(this run's results so far are in %s)", stage)
+                return 1
+            seconds = time.perf_counter() - t0
+            record_time(times_path, args.profile, model, path.name, seconds)
+            this_run[(args.profile, model, path.name)] = round(seconds, 1)
+            _log.info("<== %s done in %.0f s", path.name, seconds)
+        _log.info("all %d notebooks done in %.1f min", len(todo), (time.perf_counter() - t_all) / 60)
         if args.publish:
-            from .notebook_outputs import publish_outputs
-
-            publish_outputs(executed, path)
-        seconds = time.perf_counter() - t0
-        record_time(times_path, args.profile, model, path.name, seconds)
-        _log.info("<== %s done in %.0f s", path.name, seconds)
-    _log.info("all %d notebooks done in %.1f min", len(todo), (time.perf_counter() - t_all) / 60)
-    _log.info("README tables refreshed: %s", ", ".join(update_readme()) or "none")
-    return 0
+            _log.info("README tables refreshed: %s", ", ".join(publish(stage, executed, this_run)) or "none")
+        else:
+            _log.info("results in %s; the committed tables, figures, notebooks and README are unchanged", stage)
+        return 0
+    finally:
+        release(lock)
 
 
 def _show_log() -> None:
