@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 from kvlib.tiny import SHAPES  # noqa: E402
 
 def _model(shape: str, device: str, dtype):
-    from kvlib.tiny import random_model
+    from kvlib.models import load_model
 
-    return random_model(shape, device, dtype)[0]
+    return load_model(f"random:{shape}", device, dtype)[0]
 
 
 def _sync(device: str) -> None:

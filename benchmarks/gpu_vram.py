@@ -13,8 +13,8 @@ Run from the repository root (needs a CUDA GPU with ~140 GB for 64k tokens with 
 
     python benchmarks/gpu_vram.py --out benchmarks/results/fig1_vram_gpu.csv
 
-It imports ``kvlib/memory.py`` and ``kvlib/cache.py`` from the working tree without running
-``kvlib/__init__.py``, so the machine needs only torch and transformers. ``--device cpu`` with a small
+It imports ``kvlib.memory`` and ``kvlib.cache`` from the working tree; ``import kvlib`` loads nothing else (its
+names load lazily), so the machine needs only torch and transformers. ``--device cpu`` with a small
 ``--config`` JSON checks the logic without a GPU (allocator columns are then empty).
 """
 
@@ -26,18 +26,15 @@ import gc
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if "kvlib" not in sys.modules:  # a bare package object: submodules import, __init__.py does not run
-    _pkg = types.ModuleType("kvlib")
-    _pkg.__path__ = [str(ROOT / "kvlib")]
-    sys.modules["kvlib"] = _pkg
-from kvlib.cache import cache_layers, output_cache
-from kvlib.memory import hf_config, load_config, memory_estimate, prefill_peak
+sys.path.insert(0, str(ROOT))  # the working tree's kvlib, installed or not
+
+from kvlib.cache import cache_layers, output_cache  # noqa: E402
+from kvlib.memory import hf_config, load_config, memory_estimate, prefill_peak  # noqa: E402
 
 DEFAULT_LENGTHS = "1024,2048,4096,8192,16384,32768,65536,131072"
 FIELDS = [

@@ -13,6 +13,7 @@ defines it. ``kvlib --help`` therefore answers at once. Submodules are reachable
 
 import importlib as _importlib
 import typing as _typing
+import warnings as _warnings
 
 if _typing.TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
     from .adaptive import SwitchConfig, adaptive_generate
@@ -102,10 +103,17 @@ _SUBMODULES = {
     "tiny": ("TINY_ARCHS", "tiny_model"),
 }
 _WHERE = {name: module for module, names in _SUBMODULES.items() for name in names}
+# renamed public names, still answered for one release with a DeprecationWarning: old name -> (submodule, new name)
+_DEPRECATED: dict[str, tuple[str, str]] = {}
 
 
 def __getattr__(name: str):
     """A public name, imported from its submodule on first use; or a submodule itself (``kvlib.store``)."""
+    if name in _DEPRECATED:
+        module, new = _DEPRECATED[name]
+        _warnings.warn(f"kvlib.{name} is now kvlib.{new}; the old name goes in the next release",
+                       DeprecationWarning, stacklevel=2)
+        return getattr(_importlib.import_module(f".{module}", __name__), new)
     module = _WHERE.get(name)
     if module is not None:
         value = getattr(_importlib.import_module(f".{module}", __name__), name)
@@ -125,4 +133,4 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     """What the eager package showed: the public names, the submodules and the module dunders."""
     shown = {n for n in globals() if not n.startswith("_") or n.startswith("__")} - {"__getattr__", "__dir__"}
-    return sorted(shown | set(__all__) | set(_SUBMODULES))
+    return sorted(shown | set(__all__) | {module.split(".")[0] for module in _SUBMODULES})

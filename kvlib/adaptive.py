@@ -40,6 +40,7 @@ from .decoding import DecodeConfig, DecodeState, decode
 from .difficulty import DifficultyClassifier, last_n_sums, live_features
 from .generation import GenerationSettings, Prompt, generate, record_array
 from .identity import callable_identity, model_identity
+from .replay import replay_generate
 from .store import ResultStore, default_store_dir
 from .thinking import Mode, ThinkingProtocol, ThinkingWatch, protocol_for, render_prompt
 
@@ -261,8 +262,6 @@ def controlled_generate(model, tokenizer, prompts: list[Prompt], make_controller
     desc = f"{dataset} {identity.get('method', kind)}"
     with _method_store(model, tokenizer, extractors, identity, model_name, dataset, settings, root, kind) as store:
         if references:
-            from .replay import replay_generate
-
             return replay_generate(model, tokenizer, prompts, store, references, settings, batch_size=batch_size,
                                    extractors=extractors, controller_factory=factory, progress=progress, desc=desc)
         return generate(model, tokenizer, prompts, store, settings, batch_size=batch_size, extractors=extractors,

@@ -29,7 +29,7 @@ import numpy as np
 from .generation import record_array
 from .records import AnswerRecord, GenerationRecord
 
-__all__ = ["pooled_kv", "output_features", "probe_scores", "answer_probes", "OUTPUT_FEATURES"]
+__all__ = ["pooled_kv", "output_features", "grouped_folds", "probe_scores", "answer_probes", "OUTPUT_FEATURES"]
 
 OUTPUT_FEATURES = ("MaxProb", "PPL", "Entropy")
 
@@ -47,11 +47,23 @@ def output_features(scores: Mapping[str, float], n_tokens: int) -> np.ndarray:
     return np.nan_to_num(x)
 
 
+def grouped_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 0) -> list:
+    """``StratifiedGroupKFold`` splits ``[(train, test), ...]`` with every group in one fold; the number of
+    folds is cut to the number of groups in the smaller class (``[]`` when that is below 2)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y, groups = np.asarray(y), np.asarray(groups)
+    k = min(n_splits, *(len(set(groups[y == c])) for c in (0, 1)))
+    if k < 2:
+        return []
+    return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
+
+
 def probe_scores(X: np.ndarray, y: np.ndarray, groups: Sequence, n_splits: int = 5,
                  Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), seed: int = 0) -> np.ndarray:
     """``[N]`` out-of-fold P(correct) from a standardised logistic regression on ``X`` ``[N, F]``.
 
-    Outer folds: :func:`kvlib.selfeval.grouped_folds` over ``groups``; inside each training fold ``C`` is
+    Outer folds: :func:`grouped_folds` over ``groups``; inside each training fold ``C`` is
     picked from ``Cs`` by a grouped 3-fold inner CV on AUROC (the median of ``Cs`` when the fold is too small
     for one). NaN everywhere when a class has fewer than 2 groups.
     """
@@ -59,8 +71,6 @@ def probe_scores(X: np.ndarray, y: np.ndarray, groups: Sequence, n_splits: int =
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-
-    from .selfeval import grouped_folds
 
     X, y, g = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=int), np.asarray(groups)
     if X.ndim != 2 or len(X) != len(y) or len(y) != len(g):

@@ -20,7 +20,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from .difficulty import prompt_kv_extractor
 from .generation import GenerationSettings, Prompt, generate, open_store
+from .grading import is_correct
+from .pooling import kv_trajectory_extractor
 from .records import AnswerRecord
 from .store import default_store_dir
 from .thinking import Mode, ThinkingProtocol, protocol_for, render_prompt
@@ -30,10 +33,7 @@ __all__ = ["answer_records", "answer_extractors", "answer_settings"]
 
 
 def answer_extractors() -> dict:
-    """The extractors stored with every answer (imported lazily: they live with their experiments)."""
-    from .difficulty import prompt_kv_extractor
-    from .pooling import kv_trajectory_extractor
-
+    """The extractors stored with every answer: the KV trajectory (KV-CoE) and the prompt's difficulty features."""
     return {"kv": kv_trajectory_extractor(), "prompt_kv": prompt_kv_extractor()}
 
 
@@ -63,8 +63,6 @@ def answer_records(
     ``correct`` (graded with :func:`kvlib.grading.is_correct`; an unfinished answer is wrong) and ``mode``:
     :class:`kvlib.records.AnswerRecord`.
     """
-    from .grading import is_correct
-
     protocol = protocol or protocol_for(tokenizer)
     settings = answer_settings(mode, max_new_tokens)
     extractors = answer_extractors()

@@ -44,7 +44,10 @@ import torch
 
 from .cache import forward, masked_mean
 from .decoding import prefill_positions
+from .identity import digest, model_identity
 from .records import GenerationRecord
+from .sharding import current_shard, run_sharded
+from .store import ResultStore, default_store_dir
 
 __all__ = ["coe_scores", "coe_steps", "step_angles", "hidden_coe_extractor", "hidden_trajectories"]
 
@@ -207,10 +210,6 @@ def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Se
     from types import SimpleNamespace
 
     from tqdm.auto import tqdm
-
-    from .identity import digest, model_identity
-    from .sharding import current_shard, run_sharded
-    from .store import ResultStore, default_store_dir
 
     if not records:
         return []

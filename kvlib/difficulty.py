@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .cache import cache_layers
+from .generation import record_array
 from .records import GenerationRecord
 
 __all__ = [
@@ -148,8 +149,6 @@ def features_from_sums(sums: np.ndarray, n_grid: Sequence[int], spec: FeatureSpe
 
 def record_features(records: Sequence[GenerationRecord], spec: FeatureSpec) -> np.ndarray:
     """``[len(records), D]`` prompt features of stored records (written by :func:`prompt_kv_extractor`)."""
-    from .generation import record_array
-
     if not records:
         raise ValueError("no records")
     rows = [features_from_sums(record_array(r, SUMS_ARRAY), record_array(r, "prompt_kv_n_grid"), spec)

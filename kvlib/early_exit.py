@@ -73,7 +73,7 @@ import torch
 
 from .adaptive import as_questions, controlled_generate
 from .cache import crop_cache, step_logits
-from .decoding import DecodeState
+from .decoding import DecodeConfig, DecodeState, stop_ids
 from .generation import GenerationSettings, Prompt, record_array
 from .thinking import TextWatch, ThinkingProtocol, ThinkingWatch, protocol_for, render_prompt
 
@@ -310,13 +310,6 @@ class BudgetController:
                 "thinking_tokens": np.asarray([-1 if at is None else at], np.int64)}
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set(eos if isinstance(eos, (list, tuple)) else [eos])
-
-
 def early_exit_generate(model, tokenizer, questions, config: EarlyExitConfig = EarlyExitConfig(), *,
                         model_name: str = "model", dataset: str = "questions",
                         settings: GenerationSettings = GenerationSettings(), root=None, batch_size: int = 16,
@@ -334,7 +327,7 @@ def early_exit_generate(model, tokenizer, questions, config: EarlyExitConfig = E
     protocol = protocol or protocol_for(tokenizer)
     qs = as_questions(questions)
     prompts = [Prompt(i, render_prompt(tokenizer, q, "slow", protocol)) for i, q in qs]
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, DecodeConfig())  # the ids that end an item in every decode
     identity = {"method": "early-exit", "early_exit": asdict(config), "protocol": asdict(protocol)}
 
     def make(chunk):

@@ -1,8 +1,8 @@
 """Sentence embeddings read from the KV cache of one prefill, and the baselines they are compared with.
 
-The paper's recipe (section 4.1; its own code, see ``ANCHORS.md``): run the text through the model
-once, take the cached keys and values of the selected layers (default: the last 4), concatenate keys
-and values per head, average over the text's tokens (padding masked out), over the KV heads and over
+The paper's recipe (section 4.1, and its public code, the repository ``cmd2001/ICLR2026_KV-Embedding``): run
+the text through the model once, take the cached keys and values of the selected layers (default: the last 4),
+concatenate keys and values per head, average over the text's tokens (padding masked out), over the KV heads and over
 the selected layers, then L2-normalise. For Llama-3.1-8B (head_dim 128) that is a 256-dim vector;
 for Qwen2.5-0.5B (head_dim 64) a 128-dim one. :class:`KVPooling` holds the knobs (layers, keys /
 values / both, mean vs last-token pooling, normalisation); its defaults are the paper's.

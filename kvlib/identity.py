@@ -45,6 +45,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .models import EMBEDDED_MODELS
+
 __all__ = ["model_identity", "weights_identity", "tokenizer_fingerprint", "callable_identity", "digest",
            "canonical", "differences"]
 
@@ -99,8 +101,6 @@ def model_identity(model, tokenizer) -> dict:
 
 def weights_identity(model) -> dict:
     """Where the weights came from (``kind``: ``embedded`` | ``local`` | ``hub`` | ``memory``) and a digest of them."""
-    from .models import EMBEDDED_MODELS
-
     config = model.config
     source = getattr(model, "kvlib_source", None)
     spec = EMBEDDED_MODELS.get(str(source)) if source is not None else None

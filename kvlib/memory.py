@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from .cache import cache_layers, forward
+
 __all__ = [
     "CONFIG_DIR", "shipped_configs", "load_config", "hf_config", "attention_layer_types", "parameter_count",
     "memory_estimate", "prefill_peak", "vram_curve", "measure_cache_bytes",
@@ -269,9 +271,6 @@ def measure_cache_bytes(model, tokenizer=None, lengths: Sequence[int] = (256, 51
         one dict per length: ``context_length``, ``batch_size``, ``dtype``, ``seconds`` and, for each of
         ``weights``, ``kv_cache``, ``hidden_states``, a ``*_measured`` and a ``*_estimate`` byte count.
     """
-    from .cache import cache_layers, forward
-    from .decoding import prefill_positions
-
     device = next(model.parameters()).device
     weights = sum(p.nbytes for p in {id(p): p for p in model.parameters()}.values())
     rows = []
@@ -280,7 +279,8 @@ def measure_cache_bytes(model, tokenizer=None, lengths: Sequence[int] = (256, 51
         start = time.perf_counter()
         mask = torch.ones_like(ids)
         with torch.inference_mode():
-            out, cache = forward(model, ids, mask, prefill_positions(mask), output_hidden_states=True)
+            out, cache = forward(model, ids, mask, torch.arange(ids.shape[1], device=device).expand_as(ids),
+                                 output_hidden_states=True)  # no padding: positions 0 .. length-1
         seconds = time.perf_counter() - start
         kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache_layers(cache))
         hidden = sum(h.nbytes for h in out.hidden_states)

@@ -400,10 +400,11 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None)
     on_gpu = device not in (None, "cpu") and (device != "auto" or torch.cuda.is_available())
     dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     if str(name).startswith(RANDOM_PREFIX):
-        from .tiny import random_model
+        from .tiny import SHAPE_TOKENIZER, random_model  # torch at import: `kvlib --help` imports this module
 
-        model, tokenizer = random_model(str(name)[len(RANDOM_PREFIX):], "cuda" if device == "auto" and on_gpu
-                                        else (device or "cpu"), dtype)
+        shape = str(name)[len(RANDOM_PREFIX):]
+        model, tokenizer = random_model(shape, "cuda" if device == "auto" and on_gpu else (device or "cpu"), dtype,
+                                        tokenizer_dir=None if shape == "tiny" else embedded_model_dir(SHAPE_TOKENIZER))
         model.kvlib_source = str(name)
         return model, tokenizer
     source = _resolve(name)

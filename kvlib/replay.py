@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from .cache import output_cache, rows_view
 from .decoding import DecodeConfig, DecodeResult, DecodeState, RowHistory, decode, prefill, stop_ids
-from .generation import (Extractor, GenerationSettings, Prompt, decode_config, make_record, prepare_store,
-                         prompt_hash)
+from .generation import (Extractor, GenerationSettings, Prompt, _check_lengths, _unique_ids, decode_config, generate,
+                         make_record, prepare_store, prompt_hash)
 from .identity import model_identity
 from .sharding import SINGLE, Shard, current_shard, run_sharded
 from .store import ResultStore
@@ -262,8 +262,6 @@ def _extract_ended(model, prompt_ids, history, result, arrays, extractors, pad) 
     rows = list(history)
     ids, mask = _left_pad([prompt_ids[i] + list(history[i].tokens)[:-1] for i in rows], pad)
     out = prefill(model, ids, mask, logits_to_keep=1)
-    from .cache import output_cache
-
     width = ids.shape[1]
     state = DecodeState(model=model, cache=output_cache(out), attention_mask=mask.to(out.logits.device), step=0,
                         tokens=[list(history[i].tokens) for i in rows],
@@ -292,8 +290,6 @@ def replay_generate(model, tokenizer, prompts: Sequence[Prompt], store: ResultSt
     of another prompt (:func:`check_reference`). ``shard``: as for :func:`~kvlib.generation.generate`
     (:mod:`kvlib.sharding`).
     """
-    from .generation import _check_lengths, _unique_ids, generate
-
     if settings.do_sample or settings.ignore_eos:
         raise ValueError("replay needs greedy settings that stop at EOS (do_sample=False, ignore_eos=False): "
                          "a sampled or EOS-ignoring run differs from the stored greedy answer")

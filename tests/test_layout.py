@@ -1,6 +1,7 @@
 """The library (kvlib/) and the paper's experiments (kvlib/experiments/) stay apart: the library never imports the
 experiments; only the console script reaches them, inside the command that runs the notebooks. The package
-itself is cheap to import: its names load lazily from their submodules."""
+itself is cheap to import: its names load lazily from their submodules. Its import graph has no circle and few
+floors, and a module imports another inside a function only for a reason written beside it."""
 
 import ast
 import subprocess
@@ -39,17 +40,21 @@ def _experiment_imports(path: Path) -> list[tuple[str, int]]:
     return found
 
 
+def _library_files() -> list[Path]:
+    return [p for p in sorted(PACKAGE.rglob("*.py")) if "experiments" not in p.relative_to(PACKAGE).parts]
+
+
 def test_the_library_never_imports_the_experiments():
-    bad = [f"kvlib/{p.name}:{line} ({where})" for p in sorted(PACKAGE.glob("*.py"))
-           for where, line in _experiment_imports(p) if (p.stem, where) not in ALLOWED]
+    bad = [f"kvlib/{p.relative_to(PACKAGE)}:{line} ({where})" for p in _library_files()
+           for where, line in _experiment_imports(p)
+           if (p.relative_to(PACKAGE).with_suffix("").as_posix(), where) not in ALLOWED]
     assert not bad, f"library modules import kvlib.experiments: {bad}"
     assert [where for where, _ in _experiment_imports(PACKAGE / "cli.py")] == ["_reproduce"]
 
 
 def test_importing_the_library_loads_no_experiment():
-    code = ("import sys, kvlib, kvlib.cli; import importlib, pkgutil\n"
-            "for m in pkgutil.iter_modules(kvlib.__path__):\n"
-            "    if m.name != 'experiments': importlib.import_module('kvlib.' + m.name)\n"
+    modules = [_module(p) for p in _library_files()]
+    code = (f"import sys, kvlib, kvlib.cli; import importlib\nfor m in {modules!r}: importlib.import_module(m)\n"
             "print(sorted(m for m in sys.modules if m.startswith('kvlib.experiments')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -86,7 +91,7 @@ def test_every_public_name_resolves_from_the_module_that_defines_it():
     scope: dict = {}
     exec(f"from kvlib import {', '.join(kvlib.__all__)}", scope)
     assert all(scope[name] is getattr(kvlib, name) for name in kvlib.__all__)
-    assert set(kvlib.__all__) | set(kvlib._SUBMODULES) <= set(dir(kvlib))
+    assert set(kvlib.__all__) | {m.split(".")[0] for m in kvlib._SUBMODULES} <= set(dir(kvlib))
     assert kvlib.store.ResultStore is kvlib.ResultStore  # submodules are attributes, as when the package was eager
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         kvlib.no_such_name
@@ -106,3 +111,86 @@ def test_only_the_cache_module_calls_the_model_with_a_cache():
                                                                   if fn not in ("prefill", "forward")):
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {fn}")
     assert offenders == [], offenders
+
+
+MAX_FLOORS = 9
+
+
+def _module(path: Path) -> str:
+    parts = ("kvlib", *path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _kvlib_imports(path: Path) -> list[tuple[str, int, bool]]:
+    """``(imported kvlib module, line, inside a function?)`` of every kvlib import of ``path`` outside
+    ``if TYPE_CHECKING:`` blocks; ``from .x import name`` counts as an import of ``.x.name`` when that is a module."""
+    here = _module(path).split(".")
+    if path.name != "__init__.py":
+        here = here[:-1]
+    found = []
+
+    def visit(node, local):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            inner = local or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            if isinstance(child, ast.ImportFrom):
+                base = ".".join(here[: len(here) - child.level + 1] + ([child.module] if child.module else [])) \
+                    if child.level else (child.module or "")
+                for alias in child.names:
+                    sub = f"{base}.{alias.name}"
+                    target = sub if (PACKAGE.parent / (sub.replace(".", "/") + ".py")).is_file() else base
+                    found.append((target, child.lineno, local))
+            elif isinstance(child, ast.Import):
+                found.extend((a.name, child.lineno, local) for a in child.names)
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return [(t, line, local) for t, line, local in found if t.split(".")[0] == "kvlib"]
+
+
+def _graph() -> dict[str, set[str]]:
+    """Library module -> the library modules it imports (the lazy ``kvlib/__init__.py`` is left out)."""
+    files = {_module(p): p for p in _library_files() if p != PACKAGE / "__init__.py"}
+    return {m: {t for t, _, _ in _kvlib_imports(p) if t in files and t != m} for m, p in files.items()}
+
+
+def test_the_import_graph_has_no_circle_and_few_floors():
+    """A reader climbs the library from :mod:`kvlib.cache` up without meeting a module twice: no import circle
+    (``graphlib`` names one), and at most ``MAX_FLOORS`` modules on the longest chain of imports."""
+    import graphlib
+
+    graph = _graph()
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        pytest.fail(f"import circle: {' -> '.join(err.args[1])}")
+    floor: dict[str, int] = {}
+    for m in order:  # imports come first
+        floor[m] = 1 + max((floor[t] for t in graph.get(m, ())), default=0)
+    top = max(floor, key=floor.get)
+    chain = [top]
+    while graph.get(chain[-1]):
+        chain.append(max(graph[chain[-1]], key=floor.get))
+    assert floor[top] <= MAX_FLOORS, f"{floor[top]} floors: {' -> '.join(chain)}"
+
+
+# function-local imports of kvlib modules, each for a reason: (module, imported module) -> why
+LOCAL_IMPORTS = {
+    ("kvlib.cli", "kvlib.experiments.pipeline"): "the one way into the experiments (`kvlib reproduce`)",
+    ("kvlib.cli", "kvlib.memory"): "torch: `kvlib --help` answers at once",
+    ("kvlib.models", "kvlib.memory"): "torch: the console script imports kvlib.models",
+    ("kvlib.models", "kvlib.profiles"): "the console script imports kvlib.models",
+    ("kvlib.models", "kvlib.tiny"): "torch and transformers: the console script imports kvlib.models",
+    ("kvlib.model_info", "kvlib.memory"): "torch: the console script imports kvlib.model_info",
+    ("kvlib.model_info", "kvlib.tiny"): "torch and transformers: the console script imports kvlib.model_info",
+}
+
+
+def test_library_modules_import_inside_functions_only_for_a_reason():
+    """A function-local import hides an arrow of the import graph: only those of :data:`LOCAL_IMPORTS` (a heavy
+    module kept out of ``kvlib --help``, the hand-over to the experiments) are allowed."""
+    found = {(_module(p), t): f"kvlib/{p.relative_to(PACKAGE)}:{line}" for p in _library_files()
+             for t, line, local in _kvlib_imports(p) if local}
+    unexplained = sorted(where for key, where in found.items() if key not in LOCAL_IMPORTS)
+    assert not unexplained, f"function-local kvlib imports without a reason in LOCAL_IMPORTS: {unexplained}"

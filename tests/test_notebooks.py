@@ -17,7 +17,6 @@ from kvlib.experiments.pipeline import notebooks, run_notebook
 from kvlib.paths import machine_paths_in
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 NOTEBOOKS = notebooks(ROOT)
 _RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*\|", re.M)  # a Markdown table's |---|---| line
 
@@ -41,17 +40,37 @@ def output_problems(executed: Path, roots=()) -> list[str]:
     return problems
 
 
-def test_there_are_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == sorted({p.name[:2] for p in NOTEBOOKS})
-    assert len(NOTEBOOKS) >= 1
+def test_the_runner_finds_every_documented_notebook_and_each_takes_the_parameters_it_is_given():
+    """The runner's notebooks are numbered 01, 02, ... without gap or repeat, are exactly those the experiments
+    package documents (one module each), and each has one ``parameters`` cell assigning every name that
+    ``kvlib reproduce`` and the smoke runs pass (papermill overrides what that cell assigns)."""
+    import ast
+    import re
+
+    import nbformat
+
+    import kvlib.experiments
+
+    numbers = [p.name[:2] for p in NOTEBOOKS]
+    assert numbers == [f"{i:02d}" for i in range(1, len(numbers) + 1)], numbers
+    documented = set(re.findall(r"^``\w+``\s+(\d\d): ", kvlib.experiments.__doc__, flags=re.M))
+    assert documented == set(numbers), f"documented {sorted(documented)}, found {numbers}"
+    passed = {"PROFILE", "MODEL", "DATA_DIR", "SMOKE", "OUT_DIR"}
+    for path in NOTEBOOKS:
+        cells = [c for c in nbformat.read(path, as_version=4).cells
+                 if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(cells) == 1, f"{path.name}: {len(cells)} cells tagged parameters"
+        assigned = {t.id for node in ast.parse(cells[0].source).body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+        assert passed <= assigned, f"{path.name}'s parameters cell lacks {sorted(passed - assigned)}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_smoke(path, tmp_path, monkeypatch):
+def test_notebook_smoke(path, tmp_path, monkeypatch, optional_data_dir):
     monkeypatch.setenv("KVLIB_RUNS", str(tmp_path / "runs"))
     start = time.time() - 1
-    params = {"SMOKE": True, "DATA_DIR": str(SHARED_DATA) if SHARED_DATA.exists() else ""}
+    params = {"SMOKE": True, "DATA_DIR": str(optional_data_dir or "")}
     executed = run_notebook(path, tmp_path / "executed", params)
     assert not output_problems(executed, [tmp_path]), output_problems(executed, [tmp_path])
     smoke = ROOT / "build" / "smoke"

@@ -50,8 +50,8 @@ def test_probe_separates_what_is_separable():
     assert all(len(s) == 4 for s in res.scores)
 
 
-def test_protocol_on_real_financial_phrasebank_subset(shared_data):
-    ts = cap(load_financial_phrasebank(shared_data), max_train=60, max_test=60, seed=0)
+def test_protocol_on_real_financial_phrasebank_subset(data_dir):
+    ts = cap(load_financial_phrasebank(data_dir), max_train=60, max_test=60, seed=0)
     assert len(ts.train_texts) == 60 and len(set(ts.train_labels)) == 3
     cfg = ProbeConfig(n_experiments=5)
     a = probe_textset(ts, [RandomEmbedder(32, seed=0)], cfg)
@@ -63,11 +63,11 @@ def test_protocol_on_real_financial_phrasebank_subset(shared_data):
     assert np.isclose(a.accuracy_std.iloc[0], scores.std())
 
 
-def test_agrees_with_mteb_on_one_task(shared_data):
+def test_agrees_with_mteb_on_one_task(data_dir):
     mteb = pytest.importorskip("mteb")
     from datasets import Dataset, DatasetDict
 
-    ts = cap(load_financial_phrasebank(shared_data), max_train=200, max_test=100, seed=0)
+    ts = cap(load_financial_phrasebank(data_dir), max_train=200, max_test=100, seed=0)
     emb = RandomEmbedder(16, seed=1)
 
     class Encoder:  # mteb's EncoderProtocol, fed our embeddings

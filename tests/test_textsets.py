@@ -28,16 +28,16 @@ def test_missing_data_dir_files_give_a_clear_error(tmp_path):
         load_textsets(None, names=("DBpedia",))
 
 
-def test_financial_phrasebank_uses_one_split_like_mteb(shared_data):
-    ts = load_financial_phrasebank(shared_data)
+def test_financial_phrasebank_uses_one_split_like_mteb(data_dir):
+    ts = load_financial_phrasebank(data_dir)
     assert ts.label_names == ("negative", "neutral", "positive")
     assert np.bincount(ts.train_labels).tolist() == [303, 1391, 570]
     assert ts.train_texts == ts.test_texts and ts.samples_per_label == 8
     assert not any(t.endswith("@") for t in ts.train_texts)
 
 
-def test_amazon_counterfactual_splits(shared_data):
-    ts = load_amazon_counterfactual(shared_data)
+def test_amazon_counterfactual_splits(data_dir):
+    ts = load_amazon_counterfactual(data_dir)
     assert (len(ts.train_texts), len(ts.test_texts)) == (4018, 670)
     assert ts.label_names == ("counterfactual", "not counterfactual") and ts.samples_per_label == 32
 

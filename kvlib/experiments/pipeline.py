@@ -263,7 +263,7 @@ def time_left(times: dict, profile: str, model: str, names: list[str]) -> str:
 
 def _disk_note(profile: str, model: str) -> str:
     """The profile's estimated store size for ``model`` (:mod:`kvlib.experiments.disk`), or why there is none."""
-    from ..cli import describe_model
+    from ..model_info import describe_model
     from ..memory import load_config
     from ..profiles import get_profile
     from .disk import describe, estimate_disk
