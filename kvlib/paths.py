@@ -12,7 +12,7 @@ import re
 import tempfile
 from pathlib import Path
 
-__all__ = ["repository_root", "machine_roots", "shown_path", "hide_machine_paths", "machine_paths_in"]
+__all__ = ["cache_root", "repository_root", "machine_roots", "shown_path", "hide_machine_paths", "machine_paths_in"]
 
 
 def repository_root() -> Path | None:
@@ -26,12 +26,17 @@ def repository_root() -> Path | None:
     return None
 
 
+def cache_root() -> Path:
+    """Where converted models live: ``$KVLIB_CACHE``, else ``$XDG_CACHE_HOME/kvlib`` or ``~/.cache/kvlib``."""
+    if os.environ.get("KVLIB_CACHE"):
+        return Path(os.environ["KVLIB_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kvlib"
+
+
 def machine_roots() -> list[tuple[Path, str]]:
     """``(absolute root, shown prefix)`` pairs, most specific first: the model cache (``$KVLIB_CACHE``), the
     generation stores (``$KVLIB_RUNS``, when set), the repository (shown relative, ``""``) and the home folder
     (``~``)."""
-    from .models import cache_root
-
     roots: list[tuple[Path, str]] = [(cache_root(), "$KVLIB_CACHE")]
     if os.environ.get("KVLIB_RUNS"):
         roots.append((Path(os.environ["KVLIB_RUNS"]).expanduser(), "$KVLIB_RUNS"))

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .models import cache_root
+from .paths import cache_root
 
 __all__ = [
     "TextSet", "load_amazon_counterfactual", "load_financial_phrasebank", "load_bbc_news", "load_rotten_tomatoes",
@@ -232,7 +232,7 @@ def load_rotten_tomatoes() -> TextSet:
 
 def fetch_vader(cache_dir: str | Path | None = None) -> Path:
     """The vaderSentiment 3.3.2 sdist, downloaded once with pip into ``<kvlib cache>/vader`` (checksum pinned;
-    the cache is ``$KVLIB_CACHE``, else ``~/.cache/kvlib``: see :func:`kvlib.models.cache_root`)."""
+    the cache is ``$KVLIB_CACHE``, else ``~/.cache/kvlib``: see :func:`kvlib.paths.cache_root`)."""
     folder = Path(cache_dir).expanduser() if cache_dir else cache_root() / "vader"
     path = folder / VADER_SDIST
     if not path.exists():
