@@ -344,12 +344,14 @@ def _replace_if_changed(src: Path, dest: Path) -> bool:
     return True
 
 
-def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: Path | None = None) -> list[str]:
+def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: Path | None = None,
+            notebooks_dir: str | Path = "") -> list[str]:
     """Copy a finished run's results into the checkout: ``stage/tables`` and ``stage/figures`` over ``tables/``
     and ``figures/``, each executed notebook's outputs into its source (``executed``: ``(executed copy,
-    source)`` pairs), the notebook timings (``times``: ``{(profile, model, notebook): seconds}``) into
-    :data:`NOTEBOOK_TIMES`, then the README tables. Every notebook's outputs are checked before anything is
-    written. Returns the README tables filled in."""
+    source)`` pairs) or, with ``notebooks_dir`` (e.g. ``gpu/qwen2.5-1.5b``: a profile whose results sit apart per
+    model), into a copy of it at ``notebooks/<notebooks_dir>/``, the notebook timings (``times``: ``{(profile,
+    model, notebook): seconds}``) into :data:`NOTEBOOK_TIMES`, then the README tables. Every notebook's outputs
+    are checked before anything is written. Returns the README tables filled in."""
     import shutil
     import tempfile
 
@@ -362,7 +364,7 @@ def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: P
             copy = Path(tmp) / src.name
             shutil.copyfile(src, copy)
             publish_outputs(ex, copy)
-            ready.append((copy, src))
+            ready.append((copy, src.parent / notebooks_dir / src.name if notebooks_dir else src))
         changed = 0
         for kind in ("tables", "figures"):
             for f in sorted((stage / kind).rglob("*")):
@@ -448,7 +450,10 @@ def _main(args) -> int:
             _log.info("<== %s done in %.0f s", path.name, seconds)
         _log.info("all %d notebooks done in %.1f min", len(todo), (time.perf_counter() - t_all) / 60)
         if args.publish:
-            _log.info("README tables refreshed: %s", ", ".join(publish(stage, executed, this_run)) or "none")
+            apart = (Path(profile.results_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name)
+                     if profile.results_dir else "")
+            _log.info("README tables refreshed: %s",
+                      ", ".join(publish(stage, executed, this_run, notebooks_dir=apart)) or "none")
         else:
             _log.info("results in %s; the committed tables, figures, notebooks and README are unchanged", stage)
         return 0
