@@ -390,11 +390,11 @@ class DecodeLoop:
         grid = mask.new_zeros((mask.shape[0] + (0 if self.static else n), end))
         grid[: mask.shape[0], shift:] = mask[:, start:]
         if self.static:
-            kv = st.cache
-            kv.ensure(max(end, kv.length) + self.config.max_new_tokens + 16)
+            kv, want = st.cache, bucket(end + self.config.max_new_tokens + 16)  # sized to the need, in buckets
+            if want > kv.capacity:
+                kv.resize(want)
             move_columns(kv, start, shift)
-            want = bucket(end + self.config.max_new_tokens + 16)
-            if want + 512 <= kv.capacity or want > kv.capacity:  # sized to the need, in buckets
+            if want + 512 <= kv.capacity:  # much room to spare after a compaction: a smaller bucket
                 kv.resize(want)
             write_rows(kv, free[:n], cache, end)
             phys = free[:n]
@@ -454,10 +454,21 @@ class DecodeLoop:
             elif len(st.tokens[i]) >= self.config.max_new_tokens:
                 st.done[i] = True
 
+    def next_tokens(self) -> None:
+        """Append the tokens of the last step's logits (nothing when no model ran)."""
+        if self.logits is not None:
+            self._append(self.logits, self.stats, list(range(len(self.state.rows))))
+            self.logits = self.stats = None
+
     def control(self) -> None:
-        """Apply the controller's actions: inject text into rows, after withdrawing their last tokens."""
+        """Ask the controller and apply its actions."""
+        self.apply(self.controller(self.state))
+
+    def apply(self, actions: dict[int, tuple]) -> None:
+        """Apply controller actions: inject text into rows, after withdrawing their last tokens (a controller
+        stops a row by setting ``state.done``)."""
         st = self.state
-        for i, action in self.controller(st).items():
+        for i, action in actions.items():
             ids, label, n_back = (*action, 0) if len(action) == 2 else action
             if st.done[i] or not ids:
                 if n_back and not st.done[i]:
@@ -492,9 +503,8 @@ class DecodeLoop:
             pos_l.append([start] * pad + list(range(start, start + len(f))))
             st.slots[i].extend(range(base + pad, base + width))
             self.next_pos[p] = start + len(f)
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        chunk, positions = as_tensor(ids_l), as_tensor(pos_l)
-        st.attention_mask = torch.cat([st.attention_mask, as_tensor(mask_l)], dim=1)
+        chunk, chunk_mask, positions = torch.tensor([ids_l, mask_l, pos_l], dtype=torch.long).to(self.device)
+        st.attention_mask = torch.cat([st.attention_mask, chunk_mask], dim=1)
         if self.fast_step is not None and width == 1:
             self.logits, self.stats = self.fast_step(chunk, st.attention_mask, positions, st.cache)
         else:
@@ -560,9 +570,7 @@ class DecodeLoop:
         a row takes at most ``max_new_tokens`` steps, plus one per token a controller withdraws."""
         for step in itertools.count():
             self.state.step = step
-            if self.logits is not None:
-                self._append(self.logits, self.stats, list(range(len(self.state.rows))))
-                self.logits = self.stats = None
+            self.next_tokens()
             if self.controller is not None:
                 self.control()
             if on_step is not None:
