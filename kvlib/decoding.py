@@ -32,6 +32,14 @@ instead of one launch per kernel, which is what bounds a small model's decoding.
 DEER trials run eagerly on the same cache. Finished rows stay in a static batch (masked filler, as when no
 row leaves): on a GPU, copying the cache to drop them costs more than decoding them. ``on_finish`` still
 receives every row once, when a quarter of the batch is done and at the end.
+
+One loop, :class:`DecodeLoop`, does all of this (append a step's tokens, apply the controller's actions,
+retire finished rows, let waiting rows join, feed the next step); :func:`decode` runs it over one batch,
+:func:`decode_stream` over a queue of items (continuous batching: when rows finish, waiting items take their
+place instead of the batch draining to its longest row), and :class:`kvlib.replay.ReplayLoop` with tokens
+forced from stored answers. A joining row is prefilled on its own and right-aligned to the batch's write
+position, its earlier cache columns masked; columns no live row attends to any more are dropped first, and a
+static cache is resized to the need in buckets of 256 positions (one captured step per bucket).
 """
 
 from __future__ import annotations

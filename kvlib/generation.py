@@ -1,10 +1,12 @@
 """Batched, resumable generation over a data set, one stored record per finished item.
 
 :func:`generate` renders nothing itself: it takes ready prompt strings (see :mod:`kvlib.thinking`),
-batches them by length with left padding, decodes each batch with :func:`kvlib.decoding.decode`,
-runs the requested *extractors* on the live cache while it still exists (KV trajectories, pooled
-features, a hidden-state re-forward...), and appends one record per item to a
-:class:`~kvlib.store.ResultStore`. Items already in the store are skipped, so a killed run resumes
+sorts them by length and decodes them with continuous batching (:func:`kvlib.decoding.decode_stream`: at most
+``batch_size`` rows at a time, waiting items joining as rows finish; fixed left-padded batches of
+:func:`kvlib.decoding.decode` under a controller, or for a model with sliding-window layers), runs the
+requested *extractors* on each finished row's cache while it still exists (KV trajectories, pooled features,
+a hidden-state re-forward...), and appends its record to a :class:`~kvlib.store.ResultStore` as soon as the
+item finishes. Items already in the store are skipped, so a killed run resumes
 where it stopped. Results never depend on batch composition (tested: batched == one at a time).
 
 Before reusing anything, :func:`generate` binds the store to the model it runs (weights, dtype, device

@@ -11,8 +11,9 @@ decoding every token again, :func:`replay_generate`
    what it would see live (the first ``t + 1`` answer tokens, an attention mask that ends at the last fed token,
    the same ``done`` rules); checks that read the cache (KV difficulty) or run trials on it (DEER) work unchanged;
 3. keeps the stored answer for every row the controller never touches; a row where the controller injects or
-   withdraws text, or that runs past the end of its stored answer, is resumed (:class:`kvlib.decoding.RowHistory`)
-   with the same controller and decoded live from that point.
+   withdraws text, or that runs past the end of its stored answer, turns live where it stands and decodes on, on
+   the same cache, with the same controller (:class:`ReplayLoop`: the decoding loop of :mod:`kvlib.decoding`
+   with tokens forced from the stored answers).
 
 The records are those of the live run (same fields, same controller arrays); each also says
 ``replayed_until``: the answer tokens taken from the reference before decoding went live (``n_tokens`` when the
