@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
-from .cache import (CompiledStep, StaticKV, bucket, forward, keep_rows, merge_rows, move_columns, rows_view,
-                    step_logits, supports_static, token_stats, write_rows)
+from .cache import (CompiledStep, StaticKV, bucket, crop_cache, forward, keep_rows, merge_rows, move_columns,
+                    rows_view, step_logits, supports_static, token_stats, write_rows)
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -343,6 +343,7 @@ class DecodeLoop:
         self.logits = self.stats = None  # the last step's [rows, vocab] logits (and their stats when computed)
         self.reported: set[int] = set()  # logical rows handed to on_finish
         self.streaming = False  # rows may join: hand over copies of cache rows, never the live cache
+        self.rollback = static or supports_static(model)  # a launched step can be taken back (no sliding window)
 
     # ---- rows entering -------------------------------------------------------------------------------------
     def _new_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds, history) -> tuple[list, list]:
@@ -437,15 +438,18 @@ class DecodeLoop:
         self._append(logits, None, phys)
 
     # ---- one step ------------------------------------------------------------------------------------------
-    def _append(self, logits: torch.Tensor, stats: torch.Tensor | None, phys: list[int]) -> None:
+    def _append(self, logits: torch.Tensor, stats: torch.Tensor | None, phys: list[int], host=None) -> None:
         """Append the token each running physical row in ``phys`` picks from ``logits`` (``[len(phys), vocab]``)
-        with its statistics; mark rows done at a stop token or at the budget."""
-        # one device-to-host copy per step: max prob, entropy and token id (ids < 2**24 are exact in fp32)
-        stats = token_stats(logits) if stats is None else stats
-        if self.config.do_sample:
-            picked = _pick(logits, self.config, [self.generators[p] for p in phys])
-            stats = torch.cat([stats[:2], picked.to(stats.dtype)[None]])
-        mp, ent, tok = stats.tolist()
+        with its statistics (``host``: already copied, see :class:`_Ahead`); mark rows done at a stop token or
+        at the budget."""
+        if host is not None:
+            mp, ent, tok = host.read()
+        else:  # one device-to-host copy per step: max prob, entropy and token id (ids < 2**24 are exact in fp32)
+            stats = token_stats(logits) if stats is None else stats
+            if self.config.do_sample:
+                picked = _pick(logits, self.config, [self.generators[p] for p in phys])
+                stats = torch.cat([stats[:2], picked.to(stats.dtype)[None]])
+            mp, ent, tok = stats.tolist()
         st = self.state
         for k, p in enumerate(phys):
             i = st.rows[p]
@@ -462,11 +466,58 @@ class DecodeLoop:
             elif len(st.tokens[i]) >= self.config.max_new_tokens:
                 st.done[i] = True
 
-    def next_tokens(self) -> None:
+    def next_tokens(self, ahead: "_Ahead | None" = None) -> None:
         """Append the tokens of the last step's logits (nothing when no model ran)."""
         if self.logits is not None:
-            self._append(self.logits, self.stats, list(range(len(self.state.rows))))
+            self._append(self.logits, self.stats, list(range(len(self.state.rows))), host=ahead)
             self.logits = self.stats = None
+
+    # ---- the next step launched before the host reads this one ---------------------------------------------
+    lookahead: bool | None = None  # launch step t+1 before reading step t (None: on CUDA)
+
+    def _can_look_ahead(self) -> bool:
+        on = self.lookahead if self.lookahead is not None else torch.device(self.device).type == "cuda"
+        return (bool(on) and self.controller is None and not self.config.do_sample and self.logits is not None
+                and self.rollback)
+
+    def _launch_ahead(self) -> "_Ahead":
+        """Greedy, no controller: feed every running row its greedy token straight from the device and start the
+        next step before the host has read this one (the host's bookkeeping then overlaps the device's step).
+        Rows that turn out to have finished are masked afterwards (:meth:`_settle`)."""
+        st = self.state
+        stats = token_stats(self.logits) if self.stats is None else self.stats
+        ahead = _Ahead(stats, [not st.done[i] for i in st.rows], st.attention_mask)
+        col_pos = torch.tensor([[[int(r)] for r in ahead.running], [[q] for q in self.next_pos]], dtype=torch.long)
+        col, positions = col_pos.to(self.device, non_blocking=True)
+        st.attention_mask = torch.cat([st.attention_mask, col], dim=1)
+        ids = stats[2].to(torch.long)[:, None]
+        if self.fast_step is not None:
+            ahead.logits, ahead.stats = self.fast_step(ids, st.attention_mask, positions, st.cache)
+        else:
+            ahead.logits, st.cache = step_logits(self.model, ids, st.attention_mask, positions, st.cache)
+        return ahead
+
+    def _settle(self, ahead: "_Ahead", on_finish) -> bool:
+        """After the host appended the step before ``ahead``: keep the launched step (rows that finished get its
+        column masked, so each row's last token has no cache slot, as when it is decoded alone) when no row must
+        leave or join now; else take it back. Whether it was kept."""
+        st = self.state
+        gone = sum(st.done[i] and i not in self.reported for i in st.rows)
+        if self.running() and (on_finish is None or gone < max(1, len(st.rows) // 4)):
+            base, ended = ahead.mask.shape[1], []
+            for p, (i, was) in enumerate(zip(st.rows, ahead.running)):
+                if was and st.done[i]:
+                    ended.append(p)
+                elif was:
+                    st.slots[i].append(base)
+                    self.next_pos[p] += 1
+            if ended:
+                st.attention_mask[ended, base] = 0
+            self.pending = {}
+            return True
+        crop_cache(st.cache, ahead.mask.shape[1])
+        st.attention_mask, self.logits, self.stats = ahead.mask, None, None
+        return False
 
     def control(self) -> None:
         """Ask the controller and apply its actions."""
@@ -578,11 +629,16 @@ class DecodeLoop:
         a row takes at most ``max_new_tokens`` steps, plus one per token a controller withdraws."""
         for step in itertools.count():
             self.state.step = step
-            self.next_tokens()
+            ahead = self._launch_ahead() if self._can_look_ahead() else None
+            self.next_tokens(ahead)
+            if ahead is not None:
+                self.logits, self.stats = ahead.logits, ahead.stats
             if self.controller is not None:
                 self.control()
             if on_step is not None:
                 on_step(self.running())
+            if ahead is not None and self._settle(ahead, on_finish):
+                continue
             if not self._turn_over(on_finish, waiting):
                 break
             self.feed()
@@ -606,6 +662,26 @@ class DecodeLoop:
                         waiting.join(self, room, free if self.static else None)
             if self.running():
                 return True
+
+class _Ahead:
+    """A step launched before the host read the one before it: that step's statistics on their way to the host
+    (copied before the launch, so the host waits for them only), who was running and the mask before it."""
+
+    def __init__(self, stats: torch.Tensor, running: list[bool], mask: torch.Tensor):
+        self.running, self.mask = running, mask
+        on_cuda = stats.device.type == "cuda"
+        self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=on_cuda)
+        self.host.copy_(stats, non_blocking=on_cuda)
+        self.event = torch.cuda.Event() if on_cuda else None
+        if self.event is not None:
+            self.event.record()
+        self.logits = self.stats = None
+
+    def read(self) -> list[list[float]]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
 
 class _Queue:
     """Items waiting to join a continuous batch: their token ids and seeds, taken in order."""

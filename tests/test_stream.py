@@ -98,3 +98,29 @@ def test_clear_errors():
         decode_stream(model, [[1, 2]], lambda part: None)
     with pytest.raises(ValueError, match="at least one item"):
         decode_stream(tiny_model("llama")[0], [], lambda part: None)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_launching_the_next_step_early_changes_nothing(cache, monkeypatch):
+    """The GPU launches step t+1 before the host reads step t (DecodeLoop.lookahead, on CUDA by default): the
+    tokens, statistics, slots, masks and handed-over caches equal those of the step-by-step loop."""
+    from kvlib.decoding import DecodeLoop
+
+    model, tok = tiny_model("qwen2", seed=3)
+    cfg = DecodeConfig(max_new_tokens=24, stop_token_ids=(_stop(model, tok, 24),), cache=cache)
+    items = [tok(t, add_special_tokens=False).input_ids for t in PROMPTS]
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    runs = {}
+    for ahead in (False, True):
+        monkeypatch.setattr(DecodeLoop, "lookahead", ahead)
+        parts = []
+        plain = decode(model, enc.input_ids, enc.attention_mask, cfg, on_finish=parts.append)
+        stream = decode_stream(model, items, parts.append, cfg, batch_size=4)
+        trajs = [token_trajectory(p.state.cache, j, p.state.slots[j], part="both") for p in parts
+                 for j in range(len(p.rows))]
+        runs[ahead] = (plain, stream, [p.state.attention_mask for p in parts], trajs)
+    for a, b in zip(runs[False][:2], runs[True][:2]):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason and a.state.slots == b.state.slots
+        assert all(torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-6) for x, y in zip(a.max_prob, b.max_prob))
+    assert all(torch.equal(x, y) for x, y in zip(runs[False][2], runs[True][2]))
+    assert all(x.shape == y.shape and torch.allclose(x, y, atol=1e-5) for x, y in zip(runs[False][3], runs[True][3]))
