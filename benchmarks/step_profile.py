@@ -38,24 +38,27 @@ from kvlib.decoding import DecodeConfig, DecodeLoop  # noqa: E402
 from kvlib.tiny import SHAPES, random_model  # noqa: E402
 
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa|scaled_dot|_efficient", re.I)
-SYNC = re.compile(r"cudaStreamSynchronize|cudaDeviceSynchronize|cudaMemcpy(?!Async)|_local_scalar_dense", re.I)
+SYNC = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy(?!Async)|_local_scalar_dense", re.I)
 
 
-def _loop(model, batch: int, prompt: int, budget: int, compile_step: bool) -> DecodeLoop:
+def _loop(model, batch: int, prompt: int, budget: int, compile_step: bool, ahead: bool) -> DecodeLoop:
     device = next(model.parameters()).device
     cfg = DecodeConfig(max_new_tokens=budget, stop_token_ids=(-1,), cache="static", compile=compile_step)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
     loop = DecodeLoop(model, cfg, static=True, room=kvcache.bucket(prompt + budget + 16))
+    loop.lookahead = ahead
     loop.start(ids, torch.ones_like(ids), [0] * batch, [None] * batch)
     return loop
 
 
 def _step(loop: DecodeLoop) -> None:
-    """One step exactly as :meth:`DecodeLoop.run` takes it (no controller, no rows leaving)."""
+    """One step exactly as :meth:`DecodeLoop.run` takes it (no controller, no rows leaving): with
+    ``loop.lookahead`` the next step is launched before the host reads this one."""
     loop.state.step += 1
-    loop._append(loop.logits, loop.stats, list(range(len(loop.state.rows))))
-    loop.logits = loop.stats = None
-    loop.feed()
+    ahead = loop._launch_ahead() if loop._can_look_ahead() else None
+    loop.next_tokens(ahead)
+    if ahead is None or not loop._settle(ahead, None):
+        loop.feed()
 
 
 def _sync(device) -> None:
@@ -63,11 +66,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model, batch: int, prompt: int, steps: int, warm: int, compile_step: bool) -> dict:
+def measure(model, batch: int, prompt: int, steps: int, warm: int, compile_step: bool, ahead: bool) -> dict:
     """Milliseconds per step by part (see the module docstring) over ``steps`` profiled steps."""
     device = next(model.parameters()).device
     on_cuda = torch.device(device).type == "cuda"
-    loop = _loop(model, batch, prompt, warm + steps + 2, compile_step)
+    loop = _loop(model, batch, prompt, warm + steps + 2, compile_step, ahead)
     stats_fn = kvcache.token_stats
 
     def timed_stats(logits):  # the eager step calls kvlib.cache.token_stats by its module name
@@ -125,10 +128,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = random_model(args.shape, device, dtype)[0]
-    arms = {"eager step": False}
-    if device == "cuda":
-        arms = {"captured step (as decoded)": True, **arms}
-    cols = {name: measure(model, args.batch, args.prompt, args.steps, args.warm, c) for name, c in arms.items()}
+    arms = {"eager step": (False, False)}
+    if device == "cuda":  # (captured, next step launched before the host reads this one)
+        arms = {"captured, launched ahead (as decoded)": (True, True), "captured, step by step": (True, False),
+                **arms}
+    cols = {name: measure(model, args.batch, args.prompt, args.steps, args.warm, *a) for name, a in arms.items()}
     df = pd.DataFrame(cols)
     df.index.name = "ms per step"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"

@@ -488,7 +488,8 @@ class DecodeLoop:
         stats = token_stats(self.logits) if self.stats is None else self.stats
         ahead = _Ahead(stats, [not st.done[i] for i in st.rows], st.attention_mask)
         col_pos = torch.tensor([[[int(r)] for r in ahead.running], [[q] for q in self.next_pos]], dtype=torch.long)
-        col, positions = col_pos.to(self.device, non_blocking=True)
+        on_cuda = torch.device(self.device).type == "cuda"  # a pinned source: the copy does not wait for the device
+        col, positions = (col_pos.pin_memory() if on_cuda else col_pos).to(self.device, non_blocking=on_cuda)
         st.attention_mask = torch.cat([st.attention_mask, col], dim=1)
         ids = stats[2].to(torch.long)[:, None]
         if self.fast_step is not None:
