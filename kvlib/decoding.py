@@ -674,8 +674,8 @@ class _Ahead:
         self.host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=on_cuda)
         self.host.copy_(stats, non_blocking=on_cuda)
         self.event = torch.cuda.Event() if on_cuda else None
-        if self.event is not None:
-            self.event.record()
+        if self.event is not None:  # on the stream of the statistics' device (a model may span several)
+            self.event.record(torch.cuda.current_stream(stats.device))
         self.logits = self.stats = None
 
     def read(self) -> list[list[float]]:
