@@ -318,6 +318,11 @@ class DecodeLoop:
     physical rows stay and a joining row takes the place of a retired one. A joining row is prefilled on its own
     and right-aligned to the batch's write position, its earlier columns masked, so it sees exactly the cache it
     would see alone; columns that no live row attends to are dropped first (compaction).
+
+    Greedy decoding without a controller on a GPU launches step ``t+1`` from the device's greedy picks before the
+    host reads step ``t`` (:attr:`lookahead`): the host's bookkeeping then overlaps the device's step instead of
+    idling it. A row found finished gets that step's column masked; when rows must leave or join, the launched
+    step is taken back (the cache cropped) and the loop goes on step by step. Results are identical (tested).
     """
 
     def __init__(self, model, config: DecodeConfig, controller: Controller | None = None, static: bool = False,
@@ -617,6 +622,7 @@ class DecodeLoop:
         return [p for p, i in enumerate(st.rows) if i in self.reported]
 
     def running(self) -> int:
+        """How many rows in the batch are still decoding."""
         return sum(not self.state.done[i] for i in self.state.rows)
 
     def result(self) -> DecodeResult:
