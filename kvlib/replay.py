@@ -104,7 +104,7 @@ class ReplayLoop(DecodeLoop):
             st.prompt_lengths[i] = len(p)
         self.logits = self.stats = None
 
-    def next_tokens(self) -> None:
+    def next_tokens(self, ahead=None) -> None:
         """Forced rows take their stored token; live rows pick from the last step's logits (when it ran)."""
         st = self.state
         phys = list(range(len(st.rows)))
