@@ -27,7 +27,8 @@ import torch
 
 __all__ = ["LayerKV", "StaticKV", "CompiledStep", "output_cache", "cache_kwargs", "cache_layers", "kv_layers",
            "cache_length", "crop_cache", "rows_view", "keep_rows", "masked_mean", "masked_sum", "new_cache", "forward",
-           "step_logits", "supports_static", "release_static", "token_stats"]
+           "step_logits", "supports_static", "release_static", "token_stats", "bucket", "move_columns", "write_rows",
+           "merge_rows"]
 
 
 @dataclass(frozen=True)
@@ -168,26 +169,31 @@ class StaticKV:
 
     def ensure(self, needed: int) -> None:
         """Make room for ``needed`` positions (grows by at least half of the capacity)."""
-        if needed <= self.capacity:
+        if needed > self.capacity:
+            self.resize(max(needed, self.capacity + self.capacity // 2))
+
+    def resize(self, capacity: int) -> None:
+        """Grow or shrink the tensors to ``capacity`` positions (a copy of the first ``length``; a compiled step
+        compiles once per capacity, so callers pick capacities from a few :func:`bucket` sizes)."""
+        if capacity < self.length:
+            raise ValueError(f"cannot shrink a static cache holding {self.length} positions to {capacity}")
+        if capacity == self.capacity:
             return
-        new = max(needed, self.capacity + self.capacity // 2)
         for layer in self.layers:
-            if not isinstance(getattr(layer, "keys", None), torch.Tensor):
-                layer.max_cache_len = new
-                continue
-            for name in ("keys", "values"):
-                old = getattr(layer, name)
-                with torch.inference_mode(old.is_inference()):  # the new memory is of the old one's kind
-                    grown = old.new_zeros(old.shape[:2] + (new,) + old.shape[3:])
-                    grown[:, :, : old.shape[2]] = old
-                setattr(layer, name, grown)
-                if not torch.compiler.is_compiling():
-                    torch._dynamo.mark_static_address(grown)
-            layer.max_cache_len = new
-        self.cache._kvlib_capacity = new
+            if isinstance(getattr(layer, "keys", None), torch.Tensor):
+                for name in ("keys", "values"):
+                    old = getattr(layer, name)
+                    with torch.inference_mode(old.is_inference()):  # the new memory is of the old one's kind
+                        new = old.new_zeros(old.shape[:2] + (capacity,) + old.shape[3:])
+                        new[:, :, : self.length] = old[:, :, : self.length]
+                    setattr(layer, name, new)
+                    if not torch.compiler.is_compiling():
+                        torch._dynamo.mark_static_address(new)
+            layer.max_cache_len = capacity
+        self.cache._kvlib_capacity = capacity
         if hasattr(self.cache, "max_cache_len") and not isinstance(getattr(type(self.cache), "max_cache_len", None),
                                                                    property):
-            self.cache.max_cache_len = new  # releases that keep it on the cache, not derived from the layers
+            self.cache.max_cache_len = capacity
 
     def sync(self) -> None:
         """Tell the transformers layers the length kvlib holds, after a crop (releases whose layers count
@@ -213,6 +219,68 @@ class StaticKV:
 
 
 _POOL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> the StaticCache last lent for it
+
+
+def bucket(n: int, step: int = 256) -> int:
+    """``n`` rounded up to a multiple of ``step``: the static cache's capacities, so that batches of nearby
+    lengths share one captured step."""
+    return -(-int(n) // step) * step
+
+
+def _kv_tensors(cache):
+    """The ``(layer, keys, values)`` of every attention layer of a StaticKV or a dynamic cache (``.layers``)."""
+    layers = cache.layers if isinstance(cache, StaticKV) else getattr(cache, "layers", None)
+    if layers is None:
+        raise UnsupportedCacheError(f"cannot realign the columns of a cache of type {type(cache).__name__}")
+    out = []
+    for layer in layers:
+        if getattr(layer, "is_sliding", False):
+            raise UnsupportedCacheError("rows cannot join a cache with sliding-window layers")
+        if isinstance(getattr(layer, "keys", None), torch.Tensor):
+            out.append((layer, layer.keys, layer.values))
+    return out
+
+
+def move_columns(kv: StaticKV, start: int, dest: int) -> None:
+    """Move the held columns ``[start, length)`` of every row of ``kv`` to ``[dest, ...)``, in place: a compaction
+    (``dest < start``, forgetting columns no row attends to any more) or room on the left (``dest > start``) for a
+    longer prompt joining the batch. ``kv.length`` becomes ``dest + length - start``."""
+    n = kv.length - start
+    if not (0 <= start <= kv.length and dest >= 0):
+        raise ValueError(f"cannot move columns from {start} to {dest} in a cache of {kv.length} positions")
+    kv.ensure(dest + n)
+    if n and dest != start:
+        for _, keys, values in _kv_tensors(kv):
+            for t in (keys, values):
+                t[:, :, dest: dest + n] = t[:, :, start: start + n].clone()
+    kv.length = dest + n
+    kv.sync()
+
+
+def write_rows(kv: StaticKV, rows, other, end: int) -> None:
+    """Copy every position of ``other`` (a cache of ``len(rows)`` rows and ``w`` positions) into rows ``rows`` of
+    ``kv``, columns ``[end - w, end)`` (``end <= kv.length``): the prefilled prompts of rows joining the batch."""
+    idx = None
+    for (_, keys, values), layer in zip(_kv_tensors(kv), cache_layers(other)):
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=keys.device) if idx is None else idx
+        w = layer.keys.shape[-2]
+        if not w <= end <= kv.length:
+            raise ValueError(f"{w} joining positions do not end at column {end} of a cache of {kv.length}")
+        keys[idx, :, end - w: end] = layer.keys.to(keys.dtype)
+        values[idx, :, end - w: end] = layer.values.to(values.dtype)
+
+
+def merge_rows(cache, start: int, other, width: int) -> None:
+    """Dynamic cache: keep columns ``[start, ...)`` of ``cache``, append the rows of ``other`` after them, both
+    right-aligned to ``width`` columns (zeros on the left, which the attention mask covers), in place."""
+    mine = _kv_tensors(cache)
+    for (layer, keys, values), theirs in zip(mine, cache_layers(other)):
+        parts = []
+        for t, o in ((keys, theirs.keys), (values, theirs.values)):
+            t = t[:, :, start:]
+            pad = lambda x: torch.nn.functional.pad(x, (0, 0, width - x.shape[-2], 0))  # noqa: E731
+            parts.append(torch.cat([pad(t), pad(o.to(t.dtype))], dim=0))
+        layer.keys, layer.values = parts
 
 
 def release_static(model) -> None:

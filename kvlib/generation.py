@@ -1,10 +1,12 @@
 """Batched, resumable generation over a data set, one stored record per finished item.
 
 :func:`generate` renders nothing itself: it takes ready prompt strings (see :mod:`kvlib.thinking`),
-batches them by length with left padding, decodes each batch with :func:`kvlib.decoding.decode`,
-runs the requested *extractors* on the live cache while it still exists (KV trajectories, pooled
-features, a hidden-state re-forward...), and appends one record per item to a
-:class:`~kvlib.store.ResultStore`. Items already in the store are skipped, so a killed run resumes
+sorts them by length and decodes them with continuous batching (:func:`kvlib.decoding.decode_stream`: at most
+``batch_size`` rows at a time, waiting items joining as rows finish; fixed left-padded batches of
+:func:`kvlib.decoding.decode` under a controller, or for a model with sliding-window layers), runs the
+requested *extractors* on each finished row's cache while it still exists (KV trajectories, pooled features,
+a hidden-state re-forward...), and appends its record to a :class:`~kvlib.store.ResultStore` as soon as the
+item finishes. Items already in the store are skipped, so a killed run resumes
 where it stopped. Results never depend on batch composition (tested: batched == one at a time).
 
 Before reusing anything, :func:`generate` binds the store to the model it runs (weights, dtype, device
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .decoding import Controller, DecodeConfig, DecodeResult, context_limit, decode
+from .decoding import Controller, DecodeConfig, DecodeResult, can_stream, context_limit, decode, decode_stream
 from .identity import callable_identity, digest, model_identity
 from .sharding import SINGLE, Shard, current_shard, run_sharded
 from .store import ResultStore, decode_array
@@ -163,41 +165,83 @@ def generate(
         lengths = {p.id: len(tokenizer(p.text, add_special_tokens=False).input_ids) for p in todo}
         _check_lengths(model, lengths, settings.max_new_tokens)
         todo.sort(key=lambda p: lengths[p.id])  # similar lengths share a batch: less padding
-        config = decode_config(settings)
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc or store.dataset,
                    unit="item", disable=not progress, dynamic_ncols=True)
-        n_tok, t0 = 0, time.perf_counter()
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            enc = tokenizer([p.text for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            seeds = [_item_seed(settings.seed, p.id) for p in chunk]
-            controller = controller_factory(chunk) if controller_factory else None
-            per_row = [dict() for _ in chunk]
-            extract_seconds = dict.fromkeys(extractors, 0.0)
-
-            def finished(part, ids=enc.input_ids, mask=enc.attention_mask, per_row=per_row,
-                         extract_seconds=extract_seconds):
-                # rows leave the batch as they finish: read their features while their cache is alive
-                for name, fn in extractors.items():
-                    t_ex = time.perf_counter()
-                    for row, arrays in zip(part.rows, fn(model, part, ids[part.rows], mask[part.rows])):
-                        per_row[row].update(arrays)
-                    extract_seconds[name] += time.perf_counter() - t_ex
-
-            t_batch = time.perf_counter()
-            result = decode(model, enc.input_ids, enc.attention_mask, config, controller=controller, seeds=seeds,
-                            on_finish=finished)
-            gen_seconds = time.perf_counter() - t_batch - sum(extract_seconds.values())
-            extract_seconds = {k: v / len(chunk) for k, v in extract_seconds.items()}
-            per_item = gen_seconds / len(chunk)
-            store.add([{**make_record(tokenizer, p, result, row, per_row[row], per_item, extract_seconds),
-                        "input_sha256": hashes[p.id]} for row, p in enumerate(chunk)])
-            n_tok += sum(len(t) for t in result.tokens)
-            bar.update(len(chunk))
-            bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.1f}")
-            del result
+        run = _Run(model, tokenizer, store, settings, extractors, hashes, bar)
+        if controller_factory is None and can_stream(model):
+            run.stream(todo, batch_size)
+        else:
+            for start in range(0, len(todo), batch_size):
+                run.batch(todo[start : start + batch_size], controller_factory)
         bar.close()
     return store.records(ids)
+
+
+class _Run:
+    """One generation run into ``store``: decodes items and stores each record as its item finishes."""
+
+    def __init__(self, model, tokenizer, store, settings, extractors, hashes, bar):
+        self.model, self.tokenizer, self.store, self.settings = model, tokenizer, store, settings
+        self.extractors, self.hashes, self.bar = extractors, hashes, bar
+        self.config = decode_config(settings)
+        self.n_tok, self.t0 = 0, time.perf_counter()
+
+    def extract(self, part: DecodeResult, input_ids, attention_mask) -> tuple[list[dict], dict]:
+        """The extractors' arrays per row of ``part`` (read while its cache is alive) and their seconds."""
+        arrays, seconds = [dict() for _ in part.rows], dict.fromkeys(self.extractors, 0.0)
+        for name, fn in self.extractors.items():
+            t = time.perf_counter()
+            for row, a in zip(arrays, fn(self.model, part, input_ids, attention_mask)):
+                row.update(a)
+            seconds[name] += time.perf_counter() - t
+        return arrays, seconds
+
+    def store_rows(self, prompts: list[Prompt], result: DecodeResult, rows: list[int], arrays: list[dict],
+                   seconds: float, extract_seconds: dict) -> None:
+        """Store ``result``'s rows ``rows`` (the items ``prompts``), timed per item."""
+        n = len(prompts)
+        per_item, ex = seconds / n, {k: v / n for k, v in extract_seconds.items()}
+        self.store.add([{**make_record(self.tokenizer, p, result, row, a, per_item, ex),
+                         "input_sha256": self.hashes[p.id]} for p, row, a in zip(prompts, rows, arrays)])
+        self.n_tok += sum(len(result.tokens[r]) for r in rows)
+        self.bar.update(n)
+        self.bar.set_postfix(tok_s=f"{self.n_tok / (time.perf_counter() - self.t0):.1f}")
+
+    def stream(self, todo: list[Prompt], batch_size: int) -> None:
+        """Continuous batching (:func:`kvlib.decoding.decode_stream`): each item is stored when it finishes."""
+        items = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in todo]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        last = [time.perf_counter()]
+
+        def finished(part: DecodeResult) -> None:
+            arrays, ex = self.extract(part, part.prompt_ids, part.prompt_mask)
+            now = time.perf_counter()
+            self.store_rows([todo[i] for i in part.rows], part, list(range(len(part.rows))), arrays,
+                            now - last[0] - sum(ex.values()), ex)
+            last[0] = time.perf_counter()
+
+        decode_stream(self.model, items, finished, self.config, batch_size=batch_size,
+                      seeds=[_item_seed(self.settings.seed, p.id) for p in todo], pad_id=pad)
+
+    def batch(self, chunk: list[Prompt], controller_factory) -> None:
+        """One fixed batch under a controller; its records are stored when all its rows are done."""
+        enc = self.tokenizer([p.text for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+        per_row, extract_seconds = [dict() for _ in chunk], dict.fromkeys(self.extractors, 0.0)
+
+        def finished(part: DecodeResult) -> None:
+            # rows leave the batch as they finish: read their features while their cache is alive
+            arrays, ex = self.extract(part, enc.input_ids[part.rows], enc.attention_mask[part.rows])
+            for row, a in zip(part.rows, arrays):
+                per_row[row].update(a)
+            for k, v in ex.items():
+                extract_seconds[k] += v
+
+        t = time.perf_counter()
+        result = decode(self.model, enc.input_ids, enc.attention_mask, self.config,
+                        controller=controller_factory(chunk) if controller_factory else None,
+                        seeds=[_item_seed(self.settings.seed, p.id) for p in chunk], on_finish=finished)
+        seconds = time.perf_counter() - t - sum(extract_seconds.values())
+        self.store_rows(chunk, result, list(range(len(chunk))), per_row, seconds, extract_seconds)
 
 
 def prepare_store(model, tokenizer, store: ResultStore, settings: GenerationSettings,

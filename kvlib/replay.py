@@ -11,8 +11,9 @@ decoding every token again, :func:`replay_generate`
    what it would see live (the first ``t + 1`` answer tokens, an attention mask that ends at the last fed token,
    the same ``done`` rules); checks that read the cache (KV difficulty) or run trials on it (DEER) work unchanged;
 3. keeps the stored answer for every row the controller never touches; a row where the controller injects or
-   withdraws text, or that runs past the end of its stored answer, is resumed (:class:`kvlib.decoding.RowHistory`)
-   with the same controller and decoded live from that point.
+   withdraws text, or that runs past the end of its stored answer, turns live where it stands and decodes on, on
+   the same cache, with the same controller (:class:`ReplayLoop`: the decoding loop of :mod:`kvlib.decoding`
+   with tokens forced from the stored answers).
 
 The records are those of the live run (same fields, same controller arrays); each also says
 ``replayed_until``: the answer tokens taken from the reference before decoding went live (``n_tokens`` when the
@@ -32,8 +33,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .cache import output_cache, rows_view
-from .decoding import DecodeConfig, DecodeResult, DecodeState, RowHistory, decode, prefill, stop_ids
+from .cache import bucket
+from .decoding import DecodeConfig, DecodeLoop, DecodeResult
 from .generation import (Extractor, GenerationSettings, Prompt, _check_lengths, _unique_ids, decode_config, generate,
                          make_record, prepare_store, prompt_hash)
 from .identity import model_identity
@@ -62,53 +63,6 @@ def check_reference(prompt: Prompt, reference: Mapping) -> list[int]:
     return ids
 
 
-class _Subset:
-    """The state of a resumed batch shown to the controller under the original batch's row numbers.
-
-    Rows that did not resume are finished (``done``) with their replayed tokens; ``step`` continues the
-    replay's step count so that per-step bookkeeping (:class:`kvlib.thinking.ThinkingWatch`) stays monotone.
-    """
-
-    def __init__(self, state: DecodeState, to_sub: dict[int, int], frozen: list[list[int]], offset: int):
-        self._state, self._to_sub = state, to_sub
-        n = len(frozen)
-        self.model, self.cache, self.attention_mask = state.model, state.cache, state.attention_mask
-        self.step = state.step + offset
-        pick = lambda xs, default: [xs[to_sub[i]] if i in to_sub else default(i) for i in range(n)]  # noqa: E731
-        self.tokens = pick(state.tokens, lambda i: frozen[i])
-        self.slots = pick(state.slots, lambda i: [])
-        self.prompt_lengths = pick(state.prompt_lengths, lambda i: 0)
-        self.switches = pick(state.switches, lambda i: [])
-        self.withdrawn = pick(state.withdrawn, lambda i: 0)
-        self.done = _DoneView([state.done[to_sub[i]] if i in to_sub else True for i in range(n)], state, to_sub)
-        from_sub = {j: i for i, j in to_sub.items()}
-        self.rows = [from_sub[j] for j in state.rows]
-
-    def cache_row(self, i: int) -> int:
-        return self._state.cache_row(self._to_sub[i])
-
-
-class _DoneView(list):
-    """``done`` flags that write through to the resumed state (a controller may end a row)."""
-
-    def __init__(self, flags, state: DecodeState, to_sub: dict[int, int]):
-        super().__init__(flags)
-        self._state, self._to_sub = state, to_sub
-
-    def __setitem__(self, i, value):
-        super().__setitem__(i, value)
-        if i in self._to_sub:
-            self._state.done[self._to_sub[i]] = value
-
-
-def _subset_controller(controller, to_sub: dict[int, int], frozen: list[list[int]], offset: int):
-    def control(state: DecodeState) -> dict[int, tuple]:
-        actions = controller(_Subset(state, to_sub, frozen, offset))
-        return {to_sub[i]: a for i, a in actions.items() if i in to_sub}
-
-    return control
-
-
 def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
@@ -116,165 +70,122 @@ def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+class ReplayLoop(DecodeLoop):
+    """The decoding loop with each row's tokens *forced* from its stored answer until the controller acts on it.
+
+    The batch is prefilled with prompt + stored answer (all tokens but the last), the answer columns masked; at
+    step ``t`` a forced row appends its ``t``-th stored token (with its stored statistics) and unmasks the column
+    of the one before, so the controller sees exactly the live run's tokens, slots and attention mask. A row the
+    controller injects into or withdraws from, or that outlives its stored answer, turns live where it stands:
+    the answer's later columns stay masked and it decodes on, on the same cache, through the loop's own steps.
+    Steps in which every running row is forced run no model at all.
+    """
+
+    def __init__(self, model, config: DecodeConfig, controller, answers: list[list[int]], refs: list[Mapping],
+                 static: bool, room: int):
+        super().__init__(model, config, controller or (lambda state: {}), static=static, room=room)
+        self.answers = answers
+        self.ref_stats = [(list(r.get("max_prob", [])), list(r.get("entropy", []))) for r in refs]
+        self.forced = set(range(len(answers)))
+        self.until = [0] * len(answers)  # answer tokens taken before the row went live (all: never went live)
+        self.first: list[int] = []  # cache column of each row's first answer token
+
+    def begin(self, prompt_ids: list[list[int]], pad: int) -> None:
+        """Prefill every prompt with its stored answer, the answer columns masked."""
+        ids, mask = _left_pad([p + a[:-1] for p, a in zip(prompt_ids, self.answers)], pad)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        self.start(ids, mask, [0] * len(prompt_ids), [None] * len(prompt_ids))
+        width, st = ids.shape[1], self.state
+        self.first = [width - (len(a) - 1) for a in self.answers]
+        st.attention_mask = mask * (torch.arange(width, device=self.device)[None, :]
+                                    < torch.tensor(self.first, device=self.device)[:, None])
+        for i, p in enumerate(prompt_ids):
+            self.inputs[i], self.input_end[i] = torch.tensor(p), self.first[i]
+            st.prompt_lengths[i] = len(p)
+        self.logits = self.stats = None
+
+    def next_tokens(self, ahead=None) -> None:
+        """Forced rows take their stored token; live rows pick from the last step's logits (when it ran)."""
+        st = self.state
+        phys = list(range(len(st.rows)))
+        live = [p for p in phys if st.rows[p] not in self.forced]
+        if self.logits is not None and live:
+            stats = None if self.stats is None else self.stats[:, live]
+            self._append(self.logits[live], stats, live)
+        self.logits = self.stats = None
+        t = st.step
+        for p in phys:
+            i = st.rows[p]
+            if i not in self.forced or st.done[i]:
+                continue
+            if t:  # the previous answer token is fed now: its column joins the mask
+                st.attention_mask[p, self.first[i] + t - 1] = 1
+                st.slots[i].append(self.first[i] + t - 1)
+            tok = self.answers[i][t]
+            st.tokens[i].append(tok)
+            self.sampled[i].append(True)
+            self.max_prob[i].append(self.ref_stats[i][0][t])
+            self.entropy[i].append(self.ref_stats[i][1][t])
+            if tok in self.stop:
+                st.done[i], self.finish[i] = True, "stop"
+            elif len(st.tokens[i]) >= self.config.max_new_tokens:
+                st.done[i] = True
+
+    def control(self) -> None:
+        """Ask the controller; rows it acts on (or that outlive their stored answer) turn live first."""
+        st = self.state
+        actions = self.controller(st)
+        withdrawn, turned = list(st.withdrawn), []
+        for i in sorted(self.forced):
+            if st.done[i]:
+                self.forced.discard(i)
+                self.until[i] = len(st.tokens[i])
+            elif (actions.get(i) or ((),))[0] or len(st.tokens[i]) >= len(self.answers[i]):
+                self._go_live(i)
+                turned.append(i)
+        self.apply(actions)
+        for i in turned:  # the tokens withdrawn now were replayed, but are not kept
+            self.until[i] -= st.withdrawn[i] - withdrawn[i]
+
+    def _go_live(self, i: int) -> None:
+        """Row ``i`` decodes live from here: its last answer token is fed next, at the end of the cache."""
+        st = self.state
+        p = st.cache_row(i)
+        self.forced.discard(i)
+        self.until[i] = len(st.tokens[i])
+        self.pending[i] = [st.tokens[i][-1]]
+        self.next_pos[p] = st.prompt_lengths[i] + len(st.tokens[i]) - 1
+
+    def feed(self) -> None:
+        st = self.state
+        if any(not st.done[i] and i not in self.forced for i in st.rows):
+            super().feed()
+        else:  # every running row is forced: no model call, the next tokens come from the answers
+            self.pending, self.logits, self.stats = {}, None, None
+
+
 @torch.inference_mode()
 def _replay_batch(model, tokenizer, chunk: list[Prompt], answers: list[list[int]], refs: list[Mapping],
                   config: DecodeConfig, controller, extractors: Mapping[str, Extractor]):
-    """One batch: replay, then resume the rows the controller changed. Returns ``(result, arrays, until)``:
-    a :class:`DecodeResult` over the batch, extractor arrays per row and the replayed tokens per row."""
-    stop = stop_ids(model, config)
+    """One batch: replay each stored answer under the controller, decoding live only the rows it changes
+    (:class:`ReplayLoop`). Returns ``(result, arrays, until)``: a :class:`DecodeResult` over the batch, extractor
+    arrays per row and the replayed tokens per row."""
     prompt_ids = [tokenizer(p.text, add_special_tokens=False).input_ids for p in chunk]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = _left_pad([p + a[:-1] for p, a in zip(prompt_ids, answers)], pad)
     device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    out = prefill(model, ids, mask, logits_to_keep=1)
-    cache = output_cache(out)
-    batch, width = ids.shape
-    first = [width - (len(a) - 1) for a in answers]  # cache column of each row's first answer token
-    cols = torch.arange(width, device=device)
-    state = DecodeState(model=model, cache=cache, attention_mask=mask, step=-1, tokens=[[] for _ in chunk],
-                        slots=[[] for _ in chunk], done=[False] * batch,
-                        prompt_lengths=[len(p) for p in prompt_ids], switches=[[] for _ in chunk],
-                        rows=list(range(batch)), withdrawn=[0] * batch)
-    stats = [(list(r.get("max_prob", [])), list(r.get("entropy", []))) for r in refs]
-    finish = ["length"] * batch
-    history: dict[int, RowHistory] = {}  # rows that go live, with what they had appended
-    active = set(range(batch))
-    step = -1
-    for step in range(max(len(a) for a in answers)):
-        for i in sorted(active):
-            tok = answers[i][step]
-            state.tokens[i].append(tok)
-            if tok in stop:
-                state.done[i], finish[i] = True, "stop"
-            elif len(state.tokens[i]) >= config.max_new_tokens:
-                state.done[i] = True
-        state.step = step
-        fed_end = torch.tensor([first[i] + step for i in range(batch)], device=device)
-        state.attention_mask = mask * (cols[None, :] < fed_end[:, None])
-        if step:
-            for i in active:
-                state.slots[i].append(first[i] + step - 1)
-        actions = controller(state) if controller is not None else {}
-        for i in sorted(active):
-            action = actions.get(i)
-            n = len(state.tokens[i])
-            if state.done[i]:
-                active.discard(i)
-                continue
-            if action is None and n < len(answers[i]):
-                continue
-            active.discard(i)
-            ids_i, label, n_back = (*action, 0) if action is not None and len(action) == 2 else (action or ([], "", 0))
-            keep = n - n_back
-            if action is not None and not ids_i:
-                if n_back:
-                    raise ValueError(f"row {i}: withdrawing tokens needs text to inject in their place")
-                if n < len(answers[i]):  # an empty action changes nothing: go on replaying
-                    active.add(i)
-                    continue
-            room = config.max_new_tokens - keep
-            inject = list(ids_i)[:room]
-            tokens = answers[i][:keep] + inject
-            switches = [(keep, label)] if inject else []
-            mp, ent = stats[i][0][:keep], stats[i][1][:keep]
-            state.tokens[i] = tokens
-            state.switches[i] = switches
-            state.withdrawn[i] += n_back
-            history[i] = RowHistory(tuple(tokens), (True,) * keep + (False,) * len(inject), tuple(mp), tuple(ent),
-                                    tuple(switches), state.withdrawn[i])
-            # a row whose injection spent the budget has nothing left to decode
-            state.done[i] = len(tokens) >= config.max_new_tokens
-        if not active:
-            break
-    # the replayed rows' final state, for the extractors: every token but the last is fed
-    until = [len(state.tokens[i]) if i not in history else sum(history[i].sampled) for i in range(batch)]
-    for i in range(batch):
-        if i not in history:
-            state.slots[i] = list(range(first[i], first[i] + len(state.tokens[i]) - 1))
-    fed_end = torch.tensor([first[i] + len(state.tokens[i]) - 1 for i in range(batch)], device=device)
-    state.attention_mask = mask * (cols[None, :] < fed_end[:, None])
-    mask = state.attention_mask
-    max_prob = [list(s[0][: len(state.tokens[i])]) for i, s in enumerate(stats)]
-    entropy = [list(s[1][: len(state.tokens[i])]) for i, s in enumerate(stats)]
-    sampled = [[True] * len(state.tokens[i]) for i in range(batch)]
-    result = DecodeResult(tokens=state.tokens, max_prob=max_prob, entropy=entropy, sampled_mask=sampled,
-                          finish_reason=finish, switches=state.switches, state=state)
+    width = max(len(p) + len(a) - 1 for p, a in zip(prompt_ids, answers))
+    loop = ReplayLoop(model, config, controller, answers, refs, static=config.static_for(model, device),
+                      room=bucket(width + config.max_new_tokens + 16))
+    loop.begin(prompt_ids, pad)
     arrays = [dict() for _ in chunk]
-    kept = [i for i in range(batch) if i not in history]
-    if kept and extractors:
-        part_state = DecodeState(model=model, cache=rows_view(cache, kept) if len(kept) < batch else cache,
-                                 attention_mask=mask[kept], step=state.step,
-                                 tokens=[state.tokens[i] for i in kept], slots=[state.slots[i] for i in kept],
-                                 done=[True] * len(kept), prompt_lengths=[state.prompt_lengths[i] for i in kept],
-                                 switches=[state.switches[i] for i in kept], rows=list(range(len(kept))),
-                                 withdrawn=[state.withdrawn[i] for i in kept])
-        part = DecodeResult(tokens=part_state.tokens, max_prob=[max_prob[i] for i in kept],
-                            entropy=[entropy[i] for i in kept], sampled_mask=[sampled[i] for i in kept],
-                            finish_reason=[finish[i] for i in kept], switches=part_state.switches, state=part_state,
-                            rows=kept)
-        for fn in extractors.values():
-            for row, a in zip(kept, fn(model, part, ids[kept], mask[kept])):
-                arrays[row].update(a)
-    del cache, out
-    state.cache = None
-    live = [i for i in history if len(history[i].tokens) < config.max_new_tokens]
-    for i in history:
-        h = history[i]
-        result.tokens[i], result.switches[i] = list(h.tokens), list(h.switches)
-        result.sampled_mask[i] = list(h.sampled)
-        result.max_prob[i], result.entropy[i] = list(h.max_prob), list(h.entropy)
-    if live:
-        _resume(model, chunk, prompt_ids, live, history, result, arrays, config, controller, extractors,
-                offset=step + 1, pad=pad)
-    ended = {i: h for i, h in history.items() if i not in live}
-    if ended and extractors:
-        _extract_ended(model, prompt_ids, ended, result, arrays, extractors, pad)
-    return result, arrays, until
-
-
-def _resume(model, chunk, prompt_ids, live, history, result, arrays, config, controller, extractors,
-            offset: int, pad: int) -> None:
-    """Decode the rows in ``live`` from their histories, the controller seeing the original row numbers."""
-    to_sub = {i: j for j, i in enumerate(live)}
-    frozen = [list(t) for t in result.tokens]
-    ids, mask = _left_pad([prompt_ids[i] + list(history[i].tokens) for i in live], pad)
-    control = _subset_controller(controller, to_sub, frozen, offset) if controller is not None else None
 
     def finished(part: DecodeResult) -> None:
-        rows = list(part.rows)
-        sel = torch.tensor(rows, dtype=torch.long)
-        part.rows = [live[j] for j in rows]
         for fn in extractors.values():
-            for row, a in zip(part.rows, fn(model, part, ids[sel], mask[sel])):
+            for row, a in zip(part.rows, fn(model, part, part.prompt_ids, part.prompt_mask)):
                 arrays[row].update(a)
 
-    res = decode(model, ids, mask, config, controller=control, on_finish=finished if extractors else None,
-                 history=[history[i] for i in live])
-    for j, i in enumerate(live):
-        result.tokens[i], result.max_prob[i], result.entropy[i] = res.tokens[j], res.max_prob[j], res.entropy[j]
-        result.sampled_mask[i], result.finish_reason[i], result.switches[i] = (res.sampled_mask[j],
-                                                                               res.finish_reason[j], res.switches[j])
-
-
-def _extract_ended(model, prompt_ids, history, result, arrays, extractors, pad) -> None:
-    """Extractor arrays of rows whose injection spent the whole budget (no decoding step was left)."""
-    rows = list(history)
-    ids, mask = _left_pad([prompt_ids[i] + list(history[i].tokens)[:-1] for i in rows], pad)
-    out = prefill(model, ids, mask, logits_to_keep=1)
-    width = ids.shape[1]
-    state = DecodeState(model=model, cache=output_cache(out), attention_mask=mask.to(out.logits.device), step=0,
-                        tokens=[list(history[i].tokens) for i in rows],
-                        slots=[list(range(width - (len(history[i].tokens) - 1), width)) for i in rows],
-                        done=[True] * len(rows), prompt_lengths=[len(prompt_ids[i]) for i in rows],
-                        switches=[list(history[i].switches) for i in rows], rows=list(range(len(rows))),
-                        withdrawn=[history[i].withdrawn for i in rows])
-    part = DecodeResult(tokens=state.tokens, max_prob=[result.max_prob[i] for i in rows],
-                        entropy=[result.entropy[i] for i in rows], sampled_mask=[result.sampled_mask[i] for i in rows],
-                        finish_reason=["length"] * len(rows), switches=state.switches, state=state, rows=rows)
-    for fn in extractors.values():
-        for row, a in zip(rows, fn(model, part, ids, mask)):
-            arrays[row].update(a)
+    result = loop.run(on_finish=finished)
+    return result, arrays, loop.until
 
 
 def replay_generate(model, tokenizer, prompts: Sequence[Prompt], store: ResultStore, references: Mapping[str, Mapping],

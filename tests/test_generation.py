@@ -193,12 +193,14 @@ root, delay, n = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 model, tok = tiny_model("qwen2", seed=3)
 prompts = [Prompt(f"q{i}", f"What is {i} + {2 * i}? " + "x" * (i % 4)) for i in range(n)]
 settings, ex, rows = GenerationSettings(max_new_tokens=10), {"kv": kv_trajectory_extractor()}, []
-decode = g.decode
-def paced(model, ids, *a, **k):  # a pause before each batch: the parent kills between two flushes
-    rows.append(ids.shape[0])
-    time.sleep(delay)
-    return decode(model, ids, *a, **k)
-g.decode = paced
+decode_stream = g.decode_stream
+def paced(model, items, on_finish, *a, **k):  # a pause before each hand-over: the parent kills between two flushes
+    def slow(part):
+        time.sleep(delay)
+        rows.append(len(part.rows))
+        on_finish(part)
+    return decode_stream(model, items, slow, *a, **k)
+g.decode_stream = paced
 generate(model, tok, prompts, open_store(root, "m", "d", settings, ex), settings, batch_size=2, extractors=ex,
          progress=False)
 print(json.dumps({"generated": sum(rows)}))

@@ -153,3 +153,47 @@ def test_a_reference_of_another_prompt_or_a_sampled_run_is_refused(tiny, tmp_pat
     store = open_store(tmp_path, "m", "x", sampled, {})
     with pytest.raises(ValueError, match="replay needs greedy settings"):
         replay_generate(model, tok, [fast_prompt], store, slow, sampled, progress=False)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_the_replay_loop_equals_decode_with_and_without_a_controller(tiny, cache):
+    """ReplayLoop (kvlib.replay) and decode share one loop: replaying decode's own greedy answers gives decode's
+    tokens, statistics, slots and KV trajectories; under a controller that injects into one row and withdraws
+    from another, the rows turn live and the result equals decode under the same controller."""
+    from kvlib.pooling import token_trajectory
+    from kvlib.replay import _replay_batch
+
+    model, tok = tiny
+    tok.padding_side = "left"
+    chunk = [Prompt(i, render_prompt(tok, q, "slow")) for i, q in QS[:4]]
+    enc = tok([p.text for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+    cfg = DecodeConfig(max_new_tokens=14, cache=cache)
+    inject = tok("ok", add_special_tokens=False).input_ids
+
+    def controller(state):
+        if state.step == 3:
+            return {0: (inject, "to_fast")}
+        return {2: (inject, "cut", 2)} if state.step == 6 and not state.done[2] else {}
+
+    for ctl in (None, controller):
+        parts = {}
+        live = decode(model, enc.input_ids, enc.attention_mask, cfg, controller=ctl,
+                      on_finish=lambda part: parts.update({r: (part, j) for j, r in enumerate(part.rows)})
+                      if cache == "dynamic" else None)
+        plain = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(max_new_tokens=14, cache="dynamic"))
+        refs = [{"max_prob": plain.max_prob[i], "entropy": plain.entropy[i]} for i in range(len(chunk))]
+        traj = {"t": lambda m, part, ids, mask: [{"t": token_trajectory(part.state.cache, j, s, part="both").numpy()}
+                                                for j, s in enumerate(part.state.slots)]}
+        res, arrays, until = _replay_batch(model, tok, chunk, plain.tokens, refs, cfg, ctl, traj)
+        assert res.tokens == live.tokens and res.switches == live.switches
+        assert res.finish_reason == live.finish_reason and res.state.withdrawn == live.state.withdrawn
+        for i in range(len(chunk)):
+            assert np.allclose(res.max_prob[i], live.max_prob[i], atol=1e-4)
+            if cache == "dynamic":  # the rows that left the live batch: their own cache copies
+                part, j = parts[i]
+                ref = token_trajectory(part.state.cache, j, part.state.slots[j], part="both").numpy()
+                assert arrays[i]["t"].shape == ref.shape and np.allclose(arrays[i]["t"], ref, atol=1e-4)
+        if ctl is None:
+            assert until == [len(t) for t in plain.tokens]
+        else:
+            assert until[0] == 4 and until[1] == len(plain.tokens[1]) and until[2] == 7 - 2

@@ -83,6 +83,8 @@ from kvlib import GenerationSettings, Prompt, generate, open_store, tiny_model
 rows = []
 decode = g.decode
 g.decode = lambda model, ids, *a, **k: (rows.append(ids.shape[0]), decode(model, ids, *a, **k))[1]
+stream = g.decode_stream
+g.decode_stream = lambda model, items, *a, **k: (rows.append(len(items)), stream(model, items, *a, **k))[1]
 model, tok = tiny_model("qwen2", seed=3)
 settings = GenerationSettings(max_new_tokens=8)
 prompts = [Prompt(f"q{i}", f"What is {i} + {2 * i}? " + "x" * (i % 4)) for i in range(7)]
@@ -139,6 +141,13 @@ def _count_rows(monkeypatch) -> list[int]:
         return decode(model, ids, *a, **k)
 
     monkeypatch.setattr(kvlib.generation, "decode", counting)
+    stream = kvlib.generation.decode_stream
+
+    def counting_stream(model, items, *a, **k):  # continuous batching: the items decoded
+        rows.append(len(items))
+        return stream(model, items, *a, **k)
+
+    monkeypatch.setattr(kvlib.generation, "decode_stream", counting_stream)
     return rows
 
 
