@@ -130,23 +130,23 @@ def test_half_half_split_is_stratified_fixed_and_disjoint():
     assert whole_split(two) is two
 
 
-def test_half_half_split_of_financial_phrasebank(shared_data):
+def test_half_half_split_of_financial_phrasebank(data_dir):
     from kvlib.textsets import load_financial_phrasebank
 
-    ts = load_financial_phrasebank(shared_data)
+    ts = load_financial_phrasebank(data_dir)
     assert ts.one_split
     h = whole_split(ts)
     assert (len(h.train_texts), len(h.test_texts)) == (1129, 1130)  # 2264 sentences, 5 repeated
     assert not set(h.train_texts) & set(h.test_texts)
     share = np.bincount(h.train_labels) / len(h.train_labels) - np.bincount(h.test_labels) / len(h.test_labels)
     assert np.abs(share).max() < 0.002
-    assert h == whole_split(load_financial_phrasebank(shared_data))
+    assert h == whole_split(load_financial_phrasebank(data_dir))
 
 
-def test_data_dir_sets_in_table1(shared_data):
+def test_data_dir_sets_in_table1(data_dir):
     from kvlib.textsets import load_textsets
 
-    sets = load_textsets(shared_data, max_train=40, max_test=30, names=("AmazonCounterfactual", "FinancialPhrasebank"))
+    sets = load_textsets(data_dir, max_train=40, max_test=30, names=("AmazonCounterfactual", "FinancialPhrasebank"))
     assert [s.name for s in sets] == ["AmazonCounterfactual", "FinancialPhrasebank"]
     ac, fpb = sets
     assert not ac.one_split and fpb.one_split and ac.samples_per_label == 32

@@ -299,7 +299,7 @@ def _check_request(args) -> tuple:
                            "sets)")
         data_dir = str(path.resolve())
     if not profile.model.startswith("random:"):
-        from ..cli import describe_model
+        from ..model_info import describe_model
 
         try:
             describe_model(profile.model)
