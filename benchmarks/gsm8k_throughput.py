@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import kvlib  # noqa: E402
-from kvlib.data import load_math  # noqa: E402
-from kvlib.decoding import DecodeConfig, decode  # noqa: E402
-from kvlib.generation import GenerationSettings, Prompt, generate, open_store  # noqa: E402
+from kvlib.assets.data import load_math  # noqa: E402
+from kvlib.core.decoding import DecodeConfig, decode  # noqa: E402
+from kvlib.runs.generation import GenerationSettings, Prompt, generate, open_store  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from decode_speed import copy_bandwidth  # noqa: E402

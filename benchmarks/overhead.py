@@ -16,7 +16,7 @@ before each run); on CPU the bytes the checks add by construction (MLP weights +
 slice), since the process RSS cannot be reset between arms.
 
 Targets:
-  cpu  the default embedded model (``kvlib.models.load_model``), real weights, fp32, batch 4.
+  cpu  the default embedded model (``kvlib.core.models.load_model``), real weights, fp32, batch 4.
   gpu  a randomly initialised model at the Qwen3-8B shape (36 layers, hidden 4096, 32 heads, 8 KV heads,
        head_dim 128, MLP 12288, vocab 151936), bf16: cost does not depend on the weights.
 
@@ -48,8 +48,8 @@ def _kvlib():
         pkg = types.ModuleType("kvlib")
         pkg.__path__ = [str(ROOT / "kvlib")]
         sys.modules["kvlib"] = pkg
-    return (importlib.import_module("kvlib.adaptive"), importlib.import_module("kvlib.decoding"),
-            importlib.import_module("kvlib.difficulty"))
+    return (importlib.import_module("kvlib.switching.kv_switch"), importlib.import_module("kvlib.core.decoding"),
+            importlib.import_module("kvlib.switching.difficulty"))
 
 
 def qwen3_8b_shape(device, dtype):
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         _kvlib()
-        from kvlib.models import load_model
+        from kvlib.core.models import load_model
 
         model, _ = load_model(args.model)
         name, device = f"{args.model} fp32", f"CPU x{torch.get_num_threads()} threads"

@@ -1,13 +1,13 @@
 """Where one decode step's time goes: a torch-profiler breakdown of kvlib's step at one batch size.
 
 A random-weight model at a real shape (default Qwen3-8B, bf16 on a GPU) decodes a batch whose rows all run to
-the budget; after ``--warm`` steps, ``--steps`` steps of the real loop (:class:`kvlib.decoding.DecodeLoop`:
+the budget; after ``--warm`` steps, ``--steps`` steps of the real loop (:class:`kvlib.core.decoding.DecodeLoop`:
 append, feed) are profiled, once with the step captured (as notebooks run it on a GPU) and once eagerly (every
 kernel visible). Each step is split into
 
 - attention over the padded static cache (attention kernels),
 - the other model kernels (matrix products, norms, rotary embedding, element-wise),
-- sampling statistics (max probability, entropy, greedy pick: :func:`kvlib.cache.token_stats`),
+- sampling statistics (max probability, entropy, greedy pick: :func:`kvlib.core.cache.token_stats`),
 - host synchronisation (the host blocked on the device: the per-step copy of the statistics),
 - Python and launch overhead (wall time in which the device is idle),
 
@@ -33,9 +33,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import kvlib.cache as kvcache  # noqa: E402
-from kvlib.decoding import DecodeConfig, DecodeLoop  # noqa: E402
-from kvlib.tiny import SHAPES, random_model  # noqa: E402
+import kvlib.core.cache as kvcache  # noqa: E402
+from kvlib.core.decoding import DecodeConfig, DecodeLoop  # noqa: E402
+from kvlib.core.tiny import SHAPES, random_model  # noqa: E402
 
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa|scaled_dot|_efficient", re.I)
 SYNC = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy(?!Async)|_local_scalar_dense", re.I)
@@ -73,7 +73,7 @@ def measure(model, batch: int, prompt: int, steps: int, warm: int, compile_step:
     loop = _loop(model, batch, prompt, warm + steps + 2, compile_step, ahead)
     stats_fn = kvcache.token_stats
 
-    def timed_stats(logits):  # the eager step calls kvlib.cache.token_stats by its module name
+    def timed_stats(logits):  # the eager step calls kvlib.core.cache.token_stats by its module name
         with record_function("kvlib::token_stats"):
             return stats_fn(logits)
 

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 # gguf_config and _package_files stay reachable as kvlib.cli.* (scripts/preflight.py's tests read them here)
-from .model_info import _package_files, describe_model, gguf_config, human_bytes  # noqa: F401
-from .models import EMBEDDED_MODELS
+from .core.model_info import _package_files, describe_model, gguf_config, human_bytes  # noqa: F401
+from .core.models import EMBEDDED_MODELS
 from .profiles import PROFILES
 
 __all__ = ["main", "gguf_config"]
@@ -33,7 +33,7 @@ CONTEXTS = (1024, 4096, 16384, 32768)
 def _info(args) -> int:
     import torch
 
-    from .memory import load_config, memory_estimate, prefill_peak  # torch: `kvlib --help` stays light
+    from .core.memory import load_config, memory_estimate, prefill_peak  # torch: `kvlib --help` stays light
 
     lines, config = describe_model(args.model)
     print("\n".join(lines))

@@ -93,7 +93,8 @@ class Profile:
         model: default model (a kvlib embedded name, a local directory or a hub id).
         fast_tokens / slow_tokens: generation budgets of fast and slow answers. For the switching tables (04, 05)
             ``fast_tokens`` is the generous cap of the training split's fast answers: the evaluation fast answers'
-            cap is picked from them (:func:`kvlib.difficulty.fast_cap`: their 98th percentile rounded up to 32,
+            cap is picked from them (:func:`kvlib.switching.difficulty.fast_cap`: their 98th percentile rounded up to
+            32,
             at least the labels' 128 tokens, at most ``fast_tokens``), so that fewer than 5% reach it.
         batch_size: generation batch size.
         coe_sets: data set -> number of test items for the self-evaluation table (03); ``"all"`` (or
@@ -164,7 +165,7 @@ class Profile:
 
     def placement(self) -> dict:
         """``{"device": ..., "dtype": ...}`` resolved for this machine: the keyword arguments of
-        :func:`kvlib.models.load_model` (raises when the profile asks for CUDA and there is none)."""
+        :func:`kvlib.core.models.load_model` (raises when the profile asks for CUDA and there is none)."""
         device = resolve_device(self.device)
         return {"device": device, "dtype": resolve_dtype(self.dtype, device)}
 

@@ -155,7 +155,7 @@ def check_venv_module(version, find_spec, os_id=""):
 
 
 def cache_root(environ):
-    """Where kvlib keeps converted models (the same rule as ``kvlib.models.cache_root``)."""
+    """Where kvlib keeps converted models (the same rule as ``kvlib.core.models.cache_root``)."""
     if environ.get("KVLIB_CACHE"):
         return os.path.expanduser(environ["KVLIB_CACHE"])
     return os.path.join(os.path.expanduser(environ.get("XDG_CACHE_HOME") or "~/.cache"), "kvlib")

@@ -47,8 +47,8 @@ def _static_cache_everywhere(request, monkeypatch):
     if os.environ.get("KVLIB_TEST_STATIC") == "1":
         if request.node.get_closest_marker("dynamic_cache"):
             pytest.skip("about the dynamic cache (KVLIB_TEST_STATIC=1)")
-        from kvlib.cache import supports_static
-        from kvlib.decoding import DecodeConfig
+        from kvlib.core.cache import supports_static
+        from kvlib.core.decoding import DecodeConfig
 
         original = DecodeConfig.static_for
         monkeypatch.setattr(DecodeConfig, "static_for", lambda self, model, device: supports_static(model)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kvlib import cli, model_info
+from kvlib import cli
+from kvlib.core import model_info
 from kvlib.experiments import pipeline
-from kvlib.models import EMBEDDED_MODELS
+from kvlib.core.models import EMBEDDED_MODELS
 
 SMOL = EMBEDDED_MODELS["smollm2-135m"]
 # SmolLM2-135M-Instruct as its model card gives it: 30 layers x 3 KV heads x 64, hidden 576, tied embeddings
@@ -147,8 +148,8 @@ def test_argument_errors_exit_2_with_a_message(argv, message, monkeypatch, capsy
 
 
 _LOG_LINES = ("import logging\n"
-              "logging.getLogger('kvlib.models').info('kvlib: converting m (once)')\n"
-              "logging.getLogger('kvlib.data').warning('skipping theoremqa: no file')\n"
+              "logging.getLogger('kvlib.core.models').info('kvlib: converting m (once)')\n"
+              "logging.getLogger('kvlib.assets.data').warning('skipping theoremqa: no file')\n"
               "logging.getLogger('papermill').info('Executing Cell 1')\n"
               "logging.getLogger('transformers').warning('a library warning')\n")
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kvlib import tiny_model
-from kvlib.decoding import DecodeConfig, decode, prefill
-from kvlib.difficulty import FeatureSpec, last_n_sums, live_features
-from kvlib.pooling import token_trajectory
+from kvlib.core.decoding import DecodeConfig, decode, prefill
+from kvlib.switching.difficulty import FeatureSpec, last_n_sums, live_features
+from kvlib.core.pooling import token_trajectory
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 PROMPTS = ["hello there, what is 3+4?", "hi", "a much longer prompt with many characters in it, really"]
@@ -28,8 +28,8 @@ DEVICE = "cuda"
 
 
 def test_readers_work_when_layers_sit_on_cuda_and_cpu():
-    from kvlib.cache import cache_layers, output_cache
-    from kvlib.coe import hidden_trajectories
+    from kvlib.core.cache import cache_layers, output_cache
+    from kvlib.selfeval.coe import hidden_trajectories
 
     cpu, tok = tiny_model("qwen3", seed=4)
     split, _ = tiny_model("qwen3", seed=4)

@@ -4,6 +4,7 @@ itself is cheap to import: its names load lazily from their submodules. Its impo
 floors, and a module imports another inside a function only for a reason written beside it."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,13 +93,14 @@ def test_every_public_name_resolves_from_the_module_that_defines_it():
     exec(f"from kvlib import {', '.join(kvlib.__all__)}", scope)
     assert all(scope[name] is getattr(kvlib, name) for name in kvlib.__all__)
     assert set(kvlib.__all__) | {m.split(".")[0] for m in kvlib._SUBMODULES} <= set(dir(kvlib))
-    assert kvlib.store.ResultStore is kvlib.ResultStore  # submodules are attributes, as when the package was eager
+    assert kvlib.runs.store.ResultStore is kvlib.ResultStore  # submodules are attributes, as when the package was eager
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         kvlib.no_such_name
 
 
 def test_only_the_cache_module_calls_the_model_with_a_cache():
-    """Every loop goes through :func:`kvlib.cache.forward` / :func:`~kvlib.cache.step_logits`: no other library
+    """Every loop goes through :func:`kvlib.core.cache.forward` / :func:`~kvlib.core.cache.step_logits`: no other
+    library
     module builds a ``DynamicCache``, passes ``logits_to_keep`` or names the cache keyword."""
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -156,7 +158,7 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_the_import_graph_has_no_circle_and_few_floors():
-    """A reader climbs the library from :mod:`kvlib.cache` up without meeting a module twice: no import circle
+    """A reader climbs the library from :mod:`kvlib.core.cache` up without meeting a module twice: no import circle
     (``graphlib`` names one), and at most ``MAX_FLOORS`` modules on the longest chain of imports."""
     import graphlib
 
@@ -178,12 +180,15 @@ def test_the_import_graph_has_no_circle_and_few_floors():
 # function-local imports of kvlib modules, each for a reason: (module, imported module) -> why
 LOCAL_IMPORTS = {
     ("kvlib.cli", "kvlib.experiments.pipeline"): "the one way into the experiments (`kvlib reproduce`)",
-    ("kvlib.cli", "kvlib.memory"): "torch: `kvlib --help` answers at once",
-    ("kvlib.models", "kvlib.memory"): "torch: the console script imports kvlib.models",
-    ("kvlib.models", "kvlib.profiles"): "the console script imports kvlib.models",
-    ("kvlib.models", "kvlib.tiny"): "torch and transformers: the console script imports kvlib.models",
-    ("kvlib.model_info", "kvlib.memory"): "torch: the console script imports kvlib.model_info",
-    ("kvlib.model_info", "kvlib.tiny"): "torch and transformers: the console script imports kvlib.model_info",
+    ("kvlib.cli", "kvlib.core.memory"): "torch: `kvlib --help` answers at once",
+    ("kvlib.core.models", "kvlib.core.memory"): "torch: the console script imports kvlib.core.models",
+    ("kvlib.core.models", "kvlib.profiles"): "the console script imports kvlib.core.models",
+    ("kvlib.core.models", "kvlib.core.tiny"): "torch and transformers: the console script imports kvlib.core.models",
+    ("kvlib.core.model_info", "kvlib.core.memory"): "torch: the console script imports kvlib.core.model_info",
+    (
+        "kvlib.core.model_info",
+        "kvlib.core.tiny",
+    ): "torch and transformers: the console script imports kvlib.core.model_info",
 }
 
 
@@ -194,3 +199,35 @@ def test_library_modules_import_inside_functions_only_for_a_reason():
              for t, line, local in _kvlib_imports(p) if local}
     unexplained = sorted(where for key, where in found.items() if key not in LOCAL_IMPORTS)
     assert not unexplained, f"function-local kvlib imports without a reason in LOCAL_IMPORTS: {unexplained}"
+
+
+# ----- the floor plan (kvlib/__init__.py's docstring) -----
+def _floor_plan() -> dict[str, set[str]]:
+    """group -> the groups it may import, read from the table of ``kvlib.__doc__``."""
+    lines = kvlib.__doc__.split("Floor plan", 1)[1].splitlines()
+    rules = [i for i, line in enumerate(lines) if line.strip() and set(line.strip()) <= {"=", " "}]
+    plan = {}
+    for line in lines[rules[1] + 1:rules[2]]:
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) >= 2:
+            plan[cells[0]] = set() if cells[-1] == "-" else set(cells[-1].split(", "))
+    return plan
+
+
+def test_every_group_imports_only_what_the_floor_plan_allows():
+    """The library's modules sit in the groups of the floor plan (plus a handful at the top); a group imports
+    itself, the groups the plan lists for it, and ``kvlib.profiles``."""
+    plan = _floor_plan()
+    assert set(plan) == {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} - {"experiments"}
+    top = {p.stem for p in PACKAGE.glob("*.py") if "sys.modules[__name__] = " not in p.read_text(encoding="utf-8")}
+    assert top <= {"__init__", "cli", "profiles"}, f"modules at kvlib/'s top level: {sorted(top)}"
+    bad = []
+    for module, targets in _graph().items():
+        group = module.split(".")[1]
+        if group not in plan:
+            continue
+        for target in targets:
+            other = target.split(".")[1]
+            if other != group and other != "profiles" and other not in plan[group]:
+                bad.append(f"{module} -> {target}")
+    assert not bad, f"imports against the floor plan: {bad}"

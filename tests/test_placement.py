@@ -8,18 +8,18 @@ import pytest
 import torch
 
 from kvlib import tiny_model
-from kvlib.answers import answer_records
-from kvlib.coe import hidden_coe_pass
-from kvlib.data import MathItem
-from kvlib.early_exit import EarlyExitConfig
-from kvlib.embedding import KVEmbedder, Prefill, PrefillConfig
+from kvlib.switching.answers import answer_records
+from kvlib.selfeval.coe import hidden_coe_pass
+from kvlib.assets.data import MathItem
+from kvlib.switching.early_exit import EarlyExitConfig
+from kvlib.embedding.embedders import KVEmbedder, PrefillRunner, PrefillConfig
 from kvlib.experiments.budget_sweep import budget_grid
 from kvlib.experiments.labels import Method
 from kvlib.experiments.switching import SwitchingPlan, best_spec, evaluate_methods, fit_classifiers, label_frame
-from kvlib.models import load_model
+from kvlib.core.models import load_model
 from kvlib import profiles
 from kvlib.profiles import PROFILES, Profile, cpu_has_bf16, get_profile, resolve_device, resolve_dtype
-from kvlib.selfeval import score_records
+from kvlib.selfeval.scores import score_records
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device")])]
@@ -74,7 +74,7 @@ def test_output_dirs(tmp_path):
 
 
 def test_gpu_profile_sizes_fit_the_sets():
-    from kvlib.data import load_math
+    from kvlib.assets.data import load_math
 
     gpu = PROFILES["gpu"]
     assert set(gpu.coe_sets.values()) == {"all"}  # every test item
@@ -107,7 +107,9 @@ def test_every_experiment_path_runs_in_bf16(device, tmp_path):
     assert len(scores) == len(items) and np.isfinite(scores["MaxProb"]).all()
     assert np.isfinite(scores["KV-CoE-C (V)"]).all() and np.isfinite(scores["CoE-C"]).all()
 
-    emb = KVEmbedder(Prefill(model, tok, PrefillConfig(batch_size=4, max_tokens=32))).embed(["a b c", "d e f g h"])
+    emb = KVEmbedder(PrefillRunner(model, tok, PrefillConfig(batch_size=4, max_tokens=32))).embed(
+        ["a b c", "d e f g h"]
+    )
     assert emb.dtype == np.float32 and emb.shape[0] == 2 and np.isfinite(emb).all()
 
     plan = SwitchingPlan(train_sets={"svamp": 16}, test_sets={"svamp": 4}, fast_tokens=4, slow_tokens=12,

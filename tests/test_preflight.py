@@ -180,8 +180,8 @@ def test_announcement_says_when_a_part_is_already_there(tmp_path):
 def test_model_sizes_match_the_library():
     """The disk asked for each embedded model is what kvlib writes: fp32 weights of the GGUF's real shape."""
     from kvlib import cli
-    from kvlib.memory import memory_estimate
-    from kvlib.models import EMBEDDED_MODELS
+    from kvlib.core.memory import memory_estimate
+    from kvlib.core.models import EMBEDDED_MODELS
 
     assert set(pf.CONVERTED) == set(EMBEDDED_MODELS)
     checked = 0

@@ -7,9 +7,9 @@ import torch
 
 from kvlib import GenerationSettings, Prompt, generate, kv_layers, kv_trajectory_extractor, open_store, output_cache
 from kvlib import record_array, tiny_model
-from kvlib.coe import coe_scores
-from kvlib.pooling import prompt_slots
-from kvlib.selfeval import kv_coe_name, score_records
+from kvlib.selfeval.coe import coe_scores
+from kvlib.core.pooling import prompt_slots
+from kvlib.selfeval.scores import kv_coe_name, score_records
 
 SETTINGS = GenerationSettings(max_new_tokens=9)
 EX = {"kv": kv_trajectory_extractor()}

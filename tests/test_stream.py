@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from kvlib import tiny_model
-from kvlib.cache import cache_layers
-from kvlib.decoding import DecodeConfig, decode, decode_stream
-from kvlib.difficulty import last_n_sums
-from kvlib.pooling import token_trajectory
+from kvlib.core.cache import cache_layers
+from kvlib.core.decoding import DecodeConfig, decode, decode_stream
+from kvlib.switching.difficulty import last_n_sums
+from kvlib.core.pooling import token_trajectory
 
 PROMPTS = ["x", "hi", "2+2=", "what is 12 times 12?", "the quick brown fox", "tell me a story about a cat",
            "hello there, what is 3+4?", "a much longer prompt with many characters in it, really", "ok then",
@@ -104,7 +104,7 @@ def test_clear_errors():
 def test_launching_the_next_step_early_changes_nothing(cache, monkeypatch):
     """The GPU launches step t+1 before the host reads step t (DecodeLoop.lookahead, on CUDA by default): the
     tokens, statistics, slots, masks and handed-over caches equal those of the step-by-step loop."""
-    from kvlib.decoding import DecodeLoop
+    from kvlib.core.decoding import DecodeLoop
 
     model, tok = tiny_model("qwen2", seed=3)
     cfg = DecodeConfig(max_new_tokens=24, stop_token_ids=(_stop(model, tok, 24),), cache=cache)

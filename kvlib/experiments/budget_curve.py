@@ -4,7 +4,7 @@ The test that decides the paper's switching claim is not "fewer tokens than alwa
 stopping the answer at the same mean token count". The **forced-answer budget curve** of one set and model is:
 
 * always-fast (the fast prompt, no step-by-step text: the curve's zero-thinking end);
-* the slow answer cut at ``B`` appended tokens and forced to answer (:func:`kvlib.early_exit.budget_generate`:
+* the slow answer cut at ``B`` appended tokens and forced to answer (:func:`kvlib.switching.early_exit.budget_generate`:
   the switch-to-fast text is injected, then at most 64 more tokens), at :func:`budget_levels` budgets spread
   evenly from the fast to the slow mean token count;
 * always-slow (no budget: the curve's other end).

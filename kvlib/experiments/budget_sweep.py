@@ -14,8 +14,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..adaptive import SwitchConfig, adaptive_generate
-from ..difficulty import DifficultyClassifier, record_features
+from ..switching.kv_switch import SwitchConfig, adaptive_generate
+from ..switching.difficulty import DifficultyClassifier, record_features
 from .labels import Method
 from .report import set_label
 from .switching import AnswerPair, SwitchingPlan, SwitchingRun, live_row, method_row, route, stored_answers

@@ -2,7 +2,7 @@
 
 An upper bound from the model's shape and the profile's sizes, with every answer at its token budget:
 
-* an answer record (:func:`kvlib.answers.answer_records`) holds, per generated token, the layer-averaged keys
+* an answer record (:func:`kvlib.switching.answers.answer_records`) holds, per generated token, the layer-averaged keys
   and values (fp16, ``2 x kv_heads x head_dim`` values) and its id, max probability and entropy; per prompt token
   the same keys and values (the prompt's trajectory; :data:`PROMPT_TOKENS` of them unless told); per record the
   pooled prompt KV sums (fp32, ``3 x 8 x 2 x kv_heads x head_dim``) and the prompt. Arrays are raw bytes in the
@@ -52,7 +52,7 @@ def record_bytes(config) -> dict[str, RecordBytes]:
 
 
 def _count(sizes, split: str) -> int:
-    from ..data import load_math
+    from ..assets.data import load_math
 
     total = 0
     for name, n in sizes.items():

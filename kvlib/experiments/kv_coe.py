@@ -3,10 +3,11 @@
 The notebook stays a list of calls: :func:`selfeval_sets` picks each profile set's seeded test subset
 (TheoremQA only when its file is in ``data_dir``; a skipped set is named in the caption), :func:`collect_scores`
 reads the graded slow answers (generated once and shared with the switching notebooks through
-:func:`kvlib.answers.answer_records`) and scores them with :func:`kvlib.selfeval.score_records`; :func:`table2`,
+:func:`kvlib.switching.answers.answer_records`) and scores them with :func:`kvlib.selfeval.scores.score_records`;
+:func:`table2`,
 :func:`auroc_differences` and :func:`coe_cost` evaluate the scores per set, and the plotting functions draw ROC
 curves and score distributions for the main scores. Sets are labelled as in the paper (``GSM8K``, ``MATH-500``
-...). The per-answer scores themselves are library code, in :mod:`kvlib.selfeval`.
+...). The per-answer scores themselves are library code, in :mod:`kvlib.selfeval.scores`.
 
 The controls that decide how to read Table 2:
 
@@ -31,9 +32,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..data import SelectedSets, select_sets, skipped_sets
-from ..metrics import MIN_CLASS, auroc, evaluate_score, flipped_interval, paired_auroc_difference
-from ..selfeval import KV_COE_VARIANTS, METHODS, score_records
+from ..assets.data import SelectedSets, select_sets, skipped_sets
+from ..selfeval.metrics import MIN_CLASS, auroc, evaluate_score, flipped_interval, paired_auroc_difference
+from ..selfeval.scores import KV_COE_VARIANTS, METHODS, score_records
 from .report import run_label, set_label, skipped_note
 
 __all__ = ["MAIN_SCORES", "COMPARISONS", "CAPTIONS", "PAPER_QWEN2_7B", "selfeval_sets", "collect_scores",
@@ -70,7 +71,7 @@ BELOW = "▼"  # marks a below-chance AUROC in Markdown tables
 def selfeval_sets(sizes: Mapping[str, int | str | None], data_dir: str | Path | None = None,
                   seed: int = 0) -> SelectedSets:
     """``{dataset: items}``: the seeded test subset of each set in ``sizes`` (``{name: n}``; ``n`` None or
-    ``"all"`` for the whole set), through :func:`kvlib.data.select_sets`.
+    ``"all"`` for the whole set), through :func:`kvlib.assets.data.select_sets`.
 
     TheoremQA is read from ``data_dir/theoremqa_test.json``; without that file it is left out and listed in
     the result's ``skipped`` (which :func:`collect_scores` passes on to :func:`caption`). An empty set, a size
@@ -84,9 +85,9 @@ def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequenc
                    min_class: int = MIN_CLASS) -> dict[str, pd.DataFrame]:
     """``{label: score_records(...)}`` for the graded slow answers of every set (generated if not stored).
 
-    The result keeps ``sets.skipped`` (see :class:`kvlib.data.SelectedSets`) for :func:`caption`."""
-    from ..answers import answer_records
-    from ..coe import hidden_coe_pass
+    The result keeps ``sets.skipped`` (see :class:`kvlib.assets.data.SelectedSets`) for :func:`caption`."""
+    from ..switching.answers import answer_records
+    from ..selfeval.coe import hidden_coe_pass
 
     if not sets:
         raise ValueError("no data sets to score: select some with selfeval_sets({name: n, ...})")
@@ -118,7 +119,7 @@ def answer_summary(scores_by_set: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 def evaluate_sets(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | None = None,
                   min_class: int = MIN_CLASS, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Long table: one row per (set, method) with :func:`kvlib.metrics.evaluate_score`'s fields."""
+    """Long table: one row per (set, method) with :func:`kvlib.selfeval.metrics.evaluate_score`'s fields."""
     rows = []
     for name, df in scores_by_set.items():
         for method in methods or [m for m in METHODS if m in df]:
@@ -311,7 +312,7 @@ def best_variant(scores_by_set: Mapping[str, pd.DataFrame], candidates: Sequence
     """Pick the KV-CoE variant with the highest mean validation AUROC, and score it on the test part only.
 
     Each set's answers are split by :func:`validation_split` (item ids only). On the validation part every
-    candidate (default: every KV-CoE variant present, :data:`kvlib.selfeval.KV_COE_VARIANTS`) gets its AUROC per
+    candidate (default: every KV-CoE variant present, :data:`kvlib.selfeval.scores.KV_COE_VARIANTS`) gets its AUROC per
     set; the pick is the highest mean over the sets where both classes have ``min_class`` answers in that part
     (a candidate absent from one of those sets is out; ties go to the earlier candidate). The test part alone
     gives the reported numbers: the pick, ``baselines`` and the hidden-state CoE of the same letter in both forms,

@@ -5,11 +5,12 @@ Representations (Table 1's rows per set): the KV cache in three pooling recipes 
 code and the default; every layer, the paper's text; heads kept apart), hidden states of the same layers (and
 of every layer), random vectors of the KV size, the dedicated embedder, the bag-of-words control, and the
 majority class. All KV and hidden recipes are derived from one prefill per text
-(:class:`kvlib.embedding.LayerPooler`). Each is scored under MTEB's few-shot protocol and the whole-split
-protocol (:mod:`kvlib.probe`).
+(:class:`kvlib.embedding.embedders.LayerPooler`). Each is scored under MTEB's few-shot protocol and the whole-split
+protocol (:mod:`kvlib.embedding.mteb_classification`).
 
-The protocol lives in :mod:`kvlib.probe`, the embedders in :mod:`kvlib.embedding`, the data in
-:mod:`kvlib.textsets`; this module wires them for one run so that the notebook stays a few short cells.
+The protocol lives in :mod:`kvlib.embedding.mteb_classification`, the embedders in :mod:`kvlib.embedding.embedders`,
+the data in
+:mod:`kvlib.embedding.textsets`; this module wires them for one run so that the notebook stays a few short cells.
 
 Sizes per profile (caps on the pool each set's training samples are drawn from and on its test split
 come from :class:`kvlib.profiles.Profile`, ``probe_train`` / ``probe_test``): texts are cut to
@@ -26,9 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..embedding import (KV_RECIPES, BagOfWords, KVEmbedder, LayerPooler, Prefill, PrefillConfig, RandomEmbedder,
-                         RecipeEmbedder, SentenceTransformerEmbedder)
-from ..probe import ProbeConfig, WholeSplitConfig, differences, run_probe_table
+from ..embedding.embedders import (KV_RECIPES, BagOfWords, KVEmbedder, LayerPooler, PrefillRunner, PrefillConfig,
+                                   RandomEmbedder, RecipeEmbedder, SentenceTransformerEmbedder)
+from ..embedding.mteb_classification import ProbeConfig, WholeSplitConfig, differences, run_probe_table
 from ..profiles import hardware_label
 
 __all__ = ["PAPER_TABLE1", "ProbeRun", "probe_run", "load_lm", "standard_embedders", "sweep_set", "add_size_models",
@@ -100,22 +101,22 @@ def probe_run(profile, model: str = "", seed: int = 0, max_train: int = 0, max_t
 
 def load_lm(name: str, device=None, dtype=None):
     """``(model, tokenizer)``: ``"tiny-<arch>"`` builds an in-process random model, anything else goes to
-    :func:`kvlib.models.load_model` with ``device`` / ``dtype`` (e.g. ``**run.placement``)."""
+    :func:`kvlib.core.models.load_model` with ``device`` / ``dtype`` (e.g. ``**run.placement``)."""
     if name.startswith("tiny-"):
-        from ..tiny import tiny_model
+        from ..core.tiny import tiny_model
 
         model, tok = tiny_model(name[5:])
         return model.to(device=device or "cpu", dtype=dtype or model.dtype), tok
-    from ..models import load_model
+    from ..core.models import load_model
 
     return load_model(name, device=device, dtype=dtype)
 
 
 def standard_embedders(model, tokenizer, run: ProbeRun, seed: int = 0, dedicated: bool = True) -> list:
-    """Table 1's representations: the KV cache in :data:`kvlib.embedding.KV_RECIPES` (first: the paper's code,
+    """Table 1's representations: the KV cache in :data:`kvlib.embedding.embedders.KV_RECIPES` (first: the paper's code,
     the default), hidden states of the same layers and of every layer (all derived from one prefill per text),
     random (the KV size), the dedicated embedder and the bag-of-words control."""
-    prefill = Prefill(model, tokenizer, run.prefill)
+    prefill = PrefillRunner(model, tokenizer, run.prefill)
     kv_layers, hidden_layers = LayerPooler(prefill, "kv"), LayerPooler(prefill, "hidden")
     kvs = [RecipeEmbedder(kv_layers, layers=layers, heads=heads, name=name) for name, layers, heads in KV_RECIPES]
     out = [*kvs, RecipeEmbedder(hidden_layers, layers=kvs[0].pooling.layers, name=COLUMNS[1]),
@@ -142,7 +143,7 @@ def add_size_models(long: pd.DataFrame, sets, run: ProbeRun) -> pd.DataFrame:
         except Exception as err:  # the larger model is optional: its package may not be installed
             _log.warning("model-size column skipped: %s is not available (%s: %s)", name, type(err).__name__, err)
             continue
-        kv = KVEmbedder(Prefill(model, tok, run.prefill), name=f"KV cache ({name})")
+        kv = KVEmbedder(PrefillRunner(model, tok, run.prefill), name=f"KV cache ({name})")
         long = pd.concat([long, run_probe_table(sets, [kv], run.config, whole=run.whole)], ignore_index=True)
         release(model, tok)
     return long
@@ -285,7 +286,8 @@ def table1_markdown(table: pd.DataFrame, caption: str) -> str:
 def table1_differences(long: pd.DataFrame, run: ProbeRun, pairs=DIFFERENCE_PAIRS, digits: int = 3
                        ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """``(markdown table, csv table, caption)`` of the paired whole-split differences ``a − b`` per set
-    (:func:`kvlib.probe.differences`): accuracy and macro-F1 with paired bootstrap 95% intervals."""
+    (:func:`kvlib.embedding.mteb_classification.differences`): accuracy and macro-F1 with paired bootstrap 95%
+    intervals."""
     w = run.whole
     diff = differences(long, pairs, w.n_boot, w.level, w.seed)
     md = pd.DataFrame({
@@ -371,7 +373,8 @@ def paper_ordering(main: pd.DataFrame) -> pd.DataFrame:
 
 
 def layer_table(layers: pd.DataFrame, run: ProbeRun) -> pd.DataFrame:
-    """The layer sweep's CSV: :data:`LAYER_COLUMNS` of :func:`kvlib.probe.sweep_frame`, with the model and profile."""
+    """The layer sweep's CSV: :data:`LAYER_COLUMNS` of :func:`kvlib.embedding.mteb_classification.sweep_frame`, with
+    the model and profile."""
     return layers.reindex(columns=LAYER_COLUMNS).assign(model=run.model, profile=run.profile)
 
 

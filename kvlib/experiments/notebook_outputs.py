@@ -9,7 +9,7 @@ the same results gives an empty or small diff:
 * stderr streams (progress bars, warnings) and widget views (progress bars drawn by ipywidgets, which only a live
   kernel can show) are dropped; stdout, results and figures stay;
 * absolute paths of the machine that ran it are shown as a reader should see them (``$KVLIB_CACHE/...``,
-  ``$KVLIB_RUNS/...``, relative to the repository, ``~/...``: :func:`kvlib.paths.hide_machine_paths`), in
+  ``$KVLIB_RUNS/...``, relative to the repository, ``~/...``: :func:`kvlib.core.paths.hide_machine_paths`), in
   printed text and in every text form of a result (plain, HTML, Markdown);
 * execution counts are renumbered 1, 2, ... over the code cells; per-cell papermill metadata (start and end
   times, duration, status) and notebook-level papermill metadata are not copied.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..paths import hide_machine_paths
+from ..core.paths import hide_machine_paths
 
 __all__ = ["publish_outputs", "clean_outputs"]
 

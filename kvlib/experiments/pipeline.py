@@ -263,8 +263,8 @@ def time_left(times: dict, profile: str, model: str, names: list[str]) -> str:
 
 def _disk_note(profile: str, model: str) -> str:
     """The profile's estimated store size for ``model`` (:mod:`kvlib.experiments.disk`), or why there is none."""
-    from ..model_info import describe_model
-    from ..memory import load_config
+    from ..core.model_info import describe_model
+    from ..core.memory import load_config
     from ..profiles import get_profile
     from .disk import describe, estimate_disk
 
@@ -299,7 +299,7 @@ def _check_request(args) -> tuple:
                            "sets)")
         data_dir = str(path.resolve())
     if not profile.model.startswith("random:"):
-        from ..model_info import describe_model
+        from ..core.model_info import describe_model
 
         try:
             describe_model(profile.model)
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from ..writer_lock import StoreLockedError, acquire, release
+    from ..runs.writer_lock import StoreLockedError, acquire, release
 
     todo = [p for p in notebooks() if not args.only or p.name[:2] in args.only]
     if not todo:

@@ -26,8 +26,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from ..data import SET_LABELS, skipped_sets
-from ..paths import shown_path
+from ..assets.data import SET_LABELS, skipped_sets
+from ..core.paths import shown_path
 
 __all__ = ["SET_LABELS", "TIMINGS_DIR", "set_label", "run_label", "skipped_note", "flat_columns", "timing_columns",
            "save_table", "save_figure", "show_log", "ShownTable", "show_table", "markdown_table", "shown_path"]

@@ -4,10 +4,12 @@ items, and its tables and figures. Notebook 05 (:mod:`kvlib.experiments.budget_s
 Flow (notebooks 04 and 05 call these in order):
 
 1. :func:`switching_setup`: the profile's :class:`SwitchingPlan`, the seeded items, and for every set
-   :func:`answer_pairs` (graded fast and slow answers, :func:`kvlib.answers.answer_records`, stored once and shared
+   :func:`answer_pairs` (graded fast and slow answers, :func:`kvlib.switching.answers.answer_records`, stored once and
+   shared
    with notebook 03; each slow record carries the pooled prompt KV sums) and :func:`label_frame` (one row per
-   question with the paper's label, :func:`kvlib.difficulty.difficulty_label`, and the prompt features of the
-   decision prompt: the slow prompt, see :mod:`kvlib.adaptive`). The fast answers' cap is picked from the training
+   question with the paper's label, :func:`kvlib.switching.difficulty.difficulty_label`, and the prompt features of the
+   decision prompt: the slow prompt, see :mod:`kvlib.switching.kv_switch`). The fast answers' cap is picked from the
+   training
    split first (:func:`pick_fast_cap`: training fast answers generated with the profile's generous ``fast_tokens``,
    their 98th percentile rounded up, at least the labels' 128 tokens); :func:`cap_shares` reports how many fast and
    slow answers reach their caps.
@@ -38,14 +40,14 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..adaptive import SwitchConfig, adaptive_generate
-from ..difficulty import (PAPER_GRID, SHORT_ANSWER, DifficultyClassifier, FeatureSpec, TrainConfig, baseline_rmse,
-                          cap_records, difficulty_label, fast_cap, question_key, record_features, split_by_question,
-                          train_classifier)
-from ..early_exit import EarlyExitConfig, budget_generate, early_exit_generate
-from ..generation import GenerationSettings
-from ..records import AnswerRecord, GenerationRecord
-from ..thinking import protocol_for
+from ..switching.kv_switch import SwitchConfig, adaptive_generate
+from ..switching.difficulty import (PAPER_GRID, SHORT_ANSWER, DifficultyClassifier, FeatureSpec, TrainConfig,
+                                    baseline_rmse, cap_records, difficulty_label, fast_cap, question_key,
+                                    record_features, split_by_question, train_classifier)
+from ..switching.early_exit import EarlyExitConfig, budget_generate, early_exit_generate
+from ..runs.generation import GenerationSettings
+from ..runs.records import AnswerRecord, GenerationRecord
+from ..switching.thinking import protocol_for
 from .labels import Method
 from .report import run_label, set_label
 
@@ -70,7 +72,8 @@ class SwitchingPlan:
         train_sets / test_sets: data set -> items (training split / evaluation split).
         fast_tokens / slow_tokens: answer budgets; live runs use ``slow_tokens``. With ``fast_cap_quantile``,
             ``fast_tokens`` is first the generous cap of the training fast answers, and :func:`switching_setup`
-            replaces it by the cap it picks from them (:func:`kvlib.difficulty.fast_cap`: that quantile of their
+            replaces it by the cap it picks from them (:func:`kvlib.switching.difficulty.fast_cap`: that quantile of
+            their
             lengths rounded up to 32, at least the labels' 128, at most the generous cap), keeping the generous
             one in ``fast_generous``; ``None`` takes ``fast_tokens`` as it is.
         curve_levels: budgets of the forced-answer budget curve (live; from the fast to the slow mean tokens of
@@ -84,7 +87,7 @@ class SwitchingPlan:
         live_sets: sets where Table 3 runs the live methods (``None``: every evaluation set).
         random_seeds: draws averaged for random routing.
         replay: the live methods replay the stored plain fast/slow answers of the same prompts and decode only
-            from where their controller changes them (:mod:`kvlib.replay`: the same records, in a fraction of the
+            from where their controller changes them (:mod:`kvlib.runs.replay`: the same records, in a fraction of the
             time); ``False`` decodes every token live.
     """
 
@@ -154,7 +157,7 @@ def _capped(name: str, n, cap: int | None):
         return n
     if n not in (None, "all"):
         return min(int(n), cap)
-    from ..data import load_math
+    from ..assets.data import load_math
 
     try:  # the whole set, capped: its size decides
         return min(len(load_math(name, "test")), cap)
@@ -163,8 +166,8 @@ def _capped(name: str, n, cap: int | None):
 
 
 def grade(record: GenerationRecord, item) -> bool:
-    """Whether a live record answers ``item`` (unfinished = wrong), with :func:`kvlib.grading.is_correct`."""
-    from ..grading import is_correct
+    """Whether a live record answers ``item`` (unfinished = wrong), with :func:`kvlib.assets.grading.is_correct`."""
+    from ..assets.grading import is_correct
 
     return bool(is_correct(record["output"], item.answer, item.dataset, finished=record["finish_reason"] == "stop"))
 
@@ -172,7 +175,7 @@ def grade(record: GenerationRecord, item) -> bool:
 def answer_pairs(model, tokenizer, model_name: str, items_by_set: Mapping[str, Sequence], plan: SwitchingPlan,
                  root=None, progress: bool = True) -> dict[str, AnswerPair]:
     """``{set: (fast records, slow records)}`` in item order (generated once, then read from the store)."""
-    from ..answers import answer_records
+    from ..switching.answers import answer_records
 
     out = {}
     for name, items in items_by_set.items():
@@ -212,7 +215,7 @@ def fit_classifiers(frame: pd.DataFrame, records: Sequence[GenerationRecord], pl
 
     Each classifier's ``info`` holds the split sizes, validation RMSE and training sets, and ``baseline_rmse``:
     the validation RMSE on the same split of a constant prediction (the training labels' mean) and of a
-    regressor of the decision prompt's length alone (:func:`kvlib.difficulty.baseline_rmse`; the length in
+    regressor of the decision prompt's length alone (:func:`kvlib.switching.difficulty.baseline_rmse`; the length in
     tokens of ``tokenizer``, in characters without one, as ``info["prompt_length_unit"]`` says).
     """
     banned = {question_key(q) for q in exclude_questions}
@@ -448,10 +451,11 @@ def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[st
 
 def switching_items(sizes: Mapping[str, int], split: str, seed: int = 0, data_dir=None):
     """``{set: items}``: the seeded subset of each set's ``split`` (a set with one split, such as MATH-500, uses
-    it), as a :class:`kvlib.data.SelectedSets` from :func:`kvlib.data.select_sets`: an optional set without its
+    it), as a :class:`kvlib.assets.data.SelectedSets` from :func:`kvlib.assets.data.select_sets`: an optional set
+    without its
     file in ``data_dir`` is left out and listed in ``.skipped`` (the table caption names it); an empty set, a
     size larger than its set and repeated item ids are errors naming the set."""
-    from ..data import select_sets
+    from ..assets.data import select_sets
 
     return select_sets(sizes, split, data_dir, seed)
 
@@ -474,13 +478,14 @@ class SwitchingRun:
 
     Attributes:
         model_name, profile, hardware: what captions name.
-        train_items / test_items: :class:`kvlib.data.SelectedSets` of the training and evaluation splits.
+        train_items / test_items: :class:`kvlib.assets.data.SelectedSets` of the training and evaluation splits.
         train_pairs / test_pairs: ``{set: (fast records, slow records)}`` (:func:`answer_pairs`).
         frame / test_frame: :func:`label_frame` of each; train_records / test_records: the matching slow records.
         train_fast_generous: ``{set: fast records}`` of the training split at the generous cap the fast cap was
             picked from (``None`` when the plan keeps its ``fast_tokens``); ``train_pairs`` holds them cut at the
-            picked cap (:func:`kvlib.difficulty.cap_records`).
-        protocol_form: the thinking protocol's form (:func:`kvlib.thinking.protocol_for`): ``"prompt"`` (fast and
+            picked cap (:func:`kvlib.switching.difficulty.cap_records`).
+        protocol_form: the thinking protocol's form (:func:`kvlib.switching.thinking.protocol_for`): ``"prompt"`` (fast
+        and
             slow are prompt instructions) or ``"native"`` (a thinking model's ``<think>`` tokens).
     """
 
@@ -552,7 +557,7 @@ def switching_setup(profile, model, tokenizer, seed: int = 0, smoke: bool = Fals
 
 
 def pick_fast_cap(plan: SwitchingPlan, train_fast: Mapping[str, Sequence[AnswerRecord]]) -> SwitchingPlan:
-    """``plan`` with ``fast_tokens`` set to :func:`kvlib.difficulty.fast_cap` of the training fast answers'
+    """``plan`` with ``fast_tokens`` set to :func:`kvlib.switching.difficulty.fast_cap` of the training fast answers'
     lengths (generated at the plan's ``fast_tokens``, the generous cap, which moves to ``fast_generous``)."""
     if plan.fast_cap_quantile is None:
         return plan
@@ -597,7 +602,7 @@ def save_classifier(classifier: DifficultyClassifier, model_name: str, folder=No
     """Write ``classifier`` to ``folder`` (default: ``classifiers/`` of the generation store) as
     ``<model>-N<tokens>-L<layers>.safetensors`` and read it back: ``(the classifier as saved, its path)``, so that
     the runs use what the file holds."""
-    from ..store import default_store_dir
+    from ..runs.store import default_store_dir
 
     folder = Path(folder) if folder is not None else default_store_dir() / "classifiers"
     spec = classifier.spec
@@ -668,8 +673,8 @@ def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier
 
 def _protocol_note(form: str) -> str:
     """What fast and slow are for ``form``: for the prompt form, prompt instructions and the switch-to-fast text
-    (:data:`kvlib.thinking.PROMPT`) that a switch injects."""
-    from ..thinking import NATIVE, PROMPT
+    (:data:`kvlib.switching.thinking.PROMPT`) that a switch injects."""
+    from ..switching.thinking import NATIVE, PROMPT
 
     if form == "prompt":
         return (f"fast and slow are prompt instructions to this non-thinking model and a switch to fast injects "

@@ -1,6 +1,6 @@
 """Notebook 01's experiment (Fig. 1): memory of long contexts, estimated and measured.
 
-The estimates and measurements are library code (:mod:`kvlib.memory`); this module wires them for the figure:
+The estimates and measurements are library code (:mod:`kvlib.core.memory`); this module wires them for the figure:
 the scale panel (:data:`SCALE_CONFIG` in bf16 over :data:`SCALE_LENGTHS`, beside the GPU measurements of
 ``benchmarks/gpu_vram.py`` when its CSV is there) and the model panel (real cache and hidden-state bytes of the
 profile's model at :func:`model_lengths`). :func:`fig1_table` holds every number of the figure in one long table,
@@ -15,7 +15,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from ..memory import load_config, prefill_peak, vram_curve
+from ..core.memory import load_config, prefill_peak, vram_curve
 
 __all__ = ["SCALE_CONFIG", "SCALE_LENGTHS", "GPU_CSV", "GPU_COLUMNS", "H200_BYTES", "model_lengths", "estimate_gb",
            "gpu_measurements", "gpu_table", "fig1_table", "fig1_caption", "fig1_panels", "fig1_markdown",
@@ -38,7 +38,7 @@ def model_lengths(profile: str) -> list[int]:
 
 
 def estimate_gb(config=SCALE_CONFIG, lengths: Sequence[int] = SCALE_LENGTHS, dtype=torch.bfloat16) -> pd.DataFrame:
-    """:func:`kvlib.memory.vram_curve` in GB, one row per context length: weights, KV cache, hidden states,
+    """:func:`kvlib.core.memory.vram_curve` in GB, one row per context length: weights, KV cache, hidden states,
     prefill activations, and the totals model + KV and model + KV + hidden states."""
     return vram_curve(config, lengths, dtype).set_index("context_length")[_ESTIMATE] / 1e9
 
@@ -61,7 +61,7 @@ def fig1_table(config, lengths: Sequence[int], dtype=torch.bfloat16, gpu_csv=Non
     ``panel="scale"``: the estimate for ``config`` over ``lengths`` (weights, kv_cache, hidden_states, model_kv,
     model_kv_hidden, prefill_peak, prefill_peak_hidden) and, if ``gpu_csv`` (from benchmarks/gpu_vram.py) exists,
     its measured ``resident`` / ``peak`` bytes (with and without hidden states). ``panel="model"``: the rows of
-    :func:`kvlib.memory.measure_cache_bytes` for ``cpu_model``, measured and estimated.
+    :func:`kvlib.core.memory.measure_cache_bytes` for ``cpu_model``, measured and estimated.
     """
     import pandas as pd
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kvlib.data import DataFileError, load_math
+from kvlib.assets.data import DataFileError, load_math
 
 GOOD = {"Question": "What is 2 + 2?", "Answer": 4, "Answer_type": "integer", "Picture": None}
 
@@ -60,7 +60,7 @@ def test_f06_generate_refuses_a_batch_size_below_one_before_any_work(tmp_path, b
 
 
 def test_f10_where_batch_size_invariance_is_claimed_its_limit_is_stated():
-    from kvlib.generation import GenerationSettings
+    from kvlib.runs.generation import GenerationSettings
 
     doc = " ".join(GenerationSettings.__doc__.split())
     assert "batch_size" in doc and "2e-4 relative" in doc and "tokens do not depend on it" in doc

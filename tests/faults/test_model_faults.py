@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import transformers
 
-from kvlib import models
-from kvlib.models import EMBEDDED_MODELS, EmbeddedModel, ModelFileError, load_model
-from kvlib.tiny import tiny_model
+from kvlib.core import models
+from kvlib.core.models import EMBEDDED_MODELS, EmbeddedModel, ModelFileError, load_model
+from kvlib.core.tiny import tiny_model
 
 from .conftest import REPO
 
@@ -88,7 +88,7 @@ _KILLED = textwrap.dedent("""
     import sys, time
     import transformers
     from kvlib import models
-    from kvlib.models import EMBEDDED_MODELS, EmbeddedModel
+    from kvlib.core.models import EMBEDDED_MODELS, EmbeddedModel
     EMBEDDED_MODELS["fake"] = EmbeddedModel("fake", "a fake model", ("kvlib-fault-pkg==1.0",),
                                             ("kvlibfaultpkg/model.gguf",), None, 1)
     def slow(*a, **kw):

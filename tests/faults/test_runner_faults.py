@@ -162,7 +162,7 @@ def test_f08_a_killed_kernel_leaves_an_executed_copy_without_completed_cells_aft
 
 
 def test_f09_two_runs_at_once_do_not_write_the_same_executed_copy(checkout, caplog):
-    code = ("import sys, time\nfrom pathlib import Path\nfrom kvlib.writer_lock import acquire\n"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom kvlib.runs.writer_lock import acquire\n"
             "out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)\n"
             "acquire(out / '.kvlib-run.lock', out); print('held', flush=True); sys.stdin.readline()")
     out = checkout / "build" / "smoke" / "random_tiny" / "notebooks"

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from kvlib.store import CorruptStoreError, DuplicateItemError, ResultStore, StoreLockedError, sidecar_path
+from kvlib.runs.store import CorruptStoreError, DuplicateItemError, ResultStore, StoreLockedError, sidecar_path
 
 MODEL = {"weights": {"kind": "memory", "config": "c", "parameters": "p"}}
 
@@ -80,7 +80,7 @@ def test_f02_verify_reads_every_array(tmp_path):
 
 _HOLDER = textwrap.dedent("""
     import sys
-    from kvlib.store import ResultStore
+    from kvlib.runs.store import ResultStore
     MODEL = {"weights": {"kind": "memory", "config": "c", "parameters": "p"}}
     s = ResultStore(sys.argv[1], "m", "d", {"max_new_tokens": 4}, model_identity=MODEL)
     print("locked", flush=True)
@@ -120,7 +120,7 @@ def test_f07_a_full_disk_names_the_store_and_leaves_no_partial_line(tmp_path, mo
     """ENOSPC through /dev/full (every write fails with it), in place of the store file."""
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system to make writes fail with ENOSPC")
-    import kvlib.store as st
+    import kvlib.runs.store as st
 
     store = _store(tmp_path)
     store.add([{"item_id": "a"}])
