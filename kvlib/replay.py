@@ -1,0 +1,12 @@
+"""Deprecated import path: this module is now :mod:`kvlib.runs.replay`.
+
+The old path answers for one release, with a DeprecationWarning; it goes in the next.
+"""
+
+import importlib
+import sys
+import warnings
+
+warnings.warn("kvlib.replay is now kvlib.runs.replay: import it from there "
+              "(the old path goes in the next release)", DeprecationWarning, stacklevel=2)
+sys.modules[__name__] = importlib.import_module("kvlib.runs.replay")
