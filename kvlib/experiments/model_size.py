@@ -171,6 +171,8 @@ def table3_by_model(dirs: dict[str, Path], methods=TABLE3_METHODS) -> pd.DataFra
                 | df["method"].map(Method.is_deer)]
         cells = {}
         for r in df.to_dict("records"):
+            if r["method"] == Method.DEER and "trial_tokens" in r:  # a table written before DEER rows were named
+                r["method"] = Method.deer(float(r["trial_tokens"]) if pd.notna(r["trial_tokens"]) else 0.0)
             cell = f"{r['accuracy']:.3f} / {r['mean_tokens']:.0f}"
             if pd.notna(r.get("vs_curve", float("nan"))):
                 cell += f" (vs curve {r['vs_curve']:+.1f} [{r['vs_curve_lo']:+.1f}, {r['vs_curve_hi']:+.1f}])"

@@ -220,7 +220,9 @@ def verdicts_table(rows: list[Verdict]) -> pd.DataFrame:
 
 
 def verdicts_markdown(table: pd.DataFrame, caption: str) -> str:
-    """The table as Markdown (cells may hold ``<br>``), with ``caption`` above it."""
+    """The table as Markdown (cells may hold ``<br>``; the tables read are links, relative to the repository
+    root as the README shows them), with ``caption`` above it."""
+    table = table.assign(source=[", ".join(f"[{p}]({p})" for p in str(src).split(", ")) for src in table["source"]])
     shown = table.rename(columns={"claim": "claim", "paper": "the paper", "evidence": "evidence here (95% intervals)",
                                   "verdict": "verdict", "source": "from"})
     return caption + "\n\n" + shown.to_markdown(index=False) + "\n"

@@ -54,3 +54,20 @@ def test_captions_and_flat_tables_for_the_csv(tmp_path):
     assert list(flat.columns) == ["score", "GSM8K · qwen-0.5b (40✓/60✗)"] and list(flat["score"]) == ["MaxProb",
                                                                                                         "KV-probe"]
     assert flat_table(pd.DataFrame(), names=["set", "method"]).empty
+
+
+def test_a_deer_row_of_an_older_table_without_trials_is_named_for_what_ran(tmp_path):
+    """Tables written before DEER-style rows were named by what ran still show "no DEER trial ran" when their
+    trial_tokens say no trial fired, and keep the DEER name when one did."""
+    import pandas as pd
+
+    from kvlib.experiments.labels import Method
+    from kvlib.experiments.model_size import table3_by_model
+
+    for model, trials in (("a", 0.0), ("b", 3.5)):
+        (tmp_path / model).mkdir()
+        pd.DataFrame([{"method": Method.DEER, "set": "gsm8k", "accuracy": 0.5, "mean_tokens": 100.0,
+                       "trial_tokens": trials}]).to_csv(tmp_path / model / "table3_switching.csv", index=False)
+    t = table3_by_model({"a": tmp_path / "a", "b": tmp_path / "b"})
+    assert t.loc[("gsm8k", Method.deer(0.0)), "a"] == "0.500 / 100"
+    assert t.loc[("gsm8k", Method.DEER), "b"] == "0.500 / 100"
