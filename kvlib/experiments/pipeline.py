@@ -18,6 +18,19 @@ as such, with what to try next, instead of a traceback. Ctrl-C stops with one li
 resumes from the stores. Before each notebook the runner says how long the rest should take, from the
 durations recorded last time (``tables/timings/notebooks.csv`` for published runs, the run folder's
 ``timings.csv`` otherwise); inside a notebook every long loop shows a progress bar with its own estimate.
+
+**More than one process.** Launched by ``torchrun --nproc_per_node N -m kvlib.experiments.pipeline ...`` or
+``accelerate launch --num_processes N -m kvlib.experiments.pipeline ...`` (they set ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``), every process runs every notebook: the kernels inherit ``RANK`` and
+``WORLD_SIZE``, so each item loop generates its share of the items (:mod:`kvlib.runs.sharding`) and every rank
+then computes the same tables from the merged stores. Where CUDA is visible each process shows its kernels the GPU
+of its ``LOCAL_RANK`` alone (``CUDA_VISIBLE_DEVICES``), so a profile's ``"cuda"`` and
+:func:`kvlib.runs.sharding.local_device` both name that process's own GPU. Rank 0 alone writes the run folder (or
+the publishing stage), records the timings and publishes; rank ``r > 0`` writes its executed notebooks, tables and
+figures into a scratch folder of its own in the system's temporary folder (removed once the launch succeeded) and
+does not echo its kernels' output. Rank 0 publishes only after every rank finished every notebook (a barrier over
+a gloo process group). A rank whose notebook fails says so and exits non-zero; the launcher then stops the other
+ranks, each of which says it was stopped and that nothing was published.
 """
 
 from __future__ import annotations
@@ -31,7 +44,8 @@ import time
 from pathlib import Path
 
 __all__ = ["notebooks", "run_notebook", "update_readme", "publish", "main", "NotebookError", "KernelDiedError",
-           "RunError", "failing_line", "source_cell_index", "read_times", "record_time", "time_left"]
+           "RunError", "failing_line", "source_cell_index", "read_times", "record_time", "time_left",
+           "LaunchStopped"]
 
 _log = logging.getLogger("kvlib.experiments.pipeline")  # not __name__: "__main__" under python -m
 
@@ -147,8 +161,10 @@ def _kernel_manager(log: Path):
     return _LoggedKernelManager
 
 
-def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str = "python3") -> Path:
-    """Run one notebook with papermill; the executed copy goes to ``out_dir/<name>``.
+def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str = "python3",
+                 echo: bool = True) -> Path:
+    """Run one notebook with papermill; the executed copy goes to ``out_dir/<name>``; ``echo=False`` keeps the
+    kernel's output out of this terminal (it is in the executed copy all the same).
 
     Raises:
         NotebookError: a cell raised; the message names the notebook, the cell (as numbered in the source
@@ -169,7 +185,8 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel_name: str =
     try:
         pm.execute_notebook(
             str(path), str(out), parameters=parameters, cwd=str(path.parent), kernel_name=kernel_name,
-            progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr,
+            progress_bar=False, log_output=echo, stdout_file=sys.stdout if echo else None,
+            stderr_file=sys.stderr if echo else None,
             kernel_manager_class=_kernel_manager(out.with_suffix(".kernel.log")),
         )
     except pm.PapermillExecutionError as err:
@@ -313,15 +330,16 @@ def _check_request(args) -> tuple:
     return profile, data_dir
 
 
-def _staging(profile) -> Path:
-    """The folder of a publishing run (``build/publish/<profile>/<model>/``): the notebooks write there and
-    nothing is copied into the checkout unless every notebook succeeds. It starts from a copy of the profile's
-    committed results (``tables/`` and ``figures/``, or their ``results_dir`` subfolders), so a notebook that reads
-    earlier results (06 lines up every model) sees them in a partial run (``--only``) too; files the run does not
-    change are not copied back."""
+def _staging(profile, stage: Path | None = None) -> Path:
+    """The folder of a publishing run (``build/publish/<profile>/<model>/``, or ``stage``): the notebooks write
+    there and nothing is copied into the checkout unless every notebook succeeds. It starts from a copy of the
+    profile's committed results (``tables/`` and ``figures/``, or their ``results_dir`` subfolders), so a notebook
+    that reads earlier results (06 lines up every model) sees them in a partial run (``--only``) too; files the run
+    does not change are not copied back."""
     import shutil
 
-    stage = ROOT / "build" / "publish" / profile.name / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(profile.model).name)
+    if stage is None:
+        stage = ROOT / "build" / "publish" / profile.name / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(profile.model).name)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     for kind in ("tables", "figures"):
@@ -330,6 +348,117 @@ def _staging(profile) -> Path:
             shutil.copytree(src, stage / kind / profile.results_dir if profile.results_dir else stage / kind,
                             symlinks=True)
     return stage
+
+
+class LaunchStopped(KeyboardInterrupt):
+    """The launcher (torchrun, ``accelerate launch``) stopped this process with SIGTERM: another rank failed."""
+
+
+class _Launch:
+    """This process's place in a launch: ``shard`` (rank and world from ``RANK`` / ``WORLD_SIZE``; rank 0 of 1
+    unlaunched) and, for a world above 1, a gloo process group used for one barrier before rank 0 publishes."""
+
+    def __init__(self):
+        from ..runs.sharding import current_shard
+
+        try:
+            self.shard = current_shard()
+        except ValueError as err:
+            raise RunError(str(err)) from None
+        self.group = False
+
+    @property
+    def rank(self) -> int:
+        return self.shard.rank
+
+    @property
+    def world(self) -> int:
+        return self.shard.world
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} of {self.world}"
+
+    def start(self) -> None:
+        """Stop cleanly on the launcher's SIGTERM, show the kernels this rank's GPU alone, join the process
+        group (every rank must get here: a rank that cannot stops the launch)."""
+        if self.world == 1:
+            return
+        import signal
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from ..runs.sharding import _timeout
+
+        if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+            raise RunError(f"RANK={self.rank} and WORLD_SIZE={self.world} are set but MASTER_ADDR / MASTER_PORT are "
+                           "not: start the runner with torchrun or accelerate launch (they set all four)")
+
+        def stopped(signum, frame):
+            raise LaunchStopped()
+
+        signal.signal(signal.SIGTERM, stopped)
+        _pin_gpu()
+        dist.init_process_group("gloo", rank=self.rank, world_size=self.world,
+                                timeout=timedelta(seconds=_timeout()))
+        self.group = True
+
+    def all_done(self) -> None:
+        """Wait until every rank finished every notebook (``$KVLIB_SHARD_TIMEOUT`` seconds at most)."""
+        if self.group:
+            import torch.distributed as dist
+
+            try:
+                dist.barrier()
+            except RuntimeError:  # a rank that failed and exited closes its connections
+                raise LaunchStopped() from None
+
+    def close(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.group = False
+
+
+def _pin_gpu() -> None:
+    """Show this process's kernels the GPU of its ``LOCAL_RANK`` alone (``CUDA_VISIBLE_DEVICES``): a profile's
+    ``"cuda"`` is then that GPU, as is :func:`kvlib.runs.sharding.local_device` (``cuda:0``). Nothing without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if len(gpus) == 1:  # the launcher already gave this process one GPU
+        return
+    if local >= len(gpus):
+        raise RunError(f"LOCAL_RANK={local} but this machine shows {len(gpus)} GPU(s): launch at most {len(gpus)} "
+                       "processes per machine")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[local]
+
+
+def _scratch(profile, launch: _Launch, stage: Path, publishing: bool) -> Path:
+    """Rank ``r > 0``'s own folder for its executed notebooks, tables and figures (in the system's temporary
+    folder, never the stage or the checkout). It starts from the results rank 0's notebooks start from (the
+    committed ones when publishing, else a copy of the run folder's), so every rank's notebooks read the same
+    inputs."""
+    import shutil
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"kvlib-rank{launch.rank}-of-{launch.world}-"))
+    if publishing:
+        return _staging(profile, scratch)
+    for kind in ("tables", "figures"):
+        if (stage / kind).is_dir():
+            try:
+                shutil.copytree(stage / kind, scratch / kind, symlinks=True, dirs_exist_ok=True,
+                                ignore_dangling_symlinks=True)
+            except shutil.Error:  # a file rank 0 is replacing right now: this run writes it anew anyway
+                pass
+    return scratch
 
 
 def _replace_if_changed(src: Path, dest: Path) -> bool:
@@ -392,38 +521,69 @@ def main(argv: list[str] | None = None) -> int:
                     "tables/, figures/, notebooks/ and the README (only for the profile and model of the committed "
                     "results)")
     args = ap.parse_args(argv)
-    _show_log()
     try:
-        return _main(args)
+        launch = _Launch()
+    except RunError as err:
+        _show_log()
+        _log.error("kvlib: %s", err)
+        return 2
+    _show_log(f"[{launch}] " if launch.world > 1 else "")
+    try:
+        return _main(args, launch)
     except RunError as err:
         _log.error("kvlib: %s", err)
         return 2
+    except LaunchStopped:
+        _log.error("stopped by the launcher: another process of this launch failed (its error is above, and the "
+                   "launcher's summary names its rank) or the launch was interrupted. Nothing was published; every "
+                   "finished item is kept in the stores: fix the cause and launch the same command again to resume")
+        return 1
     except KeyboardInterrupt:
         _log.error("\ninterrupted: every finished item is kept in the stores; run the same command again to resume")
         return 130
+    finally:
+        launch.close()
 
 
-def _main(args) -> int:
+def _main(args, launch: _Launch | None = None) -> int:
     from ..runs.writer_lock import StoreLockedError, acquire, release
 
+    launch = _Launch() if launch is None else launch
     todo = [p for p in notebooks() if not args.only or p.name[:2] in args.only]
     if not todo:
         raise RunError(f"--only {' '.join(args.only or [])}: no notebooks matched in {ROOT / 'notebooks'}")
     profile, data_dir = _check_request(args)
     model = profile.model
-    stage = _staging(profile) if args.publish and not args.dry_run else profile.run_dir(ROOT)
-    out_dir = Path(args.out) if args.out else stage / "notebooks"
+    lead = launch.rank == 0  # writes the run folder, the timings and publishes; other ranks write a scratch folder
+    if args.dry_run:
+        stage = profile.run_dir(ROOT)
+    elif not lead:
+        stage = _scratch(profile, launch, profile.run_dir(ROOT), args.publish)
+    else:
+        stage = _staging(profile) if args.publish else profile.run_dir(ROOT)
+    out_dir = Path(args.out) if args.out and lead else stage / "notebooks"
     params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": data_dir, "OUT_DIR": str(stage)}
     times_path = stage / "timings.csv"
-    times = {**read_times(ROOT / NOTEBOOK_TIMES), **read_times(times_path)}
+    last = times_path if lead else profile.run_dir(ROOT) / "timings.csv"  # rank r > 0: what rank 0 recorded
+    times = {**read_times(ROOT / NOTEBOOK_TIMES), **read_times(last)}
     _log.info("%d notebook(s) to run (%s), profile %s, model %s; time they took last time: %s", len(todo),
               ", ".join(p.name for p in todo), args.profile, model,
               time_left(times, args.profile, model, [p.name for p in todo]))
-    _log.info("disk: %s", _disk_note(args.profile, model))
-    _log.info("results go to %s%s", stage, " (copied into tables/, figures/, notebooks/ and the README once every "
-              "notebook succeeded)" if args.publish else " (a scratch run: the committed results are not touched)")
+    if lead:
+        _log.info("disk: %s", _disk_note(args.profile, model))
+    if not lead:
+        import tempfile
+
+        _log.info("this rank generates its share of every item loop; its executed notebooks and tables go to the "
+                  "scratch folder %s (rank 0 writes the results)",
+                  f"of its own under {tempfile.gettempdir()}" if args.dry_run else stage)
+    else:
+        _log.info("results go to %s%s%s", stage, " (copied into tables/, figures/, notebooks/ and the README once "
+                  "every notebook succeeded)" if args.publish else " (a scratch run: the committed results are not "
+                  "touched)", f"; {launch.world} processes share every item loop" if launch.world > 1 else "")
     if args.dry_run:
         return 0
+    launch.start()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:  # one run per executed-notebook folder: two would write the same copies
         lock = acquire(out_dir / ".kvlib-run.lock", out_dir)
@@ -437,18 +597,32 @@ def _main(args) -> int:
             _log.info("==> %s %s; time left for this and the remaining notebooks: %s (last recorded run)",
                       path.name, params, time_left(times, args.profile, model, [p.name for p in todo[k:]]))
             try:
-                executed.append((run_notebook(path, out_dir, params), path))
+                executed.append((run_notebook(path, out_dir, params, echo=lead), path))
             except RuntimeError as err:
                 _log.error("FAILED: %s", err)
+                if launch.world > 1:
+                    _log.error("%s failed, so the launch fails: the launcher stops the other ranks (kept for a look: "
+                               "%s)", launch, stage)
                 if args.publish:
                     _log.error("nothing was published: tables/, figures/, notebooks/ and the README are unchanged "
                                "(this run's results so far are in %s)", stage)
                 return 1
             seconds = time.perf_counter() - t0
-            record_time(times_path, args.profile, model, path.name, seconds)
+            if lead:
+                record_time(times_path, args.profile, model, path.name, seconds)
             this_run[(args.profile, model, path.name)] = round(seconds, 1)
             _log.info("<== %s done in %.0f s", path.name, seconds)
+        if launch.world > 1:
+            _log.info("waiting for every rank to finish its notebooks")
+            launch.all_done()
         _log.info("all %d notebooks done in %.1f min", len(todo), (time.perf_counter() - t_all) / 60)
+        if not lead:
+            import shutil
+
+            release(lock)
+            shutil.rmtree(stage, ignore_errors=True)
+            _log.info("done (this rank's scratch folder is removed); rank 0 writes the results")
+            return 0
         if args.publish:
             apart = (Path(profile.results_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name)
                      if profile.results_dir else "")
@@ -461,11 +635,12 @@ def _main(args) -> int:
         release(lock)
 
 
-def _show_log() -> None:
+def _show_log(prefix: str = "") -> None:
     """Show kvlib's log on stderr as plain lines (what the runner and the library report: progress, notices,
-    failures); other libraries (papermill, transformers) keep showing their warnings only. Does nothing to a
-    root logger that is already configured (beyond letting kvlib's info through)."""
-    logging.basicConfig(format="%(message)s")
+    failures), each after ``prefix`` (``[rank 1 of 2] `` in a launch); other libraries (papermill, transformers)
+    keep showing their warnings only. Does nothing to a root logger that is already configured (beyond letting
+    kvlib's info through)."""
+    logging.basicConfig(format=prefix.replace("%", "%%") + "%(message)s")
     logging.getLogger("kvlib").setLevel(logging.INFO)
 
 
