@@ -46,7 +46,7 @@ def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequ
                                          settings=plan.generation(), root=root, batch_size=plan.batch_size,
                                          progress=progress, references=stored_answers(fast, slow) if plan.replay
                                          else None)
-                rows.append({**live_row([], Method.KV_GENERATIVE, name, items, recs, slow_mean)[0], **grid})
+                rows.append({**live_row(Method.KV_GENERATIVE, name, items, recs, slow_mean), **grid})
     return pd.DataFrame(rows)
 
 

@@ -48,6 +48,7 @@ from ..switching.early_exit import EarlyExitConfig, budget_generate, early_exit_
 from ..runs.generation import GenerationSettings
 from ..runs.records import AnswerRecord, GenerationRecord
 from ..switching.thinking import protocol_for
+from .budget_curve import VS_CURVE, budget_levels, versus_curve
 from .labels import Method
 from .report import run_label, set_label
 
@@ -276,13 +277,12 @@ def method_row(method: str, name: str, correct, tokens, slow_tokens: float, **ex
             "mean_tokens": mean, "token_change_vs_slow_pct": 100.0 * (mean / slow_tokens - 1.0), **extra}
 
 
-def live_row(rows: list, method: str, name: str, items, records: Sequence[GenerationRecord], slow_mean: float,
-             **extra) -> list:
+def live_row(method: str, name: str, items, records: Sequence[GenerationRecord], slow_mean: float, **extra) -> dict:
+    """One table row of a live method's records: :func:`method_row` plus the share of items it switched."""
     correct = [grade(r, it) for r, it in zip(records, items)]
     switched = float(np.mean([bool(r["switches"]) for r in records]))
-    rows.append(method_row(method, name, correct, [r["n_tokens"] for r in records], slow_mean,
-                           switched_share=switched, **extra))
-    return rows
+    return method_row(method, name, correct, [r["n_tokens"] for r in records], slow_mean, switched_share=switched,
+                      **extra)
 
 
 def stored_answers(fast: Sequence[AnswerRecord], slow: Sequence[AnswerRecord]
@@ -331,6 +331,163 @@ def _item_rows(method: str, name: str, item_ids, correct, tokens, **extra) -> li
             for i, c, t in zip(item_ids, correct, tokens)]
 
 
+@dataclass
+class _Evaluation:
+    """What :func:`evaluate_switching` collects, set by set, in table order: table rows, Pareto points and
+    per-item outcomes."""
+
+    rows: list[dict] = field(default_factory=list)
+    points: list[dict] = field(default_factory=list)
+    outcomes: list[dict] = field(default_factory=list)
+
+    def add(self, row: dict, outcomes: list[dict]) -> dict:
+        self.rows.append(row)
+        self.outcomes += outcomes
+        return row
+
+    def point(self, method: str, name: str, param: str, accuracy, mean_tokens) -> None:
+        self.points.append({"method": method, "set": name, "param": param, "accuracy": accuracy,
+                            "mean_tokens": mean_tokens})
+
+
+@dataclass(frozen=True)
+class _SetAnswers:
+    """One evaluation set's stored fast and slow answers and what the rows compare against."""
+
+    name: str
+    items: Sequence
+    fast: Sequence[AnswerRecord]
+    slow: Sequence[AnswerRecord]
+
+    @property
+    def ids(self) -> list[str]:
+        return [s["item_id"] for s in self.slow]
+
+    @property
+    def slow_mean(self) -> float:
+        return float(np.mean([s["n_tokens"] for s in self.slow]))
+
+    @property
+    def fast_mean(self) -> float:
+        return float(np.mean([f["n_tokens"] for f in self.fast]))
+
+    def routed(self, ev: _Evaluation, method: str, to_slow, **extra) -> tuple[np.ndarray, np.ndarray]:
+        """Add the row and outcomes of routing item ``i`` to its slow answer iff ``to_slow[i]``."""
+        c, t = route(self.fast, self.slow, to_slow)
+        ev.add(method_row(method, self.name, c, t, self.slow_mean, **extra),
+               _item_rows(method, self.name, self.ids, c, t))
+        return c, t
+
+
+def _fixed_routes(ev: _Evaluation, s: _SetAnswers, plan: SwitchingPlan) -> None:
+    """Always fast and always slow: the stored answers themselves."""
+    n = len(s.items)
+    for method, to_slow, cap in ((Method.FAST, np.zeros(n), plan.fast_tokens),
+                                 (Method.SLOW, np.ones(n), plan.slow_tokens)):
+        c, t = route(s.fast, s.slow, to_slow)
+        ev.add(method_row(method, s.name, c, t, s.slow_mean, slow_share=to_slow.mean(), cap=cap,
+                          at_cap_share=float(np.mean(t >= cap))), _item_rows(method, s.name, s.ids, c, t))
+
+
+def _classification_routes(ev: _Evaluation, s: _SetAnswers, d0: np.ndarray, plan: SwitchingPlan,
+                           prefill: float) -> np.ndarray:
+    """KV-Classification: its threshold sweep (points) and its row at ``plan.tau``; returns who goes slow."""
+    for tau in sorted(set(plan.class_taus) | {plan.tau}):
+        c, t = route(s.fast, s.slow, d0 > tau)
+        ev.point(Method.KV_CLASSIFICATION, s.name, f"tau={tau:g}", c.mean(), t.mean())
+    rate_slow = d0 > plan.tau
+    s.routed(ev, Method.KV_CLASSIFICATION, rate_slow, slow_share=rate_slow.mean(), decision_prefill_tokens=prefill,
+             tau=plan.tau)
+    return rate_slow
+
+
+def _random_routes(ev: _Evaluation, s: _SetAnswers, k: int, plan: SwitchingPlan) -> None:
+    """Random routing of ``k`` items to slow: the mean over ``plan.random_seeds`` draws; per item, the expectation
+    over draws (slow with probability ``k / n``)."""
+    n = len(s.items)
+    rng = np.random.default_rng(plan.seed)
+    draws = []
+    for _ in range(plan.random_seeds):
+        pick = np.zeros(n, bool)
+        pick[rng.choice(n, size=k, replace=False)] = True
+        draws.append([x.mean() for x in route(s.fast, s.slow, pick)])
+    acc, tok = np.mean(draws, axis=0)
+    share = k / n
+    (fc, ft), (sc, st) = route(s.fast, s.slow, np.zeros(n)), route(s.fast, s.slow, np.ones(n))
+    ev.add({**method_row(Method.RANDOM, s.name, [acc], [tok], s.slow_mean), "n": n, "slow_share": share,
+            "accuracy_sd": float(np.std([d[0] for d in draws]))},
+           _item_rows(Method.RANDOM, s.name, s.ids, share * sc + (1 - share) * fc, share * st + (1 - share) * ft))
+
+
+def _offline_rows(ev: _Evaluation, s: _SetAnswers, tokenizer, classifier: DifficultyClassifier,
+                  plan: SwitchingPlan) -> float:
+    """Every offline method of one set (routes between the stored answers); returns the mean prompt length."""
+    prefill = float(np.mean([len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in s.slow]))
+    d0 = classifier.predict(record_features(s.slow, classifier.spec))
+    _fixed_routes(ev, s, plan)
+    rate_slow = _classification_routes(ev, s, d0, plan, prefill)
+    _random_routes(ev, s, int(rate_slow.sum()), plan)
+    oracle = ~np.array([f["correct"] for f in s.fast], bool)
+    s.routed(ev, Method.ORACLE, oracle, slow_share=oracle.mean())
+    return prefill
+
+
+def _add_live(ev: _Evaluation, s: _SetAnswers, method: str, recs, **extra) -> dict:
+    """The row and per-item outcomes of a live method's records."""
+    return ev.add(live_row(method, s.name, s.items, recs, s.slow_mean, **extra),
+                  _item_rows(method, s.name, [r["item_id"] for r in recs],
+                             [grade(r, it) for r, it in zip(recs, s.items)], [r["n_tokens"] for r in recs],
+                             **({"budget": extra["budget"]} if "budget" in extra else {})))
+
+
+def _live_rows(ev: _Evaluation, s: _SetAnswers, model, tokenizer, classifier: DifficultyClassifier,
+               plan: SwitchingPlan, prefill: float, common: dict) -> None:
+    """The live methods of one set: the budget curve on every set; KV-Generative's sweep, DEER-style early exit
+    and the fixed budgets on ``plan.live_sets``."""
+    refs = stored_answers(s.fast, s.slow) if plan.replay else None
+    slow_refs = refs and refs["slow"]
+    levels = budget_levels(s.fast_mean, s.slow_mean, plan.curve_levels) if plan.curve_levels else []
+    for level, b in enumerate(levels, 1):
+        recs = budget_generate(model, tokenizer, s.items, b, dataset=s.name, references=slow_refs, **common)
+        _add_live(ev, s, Method.curve_level(level), recs, budget=b)
+    if plan.live_sets is not None and s.name not in plan.live_sets:
+        return
+    for tau, tf, ts in _sweep(plan):
+        cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.fast_tokens)
+        recs = adaptive_generate(model, tokenizer, s.items, classifier, cfg, dataset=s.name, references=refs,
+                                 **common)
+        probe = live_row(Method.KV_GENERATIVE, s.name, s.items, recs, s.slow_mean)
+        ev.point(Method.KV_GENERATIVE, s.name, f"tau={tau:g},{tf:g},{ts:g}", probe["accuracy"], probe["mean_tokens"])
+        if (tau, tf, ts) == (plan.tau, plan.tau_fast, plan.tau_slow):
+            _add_live(ev, s, Method.KV_GENERATIVE, recs,
+                      slow_share=float(np.mean([r["start_mode"] == "slow" for r in recs])),
+                      decision_prefill_tokens=prefill, tau=tau, tau_fast=tf, tau_slow=ts)
+    recs = early_exit_generate(model, tokenizer, s.items, plan.early_exit, dataset=s.name, references=slow_refs,
+                               **common)
+    trial = float(np.mean([r["trial_tokens"] for r in recs]))
+    row = _add_live(ev, s, Method.deer(trial, plan.early_exit.think_ratio), recs, trial_tokens=trial,
+                    threshold=plan.early_exit.threshold)
+    ev.point(row["method"], row["set"], f"p>={plan.early_exit.threshold:g}", row["accuracy"], row["mean_tokens"])
+    for b in plan.budgets:
+        recs = budget_generate(model, tokenizer, s.items, b, dataset=s.name, references=slow_refs, **common)
+        row = _add_live(ev, s, Method.budget(b), recs, budget=b)
+        ev.point(Method.TOKEN_BUDGET, s.name, f"B={b}", row["accuracy"], row["mean_tokens"])
+
+
+def _curve_points(ev: _Evaluation, vs: pd.DataFrame) -> None:
+    """The fixed points (fast, slow, oracle, random), then the budget curve as one line (fast, the budget levels,
+    slow) on the sets where it ran."""
+    for r in ev.rows:
+        if r["method"] in (Method.FAST, Method.SLOW, Method.ORACLE, Method.RANDOM):  # fixed points, no sweep
+            ev.point(r["method"], r["set"], "", r["accuracy"], r["mean_tokens"])
+    curve_sets = set(vs["set"]) | {r["set"] for r in ev.rows if Method.curve_index(r["method"])}
+    for r in ev.rows:
+        if r["set"] in curve_sets and (r["method"] in (Method.FAST, Method.SLOW) or Method.curve_index(r["method"])):
+            ev.point(Method.BUDGET_CURVE, r["set"],
+                     f"B={r['budget']:g}" if Method.curve_index(r["method"]) else r["method"],
+                     r["accuracy"], r["mean_tokens"])
+
+
 def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],
                        pairs: Mapping[str, AnswerPair], classifier: DifficultyClassifier,
                        plan: SwitchingPlan, root=None, live: bool = True, progress: bool = True) -> SwitchingResult:
@@ -342,111 +499,23 @@ def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[st
     (``plan.live_sets``); ``live=False`` runs nothing live. A DEER-style run in which no trial was decoded
     is named for what ran (:meth:`Method.deer`). See :class:`SwitchingResult`.
     """
-    from .budget_curve import budget_levels, versus_curve
-
-    rows, points, outcomes = [], [], []
-    settings = plan.generation()
-    common = dict(model_name=model_name, settings=settings, root=root, batch_size=plan.batch_size, progress=progress)
+    ev = _Evaluation()
+    common = dict(model_name=model_name, settings=plan.generation(), root=root, batch_size=plan.batch_size,
+                  progress=progress)
     for name, items in test_items.items():
-        fast, slow = pairs[name]
-        ids = [s["item_id"] for s in slow]
-        slow_mean = float(np.mean([s["n_tokens"] for s in slow]))
-        fast_mean = float(np.mean([f["n_tokens"] for f in fast]))
-        prefill = float(np.mean([len(tokenizer(s["prompt"], add_special_tokens=False).input_ids) for s in slow]))
-        d0 = classifier.predict(record_features(slow, classifier.spec))
-        n = len(items)
-        for method, to_slow, cap in ((Method.FAST, np.zeros(n), plan.fast_tokens),
-                                     (Method.SLOW, np.ones(n), plan.slow_tokens)):
-            c, t = route(fast, slow, to_slow)
-            rows.append(method_row(method, name, c, t, slow_mean, slow_share=to_slow.mean(), cap=cap,
-                                   at_cap_share=float(np.mean(t >= cap))))
-            outcomes += _item_rows(method, name, ids, c, t)
-        for tau in sorted(set(plan.class_taus) | {plan.tau}):
-            c, t = route(fast, slow, d0 > tau)
-            points.append({"method": Method.KV_CLASSIFICATION, "set": name, "param": f"tau={tau:g}",
-                           "accuracy": c.mean(), "mean_tokens": t.mean()})
-        rate_slow = d0 > plan.tau
-        c, t = route(fast, slow, rate_slow)
-        rows.append(method_row(Method.KV_CLASSIFICATION, name, c, t, slow_mean,
-                               slow_share=rate_slow.mean(), decision_prefill_tokens=prefill, tau=plan.tau))
-        outcomes += _item_rows(Method.KV_CLASSIFICATION, name, ids, c, t)
-        rng = np.random.default_rng(plan.seed)
-        k = int(rate_slow.sum())
-        draws = []
-        for _ in range(plan.random_seeds):
-            pick = np.zeros(n, bool)
-            pick[rng.choice(n, size=k, replace=False)] = True
-            draws.append([x.mean() for x in route(fast, slow, pick)])
-        acc, tok = np.mean(draws, axis=0)
-        rows.append({**method_row(Method.RANDOM, name, [acc], [tok], slow_mean), "n": n,
-                     "slow_share": k / n, "accuracy_sd": float(np.std([d[0] for d in draws]))})
-        share = k / n  # per item, the expectation over draws: slow with probability k / n
-        (fc, ft), (sc, st) = route(fast, slow, np.zeros(n)), route(fast, slow, np.ones(n))
-        outcomes += _item_rows(Method.RANDOM, name, ids, share * sc + (1 - share) * fc, share * st + (1 - share) * ft)
-        oracle = ~np.array([f["correct"] for f in fast], bool)
-        c, t = route(fast, slow, oracle)
-        rows.append(method_row(Method.ORACLE, name, c, t, slow_mean, slow_share=oracle.mean()))
-        outcomes += _item_rows(Method.ORACLE, name, ids, c, t)
-        if not live:
-            continue
-        refs = stored_answers(fast, slow) if plan.replay else None
-
-        def add_live(method, recs, **extra):
-            live_row(rows, method, name, items, recs, slow_mean, **extra)
-            outcomes.extend(_item_rows(method, name, [r["item_id"] for r in recs],
-                                       [grade(r, it) for r, it in zip(recs, items)], [r["n_tokens"] for r in recs],
-                                       **({"budget": extra["budget"]} if "budget" in extra else {})))
-
-        # the budget curve runs on every set (the offline rows need it too); the other live methods on live_sets
-        levels = budget_levels(fast_mean, slow_mean, plan.curve_levels) if plan.curve_levels else []
-        for level, b in enumerate(levels, 1):
-            recs = budget_generate(model, tokenizer, items, b, dataset=name, references=refs and refs["slow"],
-                                   **common)
-            add_live(Method.curve_level(level), recs, budget=b)
-        if plan.live_sets is not None and name not in plan.live_sets:
-            continue
-        for tau, tf, ts in _sweep(plan):
-            cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.fast_tokens)
-            recs = adaptive_generate(model, tokenizer, items, classifier, cfg, dataset=name, references=refs,
-                                     **common)
-            probe = live_row([], Method.KV_GENERATIVE, name, items, recs, slow_mean)[0]
-            points.append({"method": Method.KV_GENERATIVE, "set": name, "param": f"tau={tau:g},{tf:g},{ts:g}",
-                           "accuracy": probe["accuracy"], "mean_tokens": probe["mean_tokens"]})
-            if (tau, tf, ts) == (plan.tau, plan.tau_fast, plan.tau_slow):
-                add_live(Method.KV_GENERATIVE, recs,
-                         slow_share=float(np.mean([r["start_mode"] == "slow" for r in recs])),
-                         decision_prefill_tokens=prefill, tau=tau, tau_fast=tf, tau_slow=ts)
-        recs = early_exit_generate(model, tokenizer, items, plan.early_exit, dataset=name,
-                                   references=refs and refs["slow"], **common)
-        trial = float(np.mean([r["trial_tokens"] for r in recs]))
-        add_live(Method.deer(trial, plan.early_exit.think_ratio), recs, trial_tokens=trial,
-                 threshold=plan.early_exit.threshold)
-        points.append({**{k: rows[-1][k] for k in ("method", "set", "accuracy", "mean_tokens")},
-                       "param": f"p>={plan.early_exit.threshold:g}"})
-        for b in plan.budgets:
-            recs = budget_generate(model, tokenizer, items, b, dataset=name, references=refs and refs["slow"],
-                                   **common)
-            add_live(Method.budget(b), recs, budget=b)
-            points.append({"method": Method.TOKEN_BUDGET, "set": name, "param": f"B={b}",
-                           "accuracy": rows[-1]["accuracy"], "mean_tokens": rows[-1]["mean_tokens"]})
-    for r in rows:
-        if r["method"] in (Method.FAST, Method.SLOW, Method.ORACLE, Method.RANDOM):  # fixed points, no sweep
-            points.append({"method": r["method"], "set": r["set"], "param": "", "accuracy": r["accuracy"],
-                           "mean_tokens": r["mean_tokens"]})
-    items_frame = pd.DataFrame(outcomes)
-    table = pd.DataFrame(rows)
+        s = _SetAnswers(name, items, *pairs[name])
+        prefill = _offline_rows(ev, s, tokenizer, classifier, plan)
+        if live:
+            _live_rows(ev, s, model, tokenizer, classifier, plan, prefill, common)
+    items_frame = pd.DataFrame(ev.outcomes)
+    table = pd.DataFrame(ev.rows)
     vs = versus_curve(items_frame, seed=plan.seed)
-    curve_sets = set(vs["set"]) | {r["set"] for r in rows if Method.curve_index(r["method"])}
-    for r in rows:  # the curve as one line: fast, the budget levels, slow, on the sets where it ran
-        if r["set"] in curve_sets and (r["method"] in (Method.FAST, Method.SLOW) or Method.curve_index(r["method"])):
-            points.append({"method": Method.BUDGET_CURVE, "set": r["set"],
-                           "param": f"B={r['budget']:g}" if Method.curve_index(r["method"]) else r["method"],
-                           "accuracy": r["accuracy"], "mean_tokens": r["mean_tokens"]})
+    _curve_points(ev, vs)
     if len(vs):
         keyed = vs.rename(columns={"difference": "vs_curve", "lo": "vs_curve_lo", "hi": "vs_curve_hi"})
         table = table.merge(keyed[["set", "method", "curve_accuracy", "vs_curve", "vs_curve_lo", "vs_curve_hi"]],
                             on=["set", "method"], how="left")
-    return SwitchingResult(table, pd.DataFrame(points), items_frame, vs)
+    return SwitchingResult(table, pd.DataFrame(ev.points), items_frame, vs)
 
 
 def switching_items(sizes: Mapping[str, int], split: str, seed: int = 0, data_dir=None):
@@ -717,8 +786,6 @@ def table3_markdown(table: pd.DataFrame, caption_line: str) -> str:
             vs.loc[r["method"], set_label(r["set"])] = (f"{r['vs_curve']:+.1f} [{r['vs_curve_lo']:+.1f}, "
                                                         f"{r['vs_curve_hi']:+.1f}]")
         vs.index.name = "method"
-        from .budget_curve import VS_CURVE
-
         md += f"\n{vs.fillna('').to_markdown()}\n\n{VS_CURVE}\n"
     return md
 

@@ -65,20 +65,20 @@ transition-word tokens sampled and then withdrawn at an exit) and every trial as
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .kv_switch import as_questions, controlled_generate
+from .kv_switch import ControllerSpec, RunContext, as_questions, controlled_generate
 from ..core.cache import crop_cache, step_logits
 from ..core.decoding import DecodeConfig, DecodeState, stop_ids
 from ..runs.generation import GenerationSettings, Prompt, record_array
 from .thinking import TextWatch, ThinkingProtocol, ThinkingWatch, protocol_for, render_prompt
 
 __all__ = ["EarlyExitConfig", "EarlyExitController", "early_exit_generate", "trial_confidence", "BudgetConfig",
-           "BudgetController", "budget_generate"]
+           "BudgetController", "budget_generate", "early_exit_spec", "budget_spec", "budget_settings", "slow_prompts"]
 
 Policy = Literal["avg2", "avg1", "min"]
 
@@ -310,6 +310,22 @@ class BudgetController:
                 "thinking_tokens": np.asarray([-1 if at is None else at], np.int64)}
 
 
+def early_exit_spec(model, tokenizer, config: EarlyExitConfig, protocol: ThinkingProtocol,
+                    settings: GenerationSettings) -> ControllerSpec:
+    """DEER-style early exit as a controller spec for :func:`~kvlib.switching.kv_switch.controlled_generate`."""
+    stop = stop_ids(model, DecodeConfig())  # the ids that end an item in every decode
+
+    def make(chunk: list[Prompt]) -> EarlyExitController:
+        return EarlyExitController(tokenizer, protocol, config, len(chunk), stop, settings.max_new_tokens)
+
+    return ControllerSpec({"method": "early-exit", "early_exit": asdict(config), "protocol": asdict(protocol)}, make)
+
+
+def slow_prompts(tokenizer, questions, protocol: ThinkingProtocol) -> list[Prompt]:
+    """The slow prompt of each question (``MathItem``-like objects or ``(id, question)`` pairs), in order."""
+    return [Prompt(i, render_prompt(tokenizer, q, "slow", protocol)) for i, q in as_questions(questions)]
+
+
 def early_exit_generate(model, tokenizer, questions, config: EarlyExitConfig = EarlyExitConfig(), *,
                         model_name: str = "model", dataset: str = "questions",
                         settings: GenerationSettings = GenerationSettings(), root=None, batch_size: int = 16,
@@ -318,28 +334,39 @@ def early_exit_generate(model, tokenizer, questions, config: EarlyExitConfig = E
     """Slow answers with DEER-style early exit.
 
     ``references`` (item id -> the stored plain greedy slow answer): replayed, decoded live only from the first
-    exit or cap (:mod:`kvlib.runs.replay`; the same records).
+    exit or cap (:mod:`kvlib.runs.replay`; the same records). The other keywords: see
+    :class:`~kvlib.switching.kv_switch.RunContext`.
 
     Records gain ``question``, ``trial_tokens``, ``withdrawn_tokens`` and ``early_exit_trials`` (a list of
     ``(thinking tokens before the word, confidence, trial tokens)``); the thinking cap is
     ``config.think_ratio * settings.max_new_tokens``.
     """
-    protocol = protocol or protocol_for(tokenizer)
-    qs = as_questions(questions)
-    prompts = [Prompt(i, render_prompt(tokenizer, q, "slow", protocol)) for i, q in qs]
-    stop = stop_ids(model, DecodeConfig())  # the ids that end an item in every decode
-    identity = {"method": "early-exit", "early_exit": asdict(config), "protocol": asdict(protocol)}
-
-    def make(chunk):
-        return EarlyExitController(tokenizer, protocol, config, len(chunk), stop, settings.max_new_tokens)
-
-    records = controlled_generate(model, tokenizer, prompts, make, identity, model_name=model_name, dataset=dataset,
-                                  settings=settings, root=root, batch_size=batch_size, progress=progress,
-                                  references=references)
+    run = RunContext(model_name, dataset, settings, root, batch_size, protocol, progress, references)
+    protocol = run.thinking(tokenizer)
+    records = controlled_generate(model, tokenizer, slow_prompts(tokenizer, questions, protocol),
+                                  early_exit_spec(model, tokenizer, config, protocol, settings), run)
     return [{**rec, "question": q, "trial_tokens": int(record_array(rec, "trial_tokens")[0]),
              "withdrawn_tokens": int(record_array(rec, "withdrawn_tokens")[0]),
              "early_exit_trials": record_array(rec, "early_exit_trials").tolist()}
-            for (_, q), rec in zip(qs, records)]
+            for (_, q), rec in zip(as_questions(questions), records)]
+
+
+def budget_spec(tokenizer, config: BudgetConfig, protocol: ThinkingProtocol) -> ControllerSpec:
+    """The token budget as a controller spec for :func:`~kvlib.switching.kv_switch.controlled_generate`."""
+    to_fast = tokenizer(protocol.to_fast, add_special_tokens=False).input_ids
+
+    def make(chunk: list[Prompt]) -> BudgetController:
+        watch = ThinkingWatch(tokenizer, protocol, [True] * len(chunk))
+        return BudgetController(to_fast, config.budget, len(chunk), watch)
+
+    return ControllerSpec({"method": "budget", **asdict(config), "protocol": asdict(protocol)}, make)
+
+
+def budget_settings(tokenizer, config: BudgetConfig, protocol: ThinkingProtocol,
+                    settings: GenerationSettings) -> GenerationSettings:
+    """``settings`` with ``max_new_tokens = budget + len(switch text) + answer_tokens``: a forced answer's room."""
+    to_fast = tokenizer(protocol.to_fast, add_special_tokens=False).input_ids
+    return replace(settings, max_new_tokens=config.budget + len(to_fast) + config.answer_tokens)
 
 
 def budget_generate(model, tokenizer, questions, budget: int, answer_tokens: int = BudgetConfig.answer_tokens, *,
@@ -350,32 +377,23 @@ def budget_generate(model, tokenizer, questions, budget: int, answer_tokens: int
     """Slow answers cut at ``budget`` tokens and forced to answer in at most ``answer_tokens`` more tokens.
 
     ``references`` (item id -> the stored plain greedy slow answer): replayed up to the budget, then decoded live
-    (:mod:`kvlib.runs.replay`; the same records).
+    (:mod:`kvlib.runs.replay`; the same records). The other keywords: see
+    :class:`~kvlib.switching.kv_switch.RunContext`.
 
     The run's ``max_new_tokens`` is ``budget + len(switch text) + answer_tokens`` (it replaces
-    ``settings.max_new_tokens``), so a forced answer always has its room. Records gain ``question``,
-    ``forced`` (the budget injected the switch) and ``thinking_tokens`` (appended tokens before the answer:
-    up to the switch, or up to and including the model's own end of thinking; all of them if it never
+    ``settings.max_new_tokens``, :func:`budget_settings`), so a forced answer always has its room. Records gain
+    ``question``, ``forced`` (the budget injected the switch) and ``thinking_tokens`` (appended tokens before the
+    answer: up to the switch, or up to and including the model's own end of thinking; all of them if it never
     ended); ``n_tokens`` counts every appended token, switch text and answer included.
     """
     cfg = BudgetConfig(budget, answer_tokens)
     protocol = protocol or protocol_for(tokenizer)
-    qs = as_questions(questions)
-    to_fast = tokenizer(protocol.to_fast, add_special_tokens=False).input_ids
-    run_settings = GenerationSettings(**{**asdict(settings),
-                                         "max_new_tokens": cfg.budget + len(to_fast) + cfg.answer_tokens})
-    prompts = [Prompt(i, render_prompt(tokenizer, q, "slow", protocol)) for i, q in qs]
-    identity = {"method": "budget", **asdict(cfg), "protocol": asdict(protocol)}
-
-    def make(chunk):
-        watch = ThinkingWatch(tokenizer, protocol, [True] * len(chunk))
-        return BudgetController(to_fast, cfg.budget, len(chunk), watch)
-
-    records = controlled_generate(model, tokenizer, prompts, make, identity, model_name=model_name, dataset=dataset,
-                                  settings=run_settings, root=root, batch_size=batch_size, progress=progress,
-                                  references=references)
+    run = RunContext(model_name, dataset, budget_settings(tokenizer, cfg, protocol, settings), root, batch_size,
+                     protocol, progress, references)
+    records = controlled_generate(model, tokenizer, slow_prompts(tokenizer, questions, protocol),
+                                  budget_spec(tokenizer, cfg, protocol), run)
     out = []
-    for (_, q), rec in zip(qs, records):
+    for (_, q), rec in zip(as_questions(questions), records):
         thinking = int(record_array(rec, "thinking_tokens")[0])
         out.append({**rec, "question": q, "forced": bool(record_array(rec, "budget_forced")[0]),
                     "thinking_tokens": rec["n_tokens"] if thinking < 0 else thinking})

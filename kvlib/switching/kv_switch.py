@@ -29,14 +29,15 @@ on that mode's prompts (tested).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from ..core.cache import cache_layers
-from ..core.decoding import DecodeConfig, DecodeState, decode
+from ..core.decoding import Controller, DecodeConfig, DecodeState, decode
 from .difficulty import DifficultyClassifier, last_n_sums, live_features
 from ..runs.generation import GenerationSettings, Prompt, generate, record_array
 from ..runs.identity import callable_identity, model_identity
@@ -45,7 +46,8 @@ from ..runs.store import ResultStore, default_store_dir
 from .thinking import Mode, ThinkingProtocol, ThinkingWatch, protocol_for, render_prompt
 
 __all__ = ["SwitchConfig", "KVSwitchController", "classifier_difficulty", "adaptive_generate", "initial_difficulty",
-           "as_questions", "trace_extractor", "controlled_generate"]
+           "as_questions", "trace_extractor", "controlled_generate", "RunContext", "ControllerSpec", "ControllerTraces",
+           "method_store", "switch_identity", "switch_start", "SwitchStart"]
 
 # (state, rows) -> difficulty per row: the classifier on live features, or a scripted function in tests
 DifficultyFn = Callable[[DecodeState, list[int]], Sequence[float]]
@@ -223,57 +225,185 @@ def initial_difficulty(model, tokenizer, questions, classifier: DifficultyClassi
     return d0
 
 
-def trace_extractor(holder: dict):
-    """An extractor storing, per row, the arrays of the batch's controller (``holder["controller"]``)
-    and ``holder["extra"][item id]`` (``holder["chunk"]`` names the batch's prompts)."""
+@dataclass(frozen=True)
+class RunContext:
+    """Where a controlled run stores its records and how it decodes: what every ``*_generate`` wrapper shares.
+
+    Attributes:
+        model_name: the folder name of the model's runs (what the model *is* comes from the model itself).
+        dataset: the data set's name in the store.
+        settings: decoding settings (part of the store identity).
+        root: store directory (``None``: :func:`kvlib.runs.store.default_store_dir`).
+        batch_size: items decoded together (not part of the identity: records do not depend on it).
+        protocol: the thinking protocol (``None``: the tokenizer's, :func:`kvlib.switching.thinking.protocol_for`).
+        progress: show a progress bar.
+        references: item id -> the stored plain greedy answer of the same prompt: replayed, and decoded live only
+            from where the controller changes it (:func:`kvlib.runs.replay.replay_generate`; the same records).
+            ``None``: every item is decoded live.
+    """
+
+    model_name: str = "model"
+    dataset: str = "questions"
+    settings: GenerationSettings = GenerationSettings()
+    root: str | Path | None = None
+    batch_size: int = 16
+    protocol: ThinkingProtocol | None = None
+    progress: bool = True
+    references: Mapping[str, Mapping] | None = None
+
+    def thinking(self, tokenizer) -> ThinkingProtocol:
+        """The run's thinking protocol: the one given, else the tokenizer's."""
+        return self.protocol or protocol_for(tokenizer)
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """What a method adds to plain greedy generation.
+
+    Attributes:
+        identity: the method's settings (thresholds, classifier fingerprint, protocol...): they join the store
+            identity, so another setting is another store.
+        make_controller: ``(the batch's prompts) -> a decoding controller, or None``; a controller with an
+            ``arrays(row) -> {name: array}`` method hands each finishing row's arrays (its trace) to the row's record.
+        extra: item id -> arrays known before decoding, stored with the item's record (e.g. ``d0``).
+        kind: the store's folder level.
+    """
+
+    identity: Mapping
+    make_controller: Callable[[list[Prompt]], Controller | None]
+    extra: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    kind: str = "adaptive"
+
+
+class ControllerTraces:
+    """The controllers of one run, batch by batch: builds each batch's controller and collects, per finishing row,
+    the arrays its record stores (the spec's ``extra`` of the item and the controller's ``arrays(row)``)."""
+
+    def __init__(self, spec: ControllerSpec):
+        self.spec = spec
+        self.chunk: list[Prompt] = []
+        self.controller: Controller | None = None
+
+    def controller_for(self, chunk: list[Prompt]) -> Controller | None:
+        """The controller of the batch ``chunk`` (the runner's ``controller_factory``)."""
+        self.chunk, self.controller = chunk, self.spec.make_controller(chunk)
+        return self.controller
+
+    def arrays(self, rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """The arrays of the current batch's ``rows`` (logical indices into the batch), one dict per row."""
+        out = []
+        for r in rows:
+            arrays = dict(self.spec.extra.get(self.chunk[r].id, {}))
+            if self.controller is not None and hasattr(self.controller, "arrays"):
+                arrays.update(self.controller.arrays(r))
+            out.append(arrays)
+        return out
+
+
+def trace_extractor(traces: ControllerTraces):
+    """The extractor that stores, per finishing row, the arrays :class:`ControllerTraces` collects for it.
+
+    Its closure (one dict named ``holder``) is hashed into every controlled run's store identity
+    (:func:`kvlib.runs.identity.callable_identity` names a closure's variables and the type of a dict): it is
+    kept as it is so that stored runs keep being reused.
+    """
+    holder = {"traces": traces}
 
     def extract(model, result, input_ids, attention_mask) -> list[dict[str, np.ndarray]]:
-        ctl, chunk, extra = holder.get("controller"), holder["chunk"], holder.get("extra", {})
-        rows = []
-        for r in result.rows:  # the rows finishing now (logical indices into the batch)
-            p = chunk[r]
-            arrays = dict(extra.get(p.id, {}))
-            if ctl is not None and hasattr(ctl, "arrays"):
-                arrays.update(ctl.arrays(r))
-            rows.append(arrays)
-        return rows
+        return holder["traces"].arrays(result.rows)  # the rows finishing now
 
     return extract
 
 
-def controlled_generate(model, tokenizer, prompts: list[Prompt], make_controller, identity: dict, *,
-                        model_name: str, dataset: str, settings: GenerationSettings, root=None,
-                        batch_size: int = 16, extra: dict | None = None, progress: bool = True,
-                        kind: str = "adaptive", references: Mapping[str, Mapping] | None = None) -> list[dict]:
-    """:func:`~kvlib.runs.generation.generate` with a per-batch controller whose trace is stored with each record.
+def method_store(model, tokenizer, spec: ControllerSpec, run: RunContext, readonly: bool = False) -> ResultStore:
+    """The store of a controlled run: the model, the run's settings and trace extractor, and the method's identity."""
+    extractors = {"trace": trace_extractor(ControllerTraces(spec))}
+    return ResultStore(run.root or default_store_dir(), run.model_name, run.dataset,
+                       {**run.settings.identity(extractors), **spec.identity}, kind=spec.kind,
+                       model_identity=model_identity(model, tokenizer), readonly=readonly)
 
-    ``make_controller(chunk) -> controller or None``; ``identity`` (method settings) joins the store identity.
-    ``references`` (item id -> the stored plain greedy answer of the same prompt): replay those answers and
-    decode live only from where the controller changes them (:func:`kvlib.runs.replay.replay_generate`; same records).
+
+def controlled_generate(model, tokenizer, prompts: list[Prompt], controller: ControllerSpec,
+                        run: RunContext = RunContext()) -> list[dict]:
+    """The one runner of the controlled methods: :func:`~kvlib.runs.generation.generate` (or, with
+    ``run.references``, :func:`~kvlib.runs.replay.replay_generate`) with the spec's controller on every batch, each
+    record storing its row's arrays (see :class:`ControllerSpec`). Returns one record per prompt, in order.
     """
-    holder: dict = {"extra": extra or {}}
-
-    def factory(chunk):
-        holder["chunk"] = chunk
-        holder["controller"] = make_controller(chunk)
-        return holder["controller"]
-
-    extractors = {"trace": trace_extractor(holder)}
-    desc = f"{dataset} {identity.get('method', kind)}"
-    with _method_store(model, tokenizer, extractors, identity, model_name, dataset, settings, root, kind) as store:
-        if references:
-            return replay_generate(model, tokenizer, prompts, store, references, settings, batch_size=batch_size,
-                                   extractors=extractors, controller_factory=factory, progress=progress, desc=desc)
-        return generate(model, tokenizer, prompts, store, settings, batch_size=batch_size, extractors=extractors,
-                        controller_factory=factory, progress=progress, desc=desc)
+    traces = ControllerTraces(controller)
+    extractors = {"trace": trace_extractor(traces)}
+    desc = f"{run.dataset} {controller.identity.get('method', controller.kind)}"
+    common = dict(batch_size=run.batch_size, extractors=extractors, controller_factory=traces.controller_for,
+                  progress=run.progress, desc=desc)
+    with method_store(model, tokenizer, controller, run) as store:
+        if run.references:
+            return replay_generate(model, tokenizer, prompts, store, run.references, run.settings, **common)
+        return generate(model, tokenizer, prompts, store, run.settings, **common)
 
 
-def _method_store(model, tokenizer, extractors: dict, identity: dict, model_name: str, dataset: str,
-                  settings: GenerationSettings, root, kind: str, readonly: bool = False) -> ResultStore:
-    """The store of a controlled run: the model, the generation settings and extractors, and the method's
-    ``identity`` (its settings: thresholds, classifier fingerprint, difficulty function...)."""
-    return ResultStore(root or default_store_dir(), model_name, dataset, {**settings.identity(extractors), **identity},
-                       kind=kind, model_identity=model_identity(model, tokenizer), readonly=readonly)
+def switch_identity(config: SwitchConfig, protocol: ThinkingProtocol, classifier: DifficultyClassifier | None,
+                    difficulty: DifficultyFn | None) -> dict:
+    """The settings of a KV-switching run that join its store identity."""
+    return {"method": "kv-switch", "switch": asdict(config), "protocol": asdict(protocol),
+            "classifier": classifier.fingerprint() if classifier is not None and config.needs_classifier else None,
+            "difficulty": callable_identity(difficulty) if difficulty is not None else None}
+
+
+@dataclass(frozen=True)
+class SwitchStart:
+    """A KV-switching run before decoding: each item's ``d0`` and start mode, its prompt, and the controller spec.
+
+    ``todo``: the items not stored yet (the only ones whose ``d0`` was computed now; stored ones read theirs).
+    """
+
+    prompts: list[Prompt]
+    spec: ControllerSpec
+    modes: dict[str, Mode]
+    d0: dict[str, float]
+    todo: list[str]
+
+
+def _stored_and_new_d0(model, tokenizer, qs: list[tuple[str, str]], classifier, config: SwitchConfig,
+                       run: RunContext, spec: ControllerSpec) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """``d0`` per item (stored items read theirs; NaN for a fixed start) and the items not stored yet."""
+    probe = method_store(model, tokenizer, spec, run, readonly=True)  # opened again, identically, by the runner
+    todo = [(i, q) for i, q in qs if i not in probe]
+    d0 = {i: float("nan") for i, _ in qs}
+    if config.start == "auto" and todo:
+        values = initial_difficulty(model, tokenizer, todo, classifier, config.decision_prompt, run.thinking(tokenizer),
+                                    run.batch_size)
+        d0.update({i: float(v) for (i, _), v in zip(todo, values)})
+    for i, _ in qs:
+        if i in probe:
+            d0[i] = float(record_array(probe.get(i), "d0")[0])
+    return d0, todo
+
+
+def switch_start(model, tokenizer, questions, classifier: DifficultyClassifier | None, config: SwitchConfig,
+                 run: RunContext = RunContext(), difficulty: DifficultyFn | None = None) -> SwitchStart:
+    """Everything :func:`adaptive_generate` decides before decoding (same arguments; see there)."""
+    protocol = run.thinking(tokenizer)
+    qs = as_questions(questions)
+    identity = switch_identity(config, protocol, classifier, difficulty)
+    d0, todo = _stored_and_new_d0(model, tokenizer, qs, classifier, config, run, ControllerSpec(identity, None))
+    modes = {i: config.start if config.start != "auto" else ("slow" if d0[i] > config.tau else "fast") for i, _ in qs}
+    prompts = [Prompt(i, render_prompt(tokenizer, q, modes[i], protocol)) for i, q in qs]
+    decision_len = {i: len(_ids(tokenizer, render_prompt(tokenizer, q, config.decision_prompt, protocol)))
+                    if config.start == "auto" else 0 for i, q in todo}
+    extra = {i: {"d0": np.asarray([d0[i]], np.float32),
+                 "decision_prefill_tokens": np.asarray([decision_len.get(i, 0)], np.int32)} for i, _ in todo}
+    switch_ids = {"fast": _ids(tokenizer, protocol.to_fast), "slow": _ids(tokenizer, protocol.to_slow)}
+    if difficulty is None and classifier is not None:
+        difficulty = classifier_difficulty(classifier)
+
+    def make_controller(chunk: list[Prompt]) -> KVSwitchController | None:
+        if config.check_every is None and config.fast_tokens is None:
+            return None
+        start = [modes[p.id] for p in chunk]
+        watch = ThinkingWatch(tokenizer, protocol, [m == "slow" for m in start])
+        return KVSwitchController(difficulty, start, switch_ids, config.check_every, config.tau_fast,
+                                  config.tau_slow, config.fast_tokens, watch=watch)
+
+    return SwitchStart(prompts, ControllerSpec(identity, make_controller, extra), modes, d0, [i for i, _ in todo])
 
 
 def adaptive_generate(model, tokenizer, questions, classifier: DifficultyClassifier | None,
@@ -291,8 +421,8 @@ def adaptive_generate(model, tokenizer, questions, classifier: DifficultyClassif
         difficulty: overrides the live difficulty function (tests script it); ``d0`` still uses ``classifier``.
         references: ``{mode: {item id: stored plain greedy answer}}`` (the fast and slow answers of the same
             prompts, e.g. :func:`kvlib.switching.answers.answer_records`): each item replays the answer of its start
-            mode
-            and is decoded live only from its first switch (:mod:`kvlib.runs.replay`); the records are the same.
+            mode and is decoded live only from its first switch (:mod:`kvlib.runs.replay`); the records are the same.
+        the others: see :class:`RunContext`.
 
     Returns:
         generation records (see :mod:`kvlib.runs.generation`) plus ``question``, ``start_mode``, ``d0``
@@ -300,57 +430,18 @@ def adaptive_generate(model, tokenizer, questions, classifier: DifficultyClassif
     """
     if config.needs_classifier and classifier is None and (config.start == "auto" or difficulty is None):
         raise ValueError("this SwitchConfig needs a DifficultyClassifier (or a fixed start and a difficulty function)")
-    protocol = protocol or protocol_for(tokenizer)
-    qs = as_questions(questions)
-    identity = {"method": "kv-switch", "switch": asdict(config), "protocol": asdict(protocol),
-                "classifier": classifier.fingerprint() if classifier is not None and config.needs_classifier else None,
-                "difficulty": callable_identity(difficulty) if difficulty is not None else None}
-    # d0 only for items not stored yet (the store is opened again, identically, by controlled_generate)
-    probe = _method_store(model, tokenizer, {"trace": trace_extractor({})}, identity, model_name, dataset, settings,
-                          root, "adaptive", readonly=True)
-    todo = [(i, q) for i, q in qs if i not in probe]
-    d0 = {i: float("nan") for i, _ in qs}
-    if config.start == "auto" and todo:
-        values = initial_difficulty(model, tokenizer, todo, classifier, config.decision_prompt, protocol, batch_size)
-        d0.update({i: float(v) for (i, _), v in zip(todo, values)})
-    for i, _ in qs:
-        if i in probe:
-            d0[i] = float(record_array(probe.get(i), "d0")[0])
-
-    def start_mode(i: str) -> Mode:
-        return config.start if config.start != "auto" else ("slow" if d0[i] > config.tau else "fast")
-
-    modes = {i: start_mode(i) for i, _ in qs}
-    prompts = [Prompt(i, render_prompt(tokenizer, q, modes[i], protocol)) for i, q in qs]
-    decision_len = {}
-    for i, q in todo:
-        decision_len[i] = len(_ids(tokenizer, render_prompt(tokenizer, q, config.decision_prompt, protocol))) \
-            if config.start == "auto" else 0
-    extra = {i: {"d0": np.asarray([d0[i]], np.float32),
-                 "decision_prefill_tokens": np.asarray([decision_len.get(i, 0)], np.int32)} for i, _ in todo}
-    switch_ids = {"fast": _ids(tokenizer, protocol.to_fast), "slow": _ids(tokenizer, protocol.to_slow)}
-    if difficulty is None and classifier is not None:
-        difficulty = classifier_difficulty(classifier)
-
-    def make_controller(chunk):
-        if config.check_every is None and config.fast_tokens is None:
-            return None
-        start = [modes[p.id] for p in chunk]
-        watch = ThinkingWatch(tokenizer, protocol, [m == "slow" for m in start])
-        return KVSwitchController(difficulty, start, switch_ids, config.check_every, config.tau_fast,
-                                  config.tau_slow, config.fast_tokens, watch=watch)
-
+    run = RunContext(model_name, dataset, settings, root, batch_size, protocol, progress)
+    start = switch_start(model, tokenizer, questions, classifier, config, run, difficulty)
     refs = None
     if references:
-        refs = {i: references[modes[i]][i] for i, _ in todo if i in references.get(modes[i], {})}
-    records = controlled_generate(model, tokenizer, prompts, make_controller, identity, model_name=model_name,
-                                  dataset=dataset, settings=settings, root=root, batch_size=batch_size,
-                                  extra=extra, progress=progress, references=refs)
+        modes = start.modes
+        refs = {i: references[modes[i]][i] for i in start.todo if i in references.get(modes[i], {})}
+    records = controlled_generate(model, tokenizer, start.prompts, start.spec, replace(run, references=refs))
     out = []
-    for (i, q), rec in zip(qs, records):
+    for (i, q), rec in zip(as_questions(questions), records):
         arrays = rec.get("arrays", {})
         trace = record_array(rec, "difficulty_trace").tolist() if "difficulty_trace" in arrays else []
-        out.append({**rec, "question": q, "start_mode": modes[i], "d0": d0[i],
+        out.append({**rec, "question": q, "start_mode": start.modes[i], "d0": start.d0[i],
                     "difficulty_trace": [(int(n), float(d)) for n, d in trace],
                     "decision_prefill_tokens": int(record_array(rec, "decision_prefill_tokens")[0])})
     return out
