@@ -545,6 +545,64 @@ def main(argv: list[str] | None = None) -> int:
         launch.close()
 
 
+def _stage_of(args, profile, launch: _Launch) -> Path:
+    """Where this process's notebooks write: the run folder (or the publish stage) on rank 0, a scratch folder of
+    its own on any other rank."""
+    if args.dry_run:
+        return profile.run_dir(ROOT)
+    if launch.rank != 0:
+        return _scratch(profile, launch, profile.run_dir(ROOT), args.publish)
+    return _staging(profile) if args.publish else profile.run_dir(ROOT)
+
+
+def _announce(args, profile, launch: _Launch, stage: Path, todo: list[Path], times: dict) -> None:
+    model = profile.model
+    _log.info("%d notebook(s) to run (%s), profile %s, model %s; time they took last time: %s", len(todo),
+              ", ".join(p.name for p in todo), args.profile, model,
+              time_left(times, args.profile, model, [p.name for p in todo]))
+    if launch.rank != 0:
+        import tempfile
+
+        _log.info("this rank generates its share of every item loop; its executed notebooks and tables go to the "
+                  "scratch folder %s (rank 0 writes the results)",
+                  f"of its own under {tempfile.gettempdir()}" if args.dry_run else stage)
+        return
+    _log.info("disk: %s", _disk_note(args.profile, model))
+    _log.info("results go to %s%s%s", stage, " (copied into tables/, figures/, notebooks/ and the README once "
+              "every notebook succeeded)" if args.publish else " (a scratch run: the committed results are not "
+              "touched)", f"; {launch.world} processes share every item loop" if launch.world > 1 else "")
+
+
+def _run_all(args, profile, launch: _Launch, stage: Path, out_dir: Path, todo: list[Path], times: dict
+             ) -> tuple[list[tuple[Path, Path]], dict] | None:
+    """Every notebook of ``todo`` in turn: ``(executed, this run's times)``, or ``None`` when one failed."""
+    lead, model = launch.rank == 0, profile.model
+    params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": args.data_dir_resolved,
+              "OUT_DIR": str(stage)}
+    executed, this_run = [], {}
+    for k, path in enumerate(todo):
+        t0 = time.perf_counter()
+        _log.info("==> %s %s; time left for this and the remaining notebooks: %s (last recorded run)",
+                  path.name, params, time_left(times, args.profile, model, [p.name for p in todo[k:]]))
+        try:
+            executed.append((run_notebook(path, out_dir, params, echo=lead), path))
+        except RuntimeError as err:
+            _log.error("FAILED: %s", err)
+            if launch.world > 1:
+                _log.error("%s failed, so the launch fails: the launcher stops the other ranks (kept for a look: "
+                           "%s)", launch, stage)
+            if args.publish:
+                _log.error("nothing was published: tables/, figures/, notebooks/ and the README are unchanged "
+                           "(this run's results so far are in %s)", stage)
+            return None
+        seconds = time.perf_counter() - t0
+        if lead:
+            record_time(stage / "timings.csv", args.profile, model, path.name, seconds)
+        this_run[(args.profile, model, path.name)] = round(seconds, 1)
+        _log.info("<== %s done in %.0f s", path.name, seconds)
+    return executed, this_run
+
+
 def _main(args, launch: _Launch | None = None) -> int:
     from ..runs.writer_lock import StoreLockedError, acquire, release
 
@@ -552,35 +610,13 @@ def _main(args, launch: _Launch | None = None) -> int:
     todo = [p for p in notebooks() if not args.only or p.name[:2] in args.only]
     if not todo:
         raise RunError(f"--only {' '.join(args.only or [])}: no notebooks matched in {ROOT / 'notebooks'}")
-    profile, data_dir = _check_request(args)
-    model = profile.model
+    profile, args.data_dir_resolved = _check_request(args)
     lead = launch.rank == 0  # writes the run folder, the timings and publishes; other ranks write a scratch folder
-    if args.dry_run:
-        stage = profile.run_dir(ROOT)
-    elif not lead:
-        stage = _scratch(profile, launch, profile.run_dir(ROOT), args.publish)
-    else:
-        stage = _staging(profile) if args.publish else profile.run_dir(ROOT)
+    stage = _stage_of(args, profile, launch)
     out_dir = Path(args.out) if args.out and lead else stage / "notebooks"
-    params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": data_dir, "OUT_DIR": str(stage)}
-    times_path = stage / "timings.csv"
-    last = times_path if lead else profile.run_dir(ROOT) / "timings.csv"  # rank r > 0: what rank 0 recorded
+    last = stage / "timings.csv" if lead else profile.run_dir(ROOT) / "timings.csv"  # rank r > 0: rank 0's record
     times = {**read_times(ROOT / NOTEBOOK_TIMES), **read_times(last)}
-    _log.info("%d notebook(s) to run (%s), profile %s, model %s; time they took last time: %s", len(todo),
-              ", ".join(p.name for p in todo), args.profile, model,
-              time_left(times, args.profile, model, [p.name for p in todo]))
-    if lead:
-        _log.info("disk: %s", _disk_note(args.profile, model))
-    if not lead:
-        import tempfile
-
-        _log.info("this rank generates its share of every item loop; its executed notebooks and tables go to the "
-                  "scratch folder %s (rank 0 writes the results)",
-                  f"of its own under {tempfile.gettempdir()}" if args.dry_run else stage)
-    else:
-        _log.info("results go to %s%s%s", stage, " (copied into tables/, figures/, notebooks/ and the README once "
-                  "every notebook succeeded)" if args.publish else " (a scratch run: the committed results are not "
-                  "touched)", f"; {launch.world} processes share every item loop" if launch.world > 1 else "")
+    _announce(args, profile, launch, stage, todo, times)
     if args.dry_run:
         return 0
     launch.start()
@@ -591,27 +627,10 @@ def _main(args, launch: _Launch | None = None) -> int:
         raise RunError(f"{err} (or give this run another --out)") from None
     try:
         t_all = time.perf_counter()
-        executed, this_run = [], {}
-        for k, path in enumerate(todo):
-            t0 = time.perf_counter()
-            _log.info("==> %s %s; time left for this and the remaining notebooks: %s (last recorded run)",
-                      path.name, params, time_left(times, args.profile, model, [p.name for p in todo[k:]]))
-            try:
-                executed.append((run_notebook(path, out_dir, params, echo=lead), path))
-            except RuntimeError as err:
-                _log.error("FAILED: %s", err)
-                if launch.world > 1:
-                    _log.error("%s failed, so the launch fails: the launcher stops the other ranks (kept for a look: "
-                               "%s)", launch, stage)
-                if args.publish:
-                    _log.error("nothing was published: tables/, figures/, notebooks/ and the README are unchanged "
-                               "(this run's results so far are in %s)", stage)
-                return 1
-            seconds = time.perf_counter() - t0
-            if lead:
-                record_time(times_path, args.profile, model, path.name, seconds)
-            this_run[(args.profile, model, path.name)] = round(seconds, 1)
-            _log.info("<== %s done in %.0f s", path.name, seconds)
+        ran = _run_all(args, profile, launch, stage, out_dir, todo, times)
+        if ran is None:
+            return 1
+        executed, this_run = ran
         if launch.world > 1:
             _log.info("waiting for every rank to finish its notebooks")
             launch.all_done()
@@ -624,7 +643,7 @@ def _main(args, launch: _Launch | None = None) -> int:
             _log.info("done (this rank's scratch folder is removed); rank 0 writes the results")
             return 0
         if args.publish:
-            apart = (Path(profile.results_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name)
+            apart = (Path(profile.results_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(profile.model).name)
                      if profile.results_dir else "")
             _log.info("README tables refreshed: %s",
                       ", ".join(publish(stage, executed, this_run, notebooks_dir=apart)) or "none")
