@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 import kvlib.core.cache as kvcache  # noqa: E402
 from kvlib.core.decoding import DecodeConfig, DecodeLoop  # noqa: E402
-from kvlib.core.tiny import SHAPES, random_model  # noqa: E402
+from kvlib.core.models import load_model  # noqa: E402
+from kvlib.core.tiny import SHAPES  # noqa: E402
 
 ATTENTION = re.compile(r"flash|fmha|attention|sdpa|scaled_dot|_efficient", re.I)
 SYNC = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy(?!Async)|_local_scalar_dense", re.I)
@@ -127,7 +128,7 @@ def main() -> None:
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = random_model(args.shape, device, dtype)[0]
+    model = load_model(f"random:{args.shape}", device=device, dtype=dtype)[0]
     arms = {"eager step": (False, False)}
     if device == "cuda":  # (captured, next step launched before the host reads this one)
         arms = {"captured, launched ahead (as decoded)": (True, True), "captured, step by step": (True, False),

@@ -3,8 +3,8 @@
 Each claim gets the evidence measured here (numbers with their 95% intervals, copied from the tables named in the
 row) and one of four verdicts, decided by a rule written next to it:
 
-* ``holds``: the paired intervals support the claim on every set where it was measured;
-* ``does not hold at this scale``: the intervals contradict it on most sets;
+* ``holds``: the paired intervals support the claim (pooled over models, sets and baselines: see :func:`_rule`);
+* ``does not hold at this scale``: they contradict it more often than they support it;
 * ``mixed``: neither;
 * ``not shown at this scale``: (switching) the KV methods are level with the equal-token control, no better;
 * ``cannot be tested here`` / ``not measured``: the table that would decide it is missing (with the reason).
@@ -71,19 +71,19 @@ def tally(lo: pd.Series, hi: pd.Series) -> tuple[int, int, int]:
 
 
 def _rule(above: int, below: int, n: int, claim_is_better: bool = True) -> str:
-    """``claim_is_better``: the claim says the difference is > 0 (else it says "not below 0")."""
+    """The verdict from the paired intervals of every (model, set, baseline) cell a claim reads, pooled: ``above``
+    and ``below`` 0 out of ``n``. ``claim_is_better``: the claim says the difference is > 0 (holds: above on most
+    cells and below on none; does not hold: below on more cells than above); else it says "not below 0" (holds:
+    below on none; does not hold: below on most)."""
     if n == 0:
         return NOT_MEASURED
     if claim_is_better:
-        return HOLDS if above == n else FAILS if below > n / 2 else MIXED
+        return HOLDS if above > n / 2 and below == 0 else FAILS if below > above else MIXED
     return HOLDS if below == 0 else FAILS if below > n / 2 else MIXED
 
 
-def _combine(verdicts: list[str]) -> str:
-    known = [v for v in verdicts if v != NOT_MEASURED]
-    if not known:
-        return NOT_MEASURED
-    return known[0] if len(set(known)) == 1 else MIXED
+def _pool(counts: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    return tuple(int(sum(c[i] for c in counts)) for i in range(3)) if counts else (0, 0, 0)
 
 
 def _ci(x, lo, hi, scale: float = 1.0, digits: int = 1) -> str:
@@ -96,32 +96,32 @@ def _pairs(df: pd.DataFrame, a_col: str, b_col: str, a: str, b: str, value: str,
     return [f"{r['set']} {_ci(r[value], r[lo], r[hi], scale, digits)}" for _, r in rows.iterrows()], rows
 
 
-def _embedding(model: str, folder: Path) -> tuple[str, str]:
+def _embedding(model: str, folder: Path) -> tuple[tuple[int, int, int], str]:
     diffs = _read(folder, "table1_differences")
     if diffs is None or "a" not in diffs:
-        return NOT_MEASURED, f"{model}: no whole-split Table 1 yet"
+        return (0, 0, 0), f"{model}: no whole-split Table 1 yet"
     parts, verdicts = [], []
     for b in ("hidden states", "bag-of-words"):
         cells, rows = _pairs(diffs, "a", "b", "KV cache", b, "accuracy", "accuracy_lo", "accuracy_hi", 100.0)
         above, below, same = tally(rows["accuracy_lo"], rows["accuracy_hi"])
-        verdicts.append(_rule(above, below, len(rows), claim_is_better=False))
+        verdicts.append((above, below, len(rows)))
         parts.append(f"KV − {b}: below on {below}, level on {same}, above on {above} of {len(rows)} sets "
                      f"({'; '.join(cells)} accuracy points)")
-    return _combine(verdicts), f"{model}: " + "; ".join(parts)
+    return _pool(verdicts), f"{model}: " + "; ".join(parts)
 
 
-def _coe(model: str, folder: Path, baselines: tuple[str, ...], claim_is_better: bool,
-         score: str = "KV-CoE-C (V)") -> tuple[str, str]:
+def _coe(model: str, folder: Path, baselines: tuple[str, ...], score: str = "KV-CoE-C (V)"
+         ) -> tuple[tuple[int, int, int], str]:
     diffs = _read(folder, "table2_differences")
     if diffs is None:
-        return NOT_MEASURED, f"{model}: no Table 2"
+        return (0, 0, 0), f"{model}: no Table 2"
     parts, verdicts = [], []
     for b in baselines:
         cells, rows = _pairs(diffs, "score", "baseline", score, b, "AUROC difference", "lo", "hi")
         if rows.empty:
             continue
         above, below, _ = tally(rows["lo"], rows["hi"])
-        verdicts.append(_rule(above, below, len(rows), claim_is_better))
+        verdicts.append((above, below, len(rows)))
         parts.append(f"{score} − {b}: above on {above}, below on {below} of {len(rows)} sets ({'; '.join(cells)})")
     best = _read(folder, "table2_best_variant")
     if best is not None and "chosen" in best and len(best):
@@ -129,8 +129,8 @@ def _coe(model: str, folder: Path, baselines: tuple[str, ...], claim_is_better: 
         if len(chosen):
             parts.append(f"variant picked on a validation half: {chosen.iloc[0]}")
     if not parts:
-        return NOT_MEASURED, f"{model}: Table 2 has no {score} vs {', '.join(baselines)} row"
-    return _combine(verdicts), f"{model}: " + "; ".join(parts)
+        return (0, 0, 0), f"{model}: Table 2 has no {score} vs {', '.join(baselines)} row"
+    return _pool(verdicts), f"{model}: " + "; ".join(parts)
 
 
 def _switching(model: str, folder: Path) -> tuple[str, str]:
@@ -191,14 +191,19 @@ def verdicts(model_dirs: Mapping[str, Path], root: str | Path = "tables", repo: 
     out = []
     rows = {
         "embedding": [_embedding(m, f) for m, f in model_dirs.items()],
-        "coe_output": [_coe(m, f, ("MaxProb", "Entropy", "Length"), True) for m, f in model_dirs.items()],
-        "coe_hidden": [_coe(m, f, ("CoE-C", "CoE-C [paper]"), False) for m, f in model_dirs.items()],
+        "coe_output": [_coe(m, f, ("MaxProb", "Entropy", "Length")) for m, f in model_dirs.items()],
+        "coe_hidden": [_coe(m, f, ("CoE-C", "CoE-C [paper]")) for m, f in model_dirs.items()],
         "switching": [_switching(m, f) for m, f in model_dirs.items()],
     }
     tables = {"embedding": "table1_differences", "coe_output": "table2_differences", "coe_hidden": "table2_differences",
               "switching": "table3_vs_budget"}
+    better = {"embedding": False, "coe_output": True, "coe_hidden": False}
     for key, results in rows.items():
-        verdict = _combine([v for v, _ in results])
+        if key in better:
+            verdict = _rule(*_pool([c for c, _ in results]), claim_is_better=better[key])
+        else:
+            known = {v for v, _ in results if v != NOT_MEASURED}
+            verdict = NOT_MEASURED if not known else known.pop() if len(known) == 1 else MIXED
         evidence = "<br>".join(e for _, e in results)
         if key == "switching":
             verdict = f"{verdict}; the paper's thinking-model setting: {UNTESTABLE}"
@@ -230,8 +235,11 @@ def verdicts_markdown(table: pd.DataFrame, caption: str) -> str:
 
 def verdicts_caption(profile: str, model_dirs: Mapping[str, Path]) -> str:
     """What the verdicts read: the profile and models, and the rules that decide them."""
-    return (f"Verdicts, profile {profile}; models: {', '.join(model_dirs)}. Each verdict is decided by paired 95% "
-            "intervals copied from the tables in the last column: holds = the intervals support the claim on every "
-            "set (Table 2, hidden CoE: KV-CoE never below), does not hold at this scale = they contradict it on most "
-            "sets, mixed = neither; switching is judged against forced-answer budgets at the same mean token count "
-            "(not shown = level with them). Table 1 reads the whole-split protocol.")
+    return (f"Verdicts, profile {profile}; models: {', '.join(model_dirs)}. Each verdict pools the paired 95% "
+            "intervals of every model, set and baseline a claim reads (tables in the last column). A claim that the "
+            "KV score is better (KV-CoE vs output baselines) holds when the intervals lie above 0 on most cells and "
+            "below on none, and does not hold when they lie below 0 on more cells than above; a claim that it is not "
+            "worse (Table 1 vs hidden states and bag-of-words; KV-CoE vs hidden-state CoE in both forms) holds when "
+            "no interval lies below 0 and does not hold when most do; otherwise mixed. Switching is judged against "
+            "forced-answer budgets at the same mean token count (not shown = level with them). Table 1 reads the "
+            "whole-split protocol.")

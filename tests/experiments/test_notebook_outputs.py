@@ -71,8 +71,9 @@ def test_outputs_of_other_code_are_refused(tmp_path):
 # --- machine paths ----------------------------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[2]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-MACHINE_ROOTS = ["/tmp", "/work", str(Path.home()), str(ROOT)]  # besides kvlib.core.paths.machine_roots()
+# the numbered notebooks and the executed copies a profile keeps apart per model (notebooks/gpu/<model>/)
+NOTEBOOKS = sorted((ROOT / "notebooks").rglob("[0-9][0-9]_*.ipynb"))
+MACHINE_ROOTS = ["/tmp", "/work", "/root", str(Path.home()), str(ROOT)]  # besides kvlib.core.paths.machine_roots()
 
 
 def _output_texts(nb):
