@@ -58,6 +58,8 @@ def _step(loop: DecodeLoop) -> None:
     loop.state.step += 1
     ahead = loop._launch_ahead() if loop._can_look_ahead() else None
     loop.next_tokens(ahead)
+    if ahead is not None:  # as run() does: the launched step's logits are the ones the next step reads
+        loop.logits, loop.stats = ahead.logits, ahead.stats
     if ahead is None or not loop._settle(ahead, None):
         loop.feed()
 

@@ -1,0 +1,20 @@
+"""benchmarks/step_profile.py takes each step as DecodeLoop.run does, in every variant: the early-launched step
+(what a GPU decodes by default, forced on here) and the plain one, on a tiny random model on the CPU."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvlib.core.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+step_profile = pytest.importorskip("step_profile")
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["early launch", "step by step"])
+def test_every_variant_steps_like_the_loop(ahead):
+    model = load_model("random:tiny", device="cpu", dtype=torch.float32)[0]
+    row = step_profile.measure(model, batch=3, prompt=16, steps=4, warm=2, compile_step=False, ahead=ahead)
+    assert row["wall"] > 0 and row["cache capacity"] >= 16 + 4 + 2
