@@ -196,12 +196,15 @@ def size_figure(dirs: dict[str, Path], scores=("MaxProb", "Entropy", "KV-CoE-C (
     t2 = _read(dirs, "table2_kv_coe")
     models = list(dirs)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    # the mean over the sets every model has: a set only one model ran would move that model's point alone
+    shared = sorted(set.intersection(*(set(t1.xs(m, level="model").index) for m in models
+                                       if m in t1.index.get_level_values("model")))) if len(t1) else []
     for emb, color in zip(("KV cache", "hidden states", "dedicated embedder", "random"), ("C0", "C3", "C2", "gray")):
         col = (emb, "few-shot")
-        ys = [t1.xs(m, level="model")[col].mean() if col in t1 and m in t1.index.get_level_values("model")
+        ys = [t1.xs(m, level="model").loc[shared, col].mean() if col in t1 and m in t1.index.get_level_values("model")
               else float("nan") for m in models]
         ax.plot(models, ys, "o-", color=color, label=emb)
-    ax.set(ylabel="few-shot accuracy (mean over sets)", title="Table 1: probe accuracy by model")
+    ax.set(ylabel=f"few-shot accuracy (mean over {len(shared)} shared sets)", title="Table 1: probe accuracy by model")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     for k, score in enumerate(scores):
