@@ -573,11 +573,11 @@ def _announce(args, profile, launch: _Launch, stage: Path, todo: list[Path], tim
               "touched)", f"; {launch.world} processes share every item loop" if launch.world > 1 else "")
 
 
-def _run_all(args, profile, launch: _Launch, stage: Path, out_dir: Path, todo: list[Path], times: dict
-             ) -> tuple[list[tuple[Path, Path]], dict] | None:
+def _run_all(args, profile, data_dir: str, launch: _Launch, stage: Path, out_dir: Path, todo: list[Path],
+             times: dict) -> tuple[list[tuple[Path, Path]], dict] | None:
     """Every notebook of ``todo`` in turn: ``(executed, this run's times)``, or ``None`` when one failed."""
     lead, model = launch.rank == 0, profile.model
-    params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": args.data_dir_resolved,
+    params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": data_dir,
               "OUT_DIR": str(stage)}
     executed, this_run = [], {}
     for k, path in enumerate(todo):
@@ -610,7 +610,7 @@ def _main(args, launch: _Launch | None = None) -> int:
     todo = [p for p in notebooks() if not args.only or p.name[:2] in args.only]
     if not todo:
         raise RunError(f"--only {' '.join(args.only or [])}: no notebooks matched in {ROOT / 'notebooks'}")
-    profile, args.data_dir_resolved = _check_request(args)
+    profile, data_dir = _check_request(args)
     lead = launch.rank == 0  # writes the run folder, the timings and publishes; other ranks write a scratch folder
     stage = _stage_of(args, profile, launch)
     out_dir = Path(args.out) if args.out and lead else stage / "notebooks"
@@ -627,7 +627,7 @@ def _main(args, launch: _Launch | None = None) -> int:
         raise RunError(f"{err} (or give this run another --out)") from None
     try:
         t_all = time.perf_counter()
-        ran = _run_all(args, profile, launch, stage, out_dir, todo, times)
+        ran = _run_all(args, profile, data_dir, launch, stage, out_dir, todo, times)
         if ran is None:
             return 1
         executed, this_run = ran
