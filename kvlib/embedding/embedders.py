@@ -53,6 +53,7 @@ import torch
 
 from ..core.cache import cache_layers, forward, masked_mean
 from ..core.decoding import prefill_positions
+from ..core.phases import phase
 from ..core.pooling import select_layers
 
 __all__ = [
@@ -331,6 +332,7 @@ class SentenceTransformerEmbedder:
         return np.asarray(out, dtype=np.float32).reshape(len(texts), self.dim)
 
 
+@phase("embedding")
 def embed_all(embedders: Sequence[Embedder], texts: Sequence[str]) -> dict[str, np.ndarray]:
     """Embed ``texts`` with every embedder; those sharing a :class:`Prefill` share one forward pass, and
     :class:`RecipeEmbedder` s sharing a :class:`LayerPooler` share its per-layer vectors.

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..assets.data import SelectedSets, select_sets, skipped_sets
+from ..core.phases import phase
 from ..selfeval.metrics import MIN_CLASS, auroc, evaluate_score, flipped_interval, paired_auroc_difference
 from ..selfeval.scores import KV_COE_VARIANTS, METHODS, score_records
 from .report import run_label, set_label, skipped_note
@@ -80,6 +81,7 @@ def selfeval_sets(sizes: Mapping[str, int | str | None], data_dir: str | Path | 
     return select_sets(sizes, "test", data_dir, seed)
 
 
+@phase("self-evaluation")
 def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequence], max_new_tokens: int,
                    batch_size: int = 16, root=None, seed: int = 0,
                    min_class: int = MIN_CLASS) -> dict[str, pd.DataFrame]:
