@@ -310,6 +310,7 @@ def minilm_path() -> Path:
 class SentenceTransformerEmbedder:
     """A dedicated embedding model through sentence-transformers, offline; L2-normalised ``[N, D]``."""
 
+    @phase("model load")
     def __init__(self, path: str | Path | None = None, batch_size: int = 32, progress: bool = True,
                  name: str = "dedicated embedder", device: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -132,6 +132,7 @@ def evaluate_sets(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[s
     return pd.DataFrame(rows)
 
 
+@phase("bootstrap statistics")
 def table2(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | None = None,
            min_class: int = MIN_CLASS, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Table 2: rows = methods, columns ``"{set} AUROC"``, ``"... AUROC lo"``, ``"... AUROC hi"``,
@@ -308,6 +309,7 @@ def _hidden_of(variant: str) -> list[str]:
     return [f"CoE-{letter}", f"CoE-{letter} [paper]"]
 
 
+@phase("bootstrap statistics")
 def best_variant(scores_by_set: Mapping[str, pd.DataFrame], candidates: Sequence[str] | None = None,
                  fraction: float = 0.5, seed: int = 0, baselines: Sequence[str] = ("MaxProb", "Length"),
                  min_class: int = MIN_CLASS, n_boot: int = 1000) -> BestVariant:
@@ -426,6 +428,7 @@ def table2_verdicts(table: pd.DataFrame, differences: pd.DataFrame, best: BestVa
     return out
 
 
+@phase("bootstrap statistics")
 def auroc_differences(scores_by_set: Mapping[str, pd.DataFrame],
                       pairs: Sequence[tuple[str, str]] = COMPARISONS, min_class: int = MIN_CLASS,
                       n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:

@@ -285,7 +285,10 @@ def _phase_rows(profile: str, model: str, notebook: str, seconds: float, phases:
     from ..core.phases import SEP
 
     top = sum(s for p, (s, _) in phases.items() if SEP not in p)
-    rows = [("(notebook)", 1, seconds), *((p, n, s) for p, (s, n) in phases.items()),
+    first = {p: k for k, p in enumerate(phases)}  # tree order: each phase under its parent, siblings as they came
+    tree = sorted(phases, key=lambda p: [first.get(SEP.join(p.split(SEP)[:i]), len(first))
+                                         for i in range(1, p.count(SEP) + 2)])
+    rows = [("(notebook)", 1, seconds), *((p, phases[p][1], phases[p][0]) for p in tree),
             (_OUTSIDE, "", max(seconds - top, 0.0))]
     return [{"profile": profile, "model": model, "notebook": notebook, "phase": p, "calls": n,
              "seconds": round(s, 2), "share": f"{100 * s / seconds:.1f}%" if seconds > 0 else ""} for p, n, s in rows]

@@ -137,7 +137,8 @@ def test_the_runner_shows_its_progress_when_run_as_a_program():
 
 def test_phases_are_summed_per_notebook_into_the_timings_folder(tmp_path):
     """A notebook's ``$KVLIB_PHASES`` lines become rows of ``timings/phases.csv`` (calls and seconds summed per
-    path, the share of the notebook, the rest outside every phase); a rerun of one notebook replaces its rows only."""
+    path, in tree order, the share of the notebook, the rest outside every phase); a rerun of one notebook replaces its
+    rows only."""
     import json
 
     import pandas as pd
@@ -147,15 +148,16 @@ def test_phases_are_summed_per_notebook_into_the_timings_folder(tmp_path):
         return path
 
     first = lines(tmp_path / "03.jsonl", [("model load", 2.0, 1), ("self-evaluation", 5.0, 1),
-                                          ("self-evaluation/generation", 4.0, 1), ("self-evaluation", 1.0, 1)])
+                                          ("self-evaluation/generation", 4.0, 1), ("self-evaluation", 1.0, 1),
+                                          ("model load/verify", 0.5, 1)])  # a child seen late: under its parent
     tables = tmp_path / "tables" / "gpu" / "m"
     written = pipeline.record_phases(tables, "gpu", "m", "03_kv_coe.ipynb", 10.0, first)
     assert written == [tables / "timings" / "phases.csv", tables / "timings" / "phases.md"]
     pipeline.record_phases(tables, "gpu", "m", "01_vram.ipynb", 4.0, tmp_path / "none.jsonl")  # no phase at all
     df = pd.read_csv(written[0], keep_default_na=False)
     nb3 = df[df.notebook == "03_kv_coe.ipynb"].set_index("phase")
-    assert nb3.index.tolist() == ["(notebook)", "model load", "self-evaluation", "self-evaluation/generation",
-                                  "(outside phases)"]
+    assert nb3.index.tolist() == ["(notebook)", "model load", "model load/verify", "self-evaluation",
+                                  "self-evaluation/generation", "(outside phases)"]
     assert nb3.loc["self-evaluation", "seconds"] == 6.0 and nb3.loc["self-evaluation", "calls"] == "2"
     assert nb3.loc["(outside phases)", "seconds"] == 2.0  # 10 s less the top-level phases (2 + 6)
     assert nb3.loc["self-evaluation/generation", "share"] == "40.0%"
