@@ -659,7 +659,10 @@ def _run_all(args, profile, data_dir: str, launch: _Launch, stage: Path, out_dir
         seconds = time.perf_counter() - t0
         if lead:
             record_time(stage / "timings.csv", args.profile, model, path.name, seconds)
-            record_phases(profile.output_dirs(stage)[0], args.profile, model, path.name, seconds, phases_file)
+            try:
+                record_phases(profile.output_dirs(stage)[0], args.profile, model, path.name, seconds, phases_file)
+            except (OSError, KeyError, ValueError) as err:  # a timing table is never worth failing the run for
+                _log.warning("%s: its phases were not recorded (%s: %s)", path.name, type(err).__name__, err)
         this_run[(args.profile, model, path.name)] = round(seconds, 1)
         _log.info("<== %s done in %.0f s", path.name, seconds)
     return executed, this_run

@@ -122,6 +122,10 @@ def test_publish_copies_outputs_into_the_source_notebook(tmp_path, monkeypatch):
     assert pipeline.main(["--profile", "small", "--out", str(tmp_path / "ex"), "--publish"]) == 0
     out = nbformat.read(nb_dir / "01_t.ipynb", as_version=4).cells[1].outputs
     assert [o.get("text") for o in out] == ["hello small\n"]
+    # the notebook's phase table is published with the other timings (a notebook without phases: its total alone)
+    phases = (tmp_path / "tables" / "timings" / "phases.csv").read_text().splitlines()
+    assert phases[0] == "profile,model,notebook,phase,calls,seconds,share" and len(phases) == 3
+    assert phases[1].startswith("small,qwen2.5-0.5b,01_t.ipynb,(notebook),1,")
 
 
 def test_the_runner_shows_its_progress_when_run_as_a_program():
