@@ -22,7 +22,7 @@ switching  thinking difficulty kv_switch early_exit answers                     
 selfeval   coe scores trained_probes metrics                                                runs, core
 embedding  embedders mteb_classification textsets classification_stats                      core
 runs       identity writer_lock records store sharding generation replay sampling_settings  core
-core       cache decoding pooling memory models tiny model_info paths                       -
+core       cache decoding pooling memory models tiny model_info paths phases                -
 assets     data grading                                                                     -
 =========  ===============================================================================  ==================
 """

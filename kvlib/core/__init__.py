@@ -11,12 +11,13 @@ module          formerly  concept
 ``tiny``                  random models built in-process (tests, dry runs)
 ``model_info``            what a model is, without loading weights (`kvlib info`)
 ``paths``                 paths as a reader should see them, never a machine's absolute path
+``phases``                wall-clock phases of a run (where a notebook's time goes)
 ==============  ========  =============================================================================
 """
 
 import importlib as _importlib
 
-_MODULES = ('cache', 'decoding', 'pooling', 'memory', 'models', 'tiny', 'model_info', 'paths')
+_MODULES = ('cache', 'decoding', 'pooling', 'memory', 'models', 'tiny', 'model_info', 'paths', 'phases')
 
 
 def __getattr__(name: str):

@@ -45,6 +45,7 @@ static cache is resized to the need in buckets of 256 positions (one captured st
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -52,6 +53,7 @@ import torch
 
 from .cache import (CompiledStep, StaticKV, bucket, crop_cache, forward, keep_rows, merge_rows, move_columns,
                     rows_view, step_logits, supports_static, token_stats, write_rows)
+from .phases import phase
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -106,6 +108,29 @@ class DecodeConfig:
             spread = len(set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))) > 1
             return torch.device(device).type == "cuda" and supports_static(model) and not spread
         return self.cache == "static"
+
+
+class _WarmedStep(CompiledStep):
+    """:class:`~kvlib.core.cache.CompiledStep` whose call that compiles and captures a shape (the first for each
+    batch and cache capacity of a model in this process, or one that grows the cache) is timed as the phase
+    ``compile warm-up`` (:mod:`kvlib.core.phases`); the other calls cost one set lookup more."""
+
+    def __init__(self, model, compile: bool):
+        super().__init__(model, compile)
+        self.warm = _WARM.setdefault(model, set()) if compile else None  # (batch, capacity) already compiled
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 cache: StaticKV) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.warm is None or (cache.length + input_ids.shape[1] <= cache.capacity
+                                 and (input_ids.shape[0], cache.capacity) in self.warm):
+            return super().__call__(input_ids, attention_mask, position_ids, cache)
+        with phase("compile warm-up"):
+            out = super().__call__(input_ids, attention_mask, position_ids, cache)
+        self.warm.add((input_ids.shape[0], cache.capacity))
+        return out
+
+
+_WARM: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(batch, capacity)} compiled once
 
 
 @dataclass(frozen=True)
@@ -334,7 +359,7 @@ class DecodeLoop:
         self.fast_step = None
         if static:
             on_cuda = torch.device(self.device).type == "cuda"
-            self.fast_step = CompiledStep(model, compile=config.compile if config.compile is not None else on_cuda)
+            self.fast_step = _WarmedStep(model, compile=config.compile if config.compile is not None else on_cuda)
         self.state = DecodeState(model=model, cache=None, attention_mask=None, step=-1, tokens=[], slots=[], done=[],
                                  prompt_lengths=[], switches=[], rows=[], withdrawn=[])
         self.max_prob: list[list[float]] = []

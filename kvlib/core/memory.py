@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .cache import cache_layers, forward
+from .phases import phase
 
 __all__ = [
     "CONFIG_DIR", "shipped_configs", "load_config", "hf_config", "attention_layer_types", "parameter_count",
@@ -259,6 +260,7 @@ def _prompt_ids(tokenizer, length: int, batch_size: int, vocab: int, seed: int) 
     return torch.randint(0, vocab, (batch_size, length), generator=gen)
 
 
+@phase("cache measurement")
 def measure_cache_bytes(model, tokenizer=None, lengths: Sequence[int] = (256, 512, 1024, 2048),
                         batch_size: int = 1, seed: int = 0) -> list[dict]:
     """Prefill ``model`` at each length and count the real bytes of its cache and hidden states.

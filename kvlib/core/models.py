@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .paths import cache_root, shown_path
+from .phases import phase
 
 __all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "ModelFileError", "load_model", "cache_root",
            "embedded_model_dir", "assemble_gguf", "verify_entry", "clean_staging"]
@@ -366,6 +367,7 @@ def _placement(source: str, device, dtype) -> dict:
     return {"device_map": "auto" if weights > 0.9 * free else "cuda:0"}
 
 
+@phase("model load")
 def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None):
     """Load ``(model, tokenizer)`` ready for inference.
 

@@ -53,6 +53,7 @@ import torch
 
 from ..core.cache import cache_layers, forward, masked_mean
 from ..core.decoding import prefill_positions
+from ..core.phases import phase
 from ..core.pooling import select_layers
 
 __all__ = [
@@ -309,6 +310,7 @@ def minilm_path() -> Path:
 class SentenceTransformerEmbedder:
     """A dedicated embedding model through sentence-transformers, offline; L2-normalised ``[N, D]``."""
 
+    @phase("model load")
     def __init__(self, path: str | Path | None = None, batch_size: int = 32, progress: bool = True,
                  name: str = "dedicated embedder", device: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -331,6 +333,7 @@ class SentenceTransformerEmbedder:
         return np.asarray(out, dtype=np.float32).reshape(len(texts), self.dim)
 
 
+@phase("embedding")
 def embed_all(embedders: Sequence[Embedder], texts: Sequence[str]) -> dict[str, np.ndarray]:
     """Embed ``texts`` with every embedder; those sharing a :class:`Prefill` share one forward pass, and
     :class:`RecipeEmbedder` s sharing a :class:`LayerPooler` share its per-layer vectors.

@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..core.phases import phase
 from .embedders import Embedder, KVEmbedder, KVPooling, LayerPooler, PrefillRunner, RecipeEmbedder, embed_all
 from .classification_stats import bootstrap_scores, macro_f1, majority_scores, paired_difference
 from .textsets import TextSet, whole_split
@@ -247,25 +248,26 @@ def probe_textset(ts: TextSet, embedders: Sequence[Embedder], config: ProbeConfi
                      **{f"whole_majority_{_KEY[k]}": v for k, v in maj.items()}})
     rows = []
     for e in embedders:
-        x = embs[e.name]
-        text_features = e if getattr(e, "text_features", False) else None
-        pool_x = np.empty(len(ts.train_texts), object) if x.dtype == object else np.full(
-            (len(ts.train_texts), x.shape[1]), np.nan, np.float32)
-        pool_x[needed] = _features(x, [where[ts.train_texts[i]] for i in needed])
-        test_x = _features(x, [where[t] for t in ts.test_texts])
-        preds = few_shot_predictions(pool_x, ts.train_labels, test_x, spl, config, text_features)
-        acc = (preds == test_y[None]).mean(axis=1)
-        f1 = np.asarray([macro_f1(test_y, p) for p in preds])
-        row = {**base, "embedder": e.name, "accuracy_mean": acc.mean(), "accuracy_std": acc.std(),
-               "scores": [round(float(a), 6) for a in acc], "f1_mean": f1.mean(), "f1_std": f1.std(),
-               "f1_scores": [round(float(v), 6) for v in f1], "dim": x.shape[1] if x.ndim == 2 else 0}
-        if wts is not None:
-            res = whole_split_probe(_features(x, [where[t] for t in wts.train_texts]), wts.train_labels,
-                                    _features(x, [where[t] for t in wts.test_texts]), wts.test_labels, whole,
-                                    text_features)
-            row.update({f"whole_{_KEY[k]}": v for k, v in res.scores.items()})
-            row.update({"whole_C": res.C, "whole_pred": res.pred.tolist(), "whole_true": list(wts.test_labels)})
-        rows.append(row)
+        with phase("layer sweep fit" if e.name.startswith("sweep:") else "probe fit"):
+            x = embs[e.name]
+            text_features = e if getattr(e, "text_features", False) else None
+            pool_x = np.empty(len(ts.train_texts), object) if x.dtype == object else np.full(
+                (len(ts.train_texts), x.shape[1]), np.nan, np.float32)
+            pool_x[needed] = _features(x, [where[ts.train_texts[i]] for i in needed])
+            test_x = _features(x, [where[t] for t in ts.test_texts])
+            preds = few_shot_predictions(pool_x, ts.train_labels, test_x, spl, config, text_features)
+            acc = (preds == test_y[None]).mean(axis=1)
+            f1 = np.asarray([macro_f1(test_y, p) for p in preds])
+            row = {**base, "embedder": e.name, "accuracy_mean": acc.mean(), "accuracy_std": acc.std(),
+                   "scores": [round(float(a), 6) for a in acc], "f1_mean": f1.mean(), "f1_std": f1.std(),
+                   "f1_scores": [round(float(v), 6) for v in f1], "dim": x.shape[1] if x.ndim == 2 else 0}
+            if wts is not None:
+                res = whole_split_probe(_features(x, [where[t] for t in wts.train_texts]), wts.train_labels,
+                                        _features(x, [where[t] for t in wts.test_texts]), wts.test_labels, whole,
+                                        text_features)
+                row.update({f"whole_{_KEY[k]}": v for k, v in res.scores.items()})
+                row.update({"whole_C": res.C, "whole_pred": res.pred.tolist(), "whole_true": list(wts.test_labels)})
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -274,6 +276,7 @@ _KEY = {"accuracy": "accuracy", "accuracy lo": "accuracy_lo", "accuracy hi": "ac
         "macro-F1 lo": "f1_lo", "macro-F1 hi": "f1_hi"}
 
 
+@phase("probe table")
 def run_probe_table(textsets: Sequence[TextSet], embedders: Sequence[Embedder], config: ProbeConfig = ProbeConfig(),
                     extra: dict[str, Sequence[Embedder]] | None = None,
                     whole: WholeSplitConfig | None = None) -> pd.DataFrame:

@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.paths import cache_root
+from ..core.phases import phase
 
 __all__ = [
     "TextSet", "load_amazon_counterfactual", "load_financial_phrasebank", "load_bbc_news", "load_rotten_tomatoes",
@@ -305,6 +306,7 @@ class TextSets(list):
         self.skipped: list[tuple[str, str]] = list(skipped)
 
 
+@phase("text sets load")
 def load_textsets(data_dir: str | Path | None = None, max_train: int | None = None, max_test: int | None = None,
                   seed: int = 0, names: tuple[str, ...] | None = None) -> TextSets:
     """The probe's sets: the two MTEB sets when ``data_dir`` is given (error if it lacks them), then the stand-ins.

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..core.phases import phase
 from ..switching.kv_switch import SwitchConfig, adaptive_generate
 from ..switching.difficulty import DifficultyClassifier, record_features
 from .labels import Method
@@ -23,6 +24,7 @@ from .switching import AnswerPair, SwitchingPlan, SwitchingRun, live_row, method
 __all__ = ["budget_grid", "caption", "table4_markdown"]
 
 
+@phase("budget grid")
 def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],
                 pairs: Mapping[str, AnswerPair],
                 classifiers: Mapping[tuple[int, int], DifficultyClassifier], plan: SwitchingPlan, root=None,

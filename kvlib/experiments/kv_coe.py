@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..assets.data import SelectedSets, select_sets, skipped_sets
+from ..core.phases import phase
 from ..selfeval.metrics import MIN_CLASS, auroc, evaluate_score, flipped_interval, paired_auroc_difference
 from ..selfeval.scores import KV_COE_VARIANTS, METHODS, score_records
 from .report import run_label, set_label, skipped_note
@@ -80,6 +81,7 @@ def selfeval_sets(sizes: Mapping[str, int | str | None], data_dir: str | Path | 
     return select_sets(sizes, "test", data_dir, seed)
 
 
+@phase("self-evaluation")
 def collect_scores(model, tokenizer, model_name: str, sets: Mapping[str, Sequence], max_new_tokens: int,
                    batch_size: int = 16, root=None, seed: int = 0,
                    min_class: int = MIN_CLASS) -> dict[str, pd.DataFrame]:
@@ -130,6 +132,7 @@ def evaluate_sets(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[s
     return pd.DataFrame(rows)
 
 
+@phase("bootstrap statistics")
 def table2(scores_by_set: Mapping[str, pd.DataFrame], methods: Sequence[str] | None = None,
            min_class: int = MIN_CLASS, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Table 2: rows = methods, columns ``"{set} AUROC"``, ``"... AUROC lo"``, ``"... AUROC hi"``,
@@ -306,6 +309,7 @@ def _hidden_of(variant: str) -> list[str]:
     return [f"CoE-{letter}", f"CoE-{letter} [paper]"]
 
 
+@phase("bootstrap statistics")
 def best_variant(scores_by_set: Mapping[str, pd.DataFrame], candidates: Sequence[str] | None = None,
                  fraction: float = 0.5, seed: int = 0, baselines: Sequence[str] = ("MaxProb", "Length"),
                  min_class: int = MIN_CLASS, n_boot: int = 1000) -> BestVariant:
@@ -424,6 +428,7 @@ def table2_verdicts(table: pd.DataFrame, differences: pd.DataFrame, best: BestVa
     return out
 
 
+@phase("bootstrap statistics")
 def auroc_differences(scores_by_set: Mapping[str, pd.DataFrame],
                       pairs: Sequence[tuple[str, str]] = COMPARISONS, min_class: int = MIN_CLASS,
                       n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:

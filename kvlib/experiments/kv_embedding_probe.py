@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..core.phases import phase
 from ..embedding.embedders import (KV_RECIPES, BagOfWords, KVEmbedder, LayerPooler, PrefillRunner, PrefillConfig,
                                    RandomEmbedder, RecipeEmbedder, SentenceTransformerEmbedder)
 from ..embedding.mteb_classification import ProbeConfig, WholeSplitConfig, differences, run_probe_table
@@ -132,6 +133,7 @@ def sweep_set(data_dir=None) -> str:
     return "FinancialPhrasebank" if data_dir else "RottenTomatoes"
 
 
+@phase("model-size column")
 def add_size_models(long: pd.DataFrame, sets, run: ProbeRun) -> pd.DataFrame:
     """``long`` plus one ``KV cache (<model>)`` column per model of ``run.size_models`` (the model-size column).
 

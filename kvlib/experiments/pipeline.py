@@ -19,6 +19,13 @@ resumes from the stores. Before each notebook the runner says how long the rest 
 durations recorded last time (``tables/timings/notebooks.csv`` for published runs, the run folder's
 ``timings.csv`` otherwise); inside a notebook every long loop shows a progress bar with its own estimate.
 
+**Where the time goes.** Each notebook's kernel appends the wall-clock phases of the library's coarse steps (model
+load, generation, replay, the hidden-state CoE pass, embedding, probe fitting, the switching runs, compile
+warm-up: :mod:`kvlib.core.phases`) to the file that ``$KVLIB_PHASES`` names, set by the runner per notebook
+(``<executed notebooks>/NN_name.phases.jsonl``); after the notebook the runner sums them into the run's
+``timings/phases.csv`` and ``.md`` beside the tables (:func:`record_phases`; ``tables/timings/`` for the small
+profile, ``tables/gpu/<model>/timings/`` for the gpu profile), which publishing copies like the other timings.
+
 **More than one process.** Launched by ``torchrun --nproc_per_node N -m kvlib.experiments.pipeline ...`` or
 ``accelerate launch --num_processes N -m kvlib.experiments.pipeline ...`` (they set ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``), every process runs every notebook: the kernels inherit ``RANK`` and
@@ -36,6 +43,7 @@ ranks, each of which says it was stopped and that nothing was published.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -45,7 +53,7 @@ from pathlib import Path
 
 __all__ = ["notebooks", "run_notebook", "update_readme", "publish", "main", "NotebookError", "KernelDiedError",
            "RunError", "failing_line", "source_cell_index", "read_times", "record_time", "time_left",
-           "LaunchStopped"]
+           "LaunchStopped", "record_phases", "PHASES"]
 
 _log = logging.getLogger("kvlib.experiments.pipeline")  # not __name__: "__main__" under python -m
 
@@ -265,6 +273,56 @@ def record_time(path: Path, profile: str, model: str, notebook: str, seconds: fl
         w.writerow(["profile", "model", "notebook", "seconds"])
         for key in sorted(times):
             w.writerow([*key, times[key]])
+
+
+PHASES = "phases"  # timings/phases.csv and .md in a run's tables folder
+_OUTSIDE = "(outside phases)"
+
+
+def _phase_rows(profile: str, model: str, notebook: str, seconds: float, phases: dict) -> list[dict]:
+    """The rows of one notebook: the whole notebook, each phase (``{path: (seconds, calls)}``) and the time outside
+    every top-level phase (kernel start, imports, tables, figures), each with its share of the notebook."""
+    from ..core.phases import SEP
+
+    top = sum(s for p, (s, _) in phases.items() if SEP not in p)
+    first = {p: k for k, p in enumerate(phases)}  # tree order: each phase under its parent, siblings as they came
+    tree = sorted(phases, key=lambda p: [first.get(SEP.join(p.split(SEP)[:i]), len(first))
+                                         for i in range(1, p.count(SEP) + 2)])
+    rows = [("(notebook)", 1, seconds), *((p, phases[p][1], phases[p][0]) for p in tree),
+            (_OUTSIDE, "", max(seconds - top, 0.0))]
+    return [{"profile": profile, "model": model, "notebook": notebook, "phase": p, "calls": n,
+             "seconds": round(s, 2), "share": f"{100 * s / seconds:.1f}%" if seconds > 0 else ""} for p, n, s in rows]
+
+
+def record_phases(tables: Path, profile: str, model: str, notebook: str, seconds: float, phases_file: Path
+                  ) -> list[Path]:
+    """Write the phases a notebook's kernel handed over (``phases_file``: its ``$KVLIB_PHASES``, see
+    :mod:`kvlib.core.phases`) into ``tables/timings/phases.csv`` and ``.md``: per notebook and phase path the calls
+    and seconds summed, and the share of the notebook's ``seconds``. The rows of this profile, model and notebook
+    from an earlier run are replaced; those of other notebooks are kept. Returns the paths written."""
+    import pandas as pd
+
+    from ..core import phases
+    from .report import TIMINGS_DIR
+
+    stem = Path(tables) / TIMINGS_DIR / PHASES
+    new = pd.DataFrame(_phase_rows(profile, model, notebook, seconds, phases.read(phases_file))).astype(str)
+    csv_path = stem.with_suffix(".csv")
+    old = pd.read_csv(csv_path, dtype=str, keep_default_na=False) if csv_path.is_file() else new.iloc[:0]
+    keep = old[~((old["profile"] == profile) & (old["model"] == model) & (old["notebook"] == notebook))]
+    frame = pd.concat([keep, new], ignore_index=True).sort_values(["profile", "model", "notebook"], kind="stable",
+                                                                  ignore_index=True)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(csv_path, index=False)
+    runs = frame[["profile", "model"]].drop_duplicates().values.tolist()
+    caption = (f"Where each notebook's time goes ({'; '.join(f'profile {p}, model {m}' for p, m in runs)}): "
+               "wall-clock seconds and calls of each phase, summed over the notebook; a nested phase (`a/b`) is part "
+               f"of its parent's seconds; {_OUTSIDE} is the rest of the notebook (kernel start, imports, tables, "
+               "figures). Wall-clock measurements of this run (they vary from run to run).")
+    shown = frame.drop(columns=["profile", "model"]) if len(runs) == 1 else frame.copy()
+    shown["seconds"] = shown["seconds"].astype(float)
+    stem.with_suffix(".md").write_text(f"{caption}\n\n{shown.to_markdown(index=False)}\n", encoding="utf-8")
+    return [csv_path, stem.with_suffix(".md")]
 
 
 def time_left(times: dict, profile: str, model: str, names: list[str]) -> str:
@@ -584,8 +642,11 @@ def _run_all(args, profile, data_dir: str, launch: _Launch, stage: Path, out_dir
         t0 = time.perf_counter()
         _log.info("==> %s %s; time left for this and the remaining notebooks: %s (last recorded run)",
                   path.name, params, time_left(times, args.profile, model, [p.name for p in todo[k:]]))
+        phases_file = out_dir / f"{path.stem}.phases.jsonl"  # what the kernel's phases append to
+        phases_file.unlink(missing_ok=True)
         try:
-            executed.append((run_notebook(path, out_dir, params, echo=lead), path))
+            with _environ(KVLIB_PHASES=str(phases_file)):
+                executed.append((run_notebook(path, out_dir, params, echo=lead), path))
         except RuntimeError as err:
             _log.error("FAILED: %s", err)
             if launch.world > 1:
@@ -598,9 +659,28 @@ def _run_all(args, profile, data_dir: str, launch: _Launch, stage: Path, out_dir
         seconds = time.perf_counter() - t0
         if lead:
             record_time(stage / "timings.csv", args.profile, model, path.name, seconds)
+            try:
+                record_phases(profile.output_dirs(stage)[0], args.profile, model, path.name, seconds, phases_file)
+            except (OSError, KeyError, ValueError) as err:  # a timing table is never worth failing the run for
+                _log.warning("%s: its phases were not recorded (%s: %s)", path.name, type(err).__name__, err)
         this_run[(args.profile, model, path.name)] = round(seconds, 1)
         _log.info("<== %s done in %.0f s", path.name, seconds)
     return executed, this_run
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """Set environment variables (which a notebook's kernel inherits) for the enclosed block, then restore them."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _main(args, launch: _Launch | None = None) -> int:

@@ -40,6 +40,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..core.phases import phase
 from ..switching.kv_switch import SwitchConfig, adaptive_generate
 from ..switching.difficulty import (PAPER_GRID, SHORT_ANSWER, DifficultyClassifier, FeatureSpec, TrainConfig,
                                     baseline_rmse, cap_records, difficulty_label, fast_cap, question_key,
@@ -210,6 +211,7 @@ def prompt_lengths(records: Sequence[GenerationRecord], tokenizer=None) -> np.nd
     return np.array([len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in records], float)
 
 
+@phase("classifier fit")
 def fit_classifiers(frame: pd.DataFrame, records: Sequence[GenerationRecord], plan: SwitchingPlan,
                     exclude_questions: Sequence[str], tokenizer=None) -> dict[tuple[int, int], DifficultyClassifier]:
     """One classifier per grid point (or ``plan.spec``), split by question; evaluation questions never enter.
@@ -448,28 +450,32 @@ def _live_rows(ev: _Evaluation, s: _SetAnswers, model, tokenizer, classifier: Di
     slow_refs = refs and refs["slow"]
     levels = budget_levels(s.fast_mean, s.slow_mean, plan.curve_levels) if plan.curve_levels else []
     for level, b in enumerate(levels, 1):
-        recs = budget_generate(model, tokenizer, s.items, b, dataset=s.name, references=slow_refs, **common)
+        with phase("budget curve"):
+            recs = budget_generate(model, tokenizer, s.items, b, dataset=s.name, references=slow_refs, **common)
         _add_live(ev, s, Method.curve_level(level), recs, budget=b)
     if plan.live_sets is not None and s.name not in plan.live_sets:
         return
     for tau, tf, ts in _sweep(plan):
         cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.fast_tokens)
-        recs = adaptive_generate(model, tokenizer, s.items, classifier, cfg, dataset=s.name, references=refs,
-                                 **common)
+        with phase("KV-Generative"):
+            recs = adaptive_generate(model, tokenizer, s.items, classifier, cfg, dataset=s.name, references=refs,
+                                     **common)
         probe = live_row(Method.KV_GENERATIVE, s.name, s.items, recs, s.slow_mean)
         ev.point(Method.KV_GENERATIVE, s.name, f"tau={tau:g},{tf:g},{ts:g}", probe["accuracy"], probe["mean_tokens"])
         if (tau, tf, ts) == (plan.tau, plan.tau_fast, plan.tau_slow):
             _add_live(ev, s, Method.KV_GENERATIVE, recs,
                       slow_share=float(np.mean([r["start_mode"] == "slow" for r in recs])),
                       decision_prefill_tokens=prefill, tau=tau, tau_fast=tf, tau_slow=ts)
-    recs = early_exit_generate(model, tokenizer, s.items, plan.early_exit, dataset=s.name, references=slow_refs,
-                               **common)
+    with phase("early exit"):
+        recs = early_exit_generate(model, tokenizer, s.items, plan.early_exit, dataset=s.name, references=slow_refs,
+                                   **common)
     trial = float(np.mean([r["trial_tokens"] for r in recs]))
     row = _add_live(ev, s, Method.deer(trial, plan.early_exit.think_ratio), recs, trial_tokens=trial,
                     threshold=plan.early_exit.threshold)
     ev.point(row["method"], row["set"], f"p>={plan.early_exit.threshold:g}", row["accuracy"], row["mean_tokens"])
     for b in plan.budgets:
-        recs = budget_generate(model, tokenizer, s.items, b, dataset=s.name, references=slow_refs, **common)
+        with phase("token budgets"):
+            recs = budget_generate(model, tokenizer, s.items, b, dataset=s.name, references=slow_refs, **common)
         row = _add_live(ev, s, Method.budget(b), recs, budget=b)
         ev.point(Method.TOKEN_BUDGET, s.name, f"B={b}", row["accuracy"], row["mean_tokens"])
 
@@ -488,6 +494,7 @@ def _curve_points(ev: _Evaluation, vs: pd.DataFrame) -> None:
                      r["accuracy"], r["mean_tokens"])
 
 
+@phase("switching evaluation")
 def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[str, Sequence],
                        pairs: Mapping[str, AnswerPair], classifier: DifficultyClassifier,
                        plan: SwitchingPlan, root=None, live: bool = True, progress: bool = True) -> SwitchingResult:
@@ -593,6 +600,7 @@ class SwitchingRun:
                        hardware=self.hardware, form=self.protocol_form, **kwargs)
 
 
+@phase("switching setup")
 def switching_setup(profile, model, tokenizer, seed: int = 0, smoke: bool = False, data_dir=None, root=None,
                     progress: bool = True) -> SwitchingRun:
     """The set-up of notebooks 04 and 05: the profile's :func:`switching_plan`, the seeded items of every

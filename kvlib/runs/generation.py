@@ -32,6 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.decoding import Controller, DecodeConfig, DecodeResult, can_stream, context_limit, decode, decode_stream
+from ..core.phases import add as add_phase
+from ..core.phases import phase
 from .identity import callable_identity, digest, model_identity
 from .sharding import SINGLE, Shard, current_shard, run_sharded
 from .store import ResultStore, decode_array
@@ -106,6 +108,7 @@ def _item_seed(seed: int, item_id: str) -> int:
     return (seed * 1_000_003 + int.from_bytes(item_id.encode()[-8:].rjust(8, b"\0"), "little")) % (2**63)
 
 
+@phase("generation")
 def generate(
     model,
     tokenizer,
@@ -174,6 +177,8 @@ def generate(
             for start in range(0, len(todo), batch_size):
                 run.batch(todo[start : start + batch_size], controller_factory)
         bar.close()
+        for name, (seconds, calls) in run.extracted.items():  # already inside the generation phase's seconds
+            add_phase(f"extract {name}", seconds, calls)
     return store.records(ids)
 
 
@@ -185,6 +190,7 @@ class _Run:
         self.extractors, self.hashes, self.bar = extractors, hashes, bar
         self.config = decode_config(settings)
         self.n_tok, self.t0 = 0, time.perf_counter()
+        self.extracted = {name: [0.0, 0] for name in extractors}  # name -> [seconds, calls] of this run
 
     def extract(self, part: DecodeResult, input_ids, attention_mask) -> tuple[list[dict], dict]:
         """The extractors' arrays per row of ``part`` (read while its cache is alive) and their seconds."""
@@ -194,6 +200,8 @@ class _Run:
             for row, a in zip(arrays, fn(self.model, part, input_ids, attention_mask)):
                 row.update(a)
             seconds[name] += time.perf_counter() - t
+            self.extracted[name][0] += seconds[name]  # one call per name: this call's seconds
+            self.extracted[name][1] += 1
         return arrays, seconds
 
     def store_rows(self, prompts: list[Prompt], result: DecodeResult, rows: list[int], arrays: list[dict],

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..core.cache import bucket
 from ..core.decoding import DecodeConfig, DecodeLoop, DecodeResult
+from ..core.phases import phase
 from .generation import (Extractor, GenerationSettings, Prompt, _check_lengths, _unique_ids, decode_config, generate,
                          make_record, prepare_store, prompt_hash)
 from .identity import model_identity
@@ -188,6 +189,7 @@ def _replay_batch(model, tokenizer, chunk: list[Prompt], answers: list[list[int]
     return result, arrays, loop.until
 
 
+@phase("replay")
 def replay_generate(model, tokenizer, prompts: Sequence[Prompt], store: ResultStore, references: Mapping[str, Mapping],
                     settings: GenerationSettings = GenerationSettings(), batch_size: int = 16,
                     extractors: Mapping[str, Extractor] | None = None,

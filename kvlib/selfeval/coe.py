@@ -44,6 +44,7 @@ import torch
 
 from ..core.cache import forward, masked_mean
 from ..core.decoding import prefill_positions
+from ..core.phases import phase
 from ..runs.identity import digest, model_identity
 from ..runs.records import GenerationRecord
 from ..runs.sharding import current_shard, run_sharded
@@ -184,6 +185,7 @@ def hidden_coe_extractor(dtype=np.float32):
 _Record = TypeVar("_Record", bound=GenerationRecord)  # answer records stay answer records
 
 
+@phase("hidden-state CoE")
 def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Sequence[_Record], batch_size: int = 8,
                     root=None, progress: bool = True, shard=None) -> list[_Record]:
     """Add the original CoE's ``hidden_traj`` to stored answer records by a re-forward (resumable).

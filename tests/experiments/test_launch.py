@@ -1,6 +1,7 @@
 """The notebook runner under a launcher (``torchrun``): every rank runs the notebooks with their item loops
 sharded, rank 0 alone writes the run folder, a failing rank fails the launch on every rank."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -56,6 +57,11 @@ def test_two_processes_give_the_tables_of_one(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     single = _tables(run_dir)
     assert single, f"no tables under {run_dir}/tables"
+    # the kernel handed its phases to the runner, summed beside the tables (apart from them: timings/)
+    with (run_dir / "tables" / "timings" / "phases.csv").open(newline="") as f:
+        phases = {r["phase"] for r in csv.DictReader(f) if r["notebook"] == "03_kv_coe.ipynb"}
+    assert {"(notebook)", "model load", "self-evaluation", "self-evaluation/generation",
+            "self-evaluation/generation/extract kv", "(outside phases)"} <= phases, phases
 
     two = subprocess.run([*LAUNCH, *args], env=_env(tmp_path, "runs-two"), capture_output=True, text=True)
     log = two.stdout + two.stderr

@@ -122,6 +122,10 @@ def test_publish_copies_outputs_into_the_source_notebook(tmp_path, monkeypatch):
     assert pipeline.main(["--profile", "small", "--out", str(tmp_path / "ex"), "--publish"]) == 0
     out = nbformat.read(nb_dir / "01_t.ipynb", as_version=4).cells[1].outputs
     assert [o.get("text") for o in out] == ["hello small\n"]
+    # the notebook's phase table is published with the other timings (a notebook without phases: its total alone)
+    phases = (tmp_path / "tables" / "timings" / "phases.csv").read_text().splitlines()
+    assert phases[0] == "profile,model,notebook,phase,calls,seconds,share" and len(phases) == 3
+    assert phases[1].startswith("small,qwen2.5-0.5b,01_t.ipynb,(notebook),1,")
 
 
 def test_the_runner_shows_its_progress_when_run_as_a_program():
@@ -133,3 +137,40 @@ def test_the_runner_shows_its_progress_when_run_as_a_program():
     out = subprocess.run([sys.executable, "-m", "kvlib.experiments.pipeline", "--dry-run", "--only", "01"],
                          capture_output=True, text=True, check=True)
     assert "1 notebook(s) to run (01_vram.ipynb)" in out.stderr and "took last time" in out.stderr
+
+
+def test_phases_are_summed_per_notebook_into_the_timings_folder(tmp_path):
+    """A notebook's ``$KVLIB_PHASES`` lines become rows of ``timings/phases.csv`` (calls and seconds summed per
+    path, in tree order, the share of the notebook, the rest outside every phase); a rerun of one notebook replaces its
+    rows only."""
+    import json
+
+    import pandas as pd
+
+    def lines(path, records):
+        path.write_text("".join(json.dumps({"phase": p, "seconds": s, "calls": n}) + "\n" for p, s, n in records))
+        return path
+
+    first = lines(tmp_path / "03.jsonl", [("model load", 2.0, 1), ("self-evaluation", 5.0, 1),
+                                          ("self-evaluation/generation", 4.0, 1), ("self-evaluation", 1.0, 1),
+                                          ("model load/verify", 0.5, 1)])  # a child seen late: under its parent
+    tables = tmp_path / "tables" / "gpu" / "m"
+    written = pipeline.record_phases(tables, "gpu", "m", "03_kv_coe.ipynb", 10.0, first)
+    assert written == [tables / "timings" / "phases.csv", tables / "timings" / "phases.md"]
+    pipeline.record_phases(tables, "gpu", "m", "01_vram.ipynb", 4.0, tmp_path / "none.jsonl")  # no phase at all
+    df = pd.read_csv(written[0], keep_default_na=False)
+    nb3 = df[df.notebook == "03_kv_coe.ipynb"].set_index("phase")
+    assert nb3.index.tolist() == ["(notebook)", "model load", "model load/verify", "self-evaluation",
+                                  "self-evaluation/generation", "(outside phases)"]
+    assert nb3.loc["self-evaluation", "seconds"] == 6.0 and nb3.loc["self-evaluation", "calls"] == "2"
+    assert nb3.loc["(outside phases)", "seconds"] == 2.0  # 10 s less the top-level phases (2 + 6)
+    assert nb3.loc["self-evaluation/generation", "share"] == "40.0%"
+    assert df[df.notebook == "01_vram.ipynb"].phase.tolist() == ["(notebook)", "(outside phases)"]
+    assert df.notebook.tolist() == sorted(df.notebook)  # notebooks in order, each notebook's phases as recorded
+    again = lines(tmp_path / "03b.jsonl", [("model load", 1.0, 1)])
+    pipeline.record_phases(tables, "gpu", "m", "03_kv_coe.ipynb", 3.0, again)
+    df = pd.read_csv(written[0], keep_default_na=False)
+    assert df[df.notebook == "03_kv_coe.ipynb"].phase.tolist() == ["(notebook)", "model load", "(outside phases)"]
+    assert len(df[df.notebook == "01_vram.ipynb"]) == 2
+    md = written[1].read_text()
+    assert "profile gpu, model m" in md and "vary from run to run" in md and "| model load" in md
