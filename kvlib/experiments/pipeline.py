@@ -36,6 +36,7 @@ ranks, each of which says it was stopped and that nothing was published.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -257,10 +258,12 @@ def record_time(path: Path, profile: str, model: str, notebook: str, seconds: fl
     """Store the duration of a notebook run (one row per profile, model and notebook; the latest wins)."""
     import csv
 
-    times = read_times(path)
-    times[(profile, model, notebook)] = round(seconds, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with _exclusive(path, "timing record", "a+", newline="", encoding="utf-8") as f:  # several runs share it
+        f.seek(0)
+        times = {(r["profile"], r["model"], r["notebook"]): float(r["seconds"]) for r in csv.DictReader(f)}
+        times[(profile, model, notebook)] = round(seconds, 1)
+        f.seek(0)
+        f.truncate()
         w = csv.writer(f)
         w.writerow(["profile", "model", "notebook", "seconds"])
         for key in sorted(times):
@@ -347,7 +350,61 @@ def _staging(profile, stage: Path | None = None) -> Path:
         if src.is_dir():
             shutil.copytree(src, stage / kind / profile.results_dir if profile.results_dir else stage / kind,
                             symlinks=True)
+    _write_snapshot(stage)
     return stage
+
+
+SNAPSHOT = "snapshot.json"  # in a publishing stage: {path under the stage: sha256} of the results it started from
+
+
+def _results(stage: Path):
+    """``(path under stage, file)`` of every plain file of ``stage/tables`` and ``stage/figures``."""
+    for kind in ("tables", "figures"):
+        for f in sorted((stage / kind).rglob("*")):
+            if f.is_file() and not f.is_symlink():
+                yield f.relative_to(stage).as_posix(), f
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_snapshot(stage: Path) -> None:
+    """Record what a publishing stage starts from (:data:`SNAPSHOT`), so :func:`publish` copies back only the files
+    this run wrote or changed, never a file another run published since."""
+    import json
+
+    (stage / SNAPSHOT).write_text(json.dumps({rel: _digest(f) for rel, f in _results(stage)}, indent=0),
+                                  encoding="utf-8")
+
+
+def _read_snapshot(stage: Path) -> dict[str, str]:
+    """The stage's :data:`SNAPSHOT` (empty when it has none: every file then counts as written by the run)."""
+    import json
+
+    path = stage / SNAPSHOT
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, what: str, mode: str = "a+b", **kw):
+    """``path`` opened (created if missing) with ``mode``, under an exclusive ``flock`` (waiting for another
+    process that holds it, and saying so): two runs finishing at once take turns at ``what``."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        fcntl = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, mode, **kw) as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _log.info("waiting for another run's %s to finish (%s)", what, path)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield f  # the lock goes with the file's closing
 
 
 class LaunchStopped(KeyboardInterrupt):
@@ -475,18 +532,32 @@ def _replace_if_changed(src: Path, dest: Path) -> bool:
 
 def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: Path | None = None,
             notebooks_dir: str | Path = "") -> list[str]:
-    """Copy a finished run's results into the checkout: ``stage/tables`` and ``stage/figures`` over ``tables/``
-    and ``figures/``, each executed notebook's outputs into its source (``executed``: ``(executed copy,
-    source)`` pairs) or, with ``notebooks_dir`` (e.g. ``gpu/qwen2.5-1.5b``: a profile whose results sit apart per
-    model), into a copy of it at ``notebooks/<notebooks_dir>/``, the notebook timings (``times``: ``{(profile,
-    model, notebook): seconds}``) into :data:`NOTEBOOK_TIMES`, then the README tables. Every notebook's outputs
-    are checked before anything is written. Returns the README tables filled in."""
+    """Copy a finished run's results into the checkout: the files of ``stage/tables`` and ``stage/figures`` that
+    the run wrote or changed (those that differ from the stage's :data:`SNAPSHOT`; a file the run left as it
+    found it is never copied back, so a run does not undo what another run of the profile published meanwhile)
+    over ``tables/`` and ``figures/``, each executed notebook's outputs into its source (``executed``:
+    ``(executed copy, source)`` pairs) or, with ``notebooks_dir`` (e.g. ``gpu/qwen2.5-1.5b``: a profile whose
+    results sit apart per model), into a copy of it at ``notebooks/<notebooks_dir>/``, the notebook timings
+    (``times``: ``{(profile, model, notebook): seconds}``) into :data:`NOTEBOOK_TIMES`, then the README tables
+    from the checkout's tables. Every notebook's outputs are checked before anything is written; two runs that
+    publish at once take turns. Returns the README tables filled in."""
+    root = ROOT if root is None else root
+    with _exclusive(root / "build" / ".kvlib-publish.lock", "publishing"):
+        changed = _copy_back(stage, executed, root, notebooks_dir)
+        for (profile, model, name), seconds in times.items():
+            record_time(root / NOTEBOOK_TIMES, profile, model, name, seconds)
+        _log.info("published into tables/, figures/ and notebooks/ (%d file(s) changed)", changed)
+        return update_readme(root)
+
+
+def _copy_back(stage: Path, executed: list[tuple[Path, Path]], root: Path, notebooks_dir: str | Path) -> int:
+    """:func:`publish`'s copies (the notebooks' outputs checked first); returns how many files changed."""
     import shutil
     import tempfile
 
     from .notebook_outputs import publish_outputs
 
-    root = ROOT if root is None else root
+    snapshot = _read_snapshot(stage)
     with tempfile.TemporaryDirectory() as tmp:  # all outputs first, into copies: a mismatch changes nothing
         ready = []
         for ex, src in executed:
@@ -495,16 +566,12 @@ def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: P
             publish_outputs(ex, copy)
             ready.append((copy, src.parent / notebooks_dir / src.name if notebooks_dir else src))
         changed = 0
-        for kind in ("tables", "figures"):
-            for f in sorted((stage / kind).rglob("*")):
-                if f.is_file() and not f.is_symlink():
-                    changed += _replace_if_changed(f, root / kind / f.relative_to(stage / kind))
+        for rel, f in _results(stage):
+            if rel not in snapshot or snapshot[rel] != _digest(f):  # written or changed by this run
+                changed += _replace_if_changed(f, root / rel)
         for copy, src in ready:
             changed += _replace_if_changed(copy, src)
-    for (profile, model, name), seconds in times.items():
-        record_time(root / NOTEBOOK_TIMES, profile, model, name, seconds)
-    _log.info("published into tables/, figures/ and notebooks/ (%d file(s) changed)", changed)
-    return update_readme(root)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,3 +133,70 @@ def test_the_runner_shows_its_progress_when_run_as_a_program():
     out = subprocess.run([sys.executable, "-m", "kvlib.experiments.pipeline", "--dry-run", "--only", "01"],
                          capture_output=True, text=True, check=True)
     assert "1 notebook(s) to run (01_vram.ipynb)" in out.stderr and "took last time" in out.stderr
+
+
+def _two_model_checkout(root):
+    """A checkout holding results of a profile with ``results_dir`` ``sbs`` for models a and b, and a README."""
+    for model in ("a", "b"):
+        (root / "tables" / "sbs" / model).mkdir(parents=True)
+        (root / "tables" / "sbs" / model / "t.csv").write_text(f"x\nold {model}\n")
+        (root / "tables" / "sbs" / model / "t.md").write_text(f"| {model} |\n|---|\n| old |\n")
+    (root / "figures" / "sbs").mkdir(parents=True)
+    (root / "figures" / "sbs" / "lineup.png").write_bytes(b"old lineup")
+    (root / "README.md").write_text("<!-- table: sbs/a/t -->\n<!-- /table -->\n<!-- table: sbs/b/t -->\n"
+                                    "<!-- /table -->\n")
+
+
+def test_runs_started_from_one_snapshot_publish_only_what_each_changed(tmp_path, monkeypatch):
+    """Two runs of one profile start from the same committed results and publish one after the other: both land,
+    and the second does not put back the first model's old files (a file a run left as it found it is never
+    copied back, even where the checkout's copy changed since)."""
+    from dataclasses import replace
+
+    from kvlib.profiles import get_profile
+
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    _two_model_checkout(tmp_path)
+    profile = replace(get_profile("smoke"), name="sbs", results_dir="sbs")
+    stages = {m: pipeline._staging(profile.with_model(m), tmp_path / "build" / "publish" / m) for m in "ab"}
+    for m, stage in stages.items():  # each run rewrites its own model's tables, one of them unchanged
+        (stage / "tables" / "sbs" / m / "t.csv").write_text(f"x\nnew {m}\n")
+        (stage / "tables" / "sbs" / m / "t.md").write_text((tmp_path / "tables" / "sbs" / m / "t.md").read_text())
+    (stages["b"] / "figures" / "sbs" / "new.png").write_bytes(b"a figure b made")
+    (tmp_path / "figures" / "sbs" / "lineup.png").write_bytes(b"changed in the checkout meanwhile")
+    (tmp_path / "tables" / "sbs" / "b" / "t.md").write_text("| b |\n|---|\n| newer |\n")
+
+    pipeline.publish(stages["a"], [], {("sbs", "a", "01_t.ipynb"): 1.0}, root=tmp_path)
+    pipeline.publish(stages["b"], [], {("sbs", "b", "01_t.ipynb"): 2.0}, root=tmp_path)
+    tables = tmp_path / "tables" / "sbs"
+    assert (tables / "a" / "t.csv").read_text() == "x\nnew a\n"  # not put back by b's run
+    assert (tables / "b" / "t.csv").read_text() == "x\nnew b\n"
+    assert (tables / "b" / "t.md").read_text() == "| b |\n|---|\n| newer |\n"  # untouched by b's run: kept
+    assert (tmp_path / "figures" / "sbs" / "lineup.png").read_bytes() == b"changed in the checkout meanwhile"
+    assert (tmp_path / "figures" / "sbs" / "new.png").read_bytes() == b"a figure b made"
+    # the README comes from the checkout's tables after the copy, the timings of both runs are kept
+    readme = (tmp_path / "README.md").read_text()
+    assert "| old |" in readme and "| newer |" in readme
+    assert set(pipeline.read_times(tmp_path / pipeline.NOTEBOOK_TIMES)) == {("sbs", "a", "01_t.ipynb"),
+                                                                            ("sbs", "b", "01_t.ipynb")}
+
+
+def test_publish_writes_nothing_when_a_notebook_cannot_be_published(tmp_path, monkeypatch):
+    """All or nothing: an executed notebook whose cells do not match its source stops the publishing before any
+    table is copied."""
+    from dataclasses import replace
+
+    from kvlib.profiles import get_profile
+
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    _two_model_checkout(tmp_path)
+    stage = pipeline._staging(replace(get_profile("smoke"), name="sbs", results_dir="sbs").with_model("a"),
+                              tmp_path / "build" / "publish" / "a")
+    (stage / "tables" / "sbs" / "a" / "t.csv").write_text("x\nnew a\n")
+    (tmp_path / "notebooks").mkdir()
+    _notebook(tmp_path / "notebooks" / "01_t.ipynb", ["x = 1"])
+    _notebook(stage / "01_t.ipynb", ["x = 1", "y = 2"])  # another notebook's cells
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "build" not in p.parts}
+    with pytest.raises(ValueError, match="differs from the executed copy|has no cells"):
+        pipeline.publish(stage, [(stage / "01_t.ipynb", tmp_path / "notebooks" / "01_t.ipynb")], {}, root=tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "build" not in p.parts} == before
