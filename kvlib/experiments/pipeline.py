@@ -1,6 +1,7 @@
 """Execute every numbered notebook headlessly with papermill, in order.
 
-``python -m kvlib.experiments.pipeline --profile small [--model NAME] [--data-dir DIR] [--only 03] [--publish]``
+``python -m kvlib.experiments.pipeline --profile small [--model NAME ...] [--side-by-side] [--data-dir DIR]
+[--only 03] [--publish]``
 
 Each notebook runs with its working directory set to ``notebooks/`` (as in JupyterLab) and the
 parameters ``PROFILE``, ``MODEL``, ``DATA_DIR`` and ``OUT_DIR``. A run writes only into its run folder under
@@ -18,6 +19,17 @@ as such, with what to try next, instead of a traceback. Ctrl-C stops with one li
 resumes from the stores. Before each notebook the runner says how long the rest should take, from the
 durations recorded last time (``tables/timings/notebooks.csv`` for published runs, the run folder's
 ``timings.csv`` otherwise); inside a notebook every long loop shows a progress bar with its own estimate.
+
+**Several models.** ``--model A B`` runs each model's notebooks, one model after another (``--side-by-side``:
+at the same time, one child process of this runner per model, each with its own run folder, publishing on its
+own; a small model leaves a GPU mostly idle, so two at once take less time than one after the other). Each
+child's lines start with ``[model]``; its whole output goes to ``build/logs/<profile>/<model>.log``. Every model is
+checked before anything runs; one that fails does not stop the others, is named at the end and makes the exit
+status non-zero; Ctrl-C stops them all. For a profile with ``results_dir`` the notebooks that line up every
+model's tables (:data:`ACROSS_MODELS`: 06) run once, after every model's run succeeded (and published), as the
+last model's; not at all when one failed. A run publishes only the files it wrote or changed, so models that
+finish at different times all land. Side by side is for one process launch (a launch of several processes runs
+the models one after another).
 
 **More than one process.** Launched by ``torchrun --nproc_per_node N -m kvlib.experiments.pipeline ...`` or
 ``accelerate launch --num_processes N -m kvlib.experiments.pipeline ...`` (they set ``RANK``, ``WORLD_SIZE``,
@@ -342,7 +354,7 @@ def _staging(profile, stage: Path | None = None) -> Path:
     import shutil
 
     if stage is None:
-        stage = ROOT / "build" / "publish" / profile.name / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(profile.model).name)
+        stage = ROOT / "build" / "publish" / profile.name / _slug(profile.model)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     for kind in ("tables", "figures"):
@@ -437,8 +449,8 @@ class _Launch:
 
     def start(self) -> None:
         """Stop cleanly on the launcher's SIGTERM, show the kernels this rank's GPU alone, join the process
-        group (every rank must get here: a rank that cannot stops the launch)."""
-        if self.world == 1:
+        group (every rank must get here: a rank that cannot stops the launch); once per process."""
+        if self.world == 1 or self.group:
             return
         import signal
         from datetime import timedelta
@@ -577,7 +589,9 @@ def _copy_back(stage: Path, executed: list[tuple[Path, Path]], root: Path, noteb
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="small")
-    ap.add_argument("--model", default="")
+    ap.add_argument("--model", nargs="+", default=[], metavar="MODEL",
+                    help="the model (default: the profile's); several models run one after another, or with "
+                    "--side-by-side at the same time")
     ap.add_argument("--data-dir", default="", help="folder with theoremqa_test.json, amazon_counterfactual/, ...")
     ap.add_argument("--only", nargs="*", default=None, help="notebook number prefixes to run, e.g. 01 03")
     ap.add_argument("--out", default="", help="where the executed notebooks go (default: the run folder's notebooks/)")
@@ -587,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="after every notebook succeeded, copy the run's tables, figures and notebook outputs into "
                     "tables/, figures/, notebooks/ and the README (only for the profile and model of the committed "
                     "results)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="with several models: run them at the same time, one child process each (one process "
+                    "launch only; each one's lines start with its name, its whole output goes to "
+                    "build/logs/<profile>/<model>.log)")
     args = ap.parse_args(argv)
     try:
         launch = _Launch()
@@ -596,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _show_log(f"[{launch}] " if launch.world > 1 else "")
     try:
+        if len(args.model) > 1:
+            return _several_models(args, launch)
+        args.model = args.model[0] if args.model else ""
         return _main(args, launch)
     except RunError as err:
         _log.error("kvlib: %s", err)
@@ -670,17 +691,25 @@ def _run_all(args, profile, data_dir: str, launch: _Launch, stage: Path, out_dir
     return executed, this_run
 
 
+def _todo(only: list[str] | None) -> list[Path]:
+    """The notebooks to run: those whose number is in ``only`` (every one without it)."""
+    todo = [p for p in notebooks() if not only or p.name[:2] in only]
+    if not todo:
+        raise RunError(f"--only {' '.join(only or [])}: no notebooks matched in {ROOT / 'notebooks'}")
+    return todo
+
+
 def _main(args, launch: _Launch | None = None) -> int:
     from ..runs.writer_lock import StoreLockedError, acquire, release
 
     launch = _Launch() if launch is None else launch
-    todo = [p for p in notebooks() if not args.only or p.name[:2] in args.only]
-    if not todo:
-        raise RunError(f"--only {' '.join(args.only or [])}: no notebooks matched in {ROOT / 'notebooks'}")
+    todo = _todo(args.only)
     profile, data_dir = _check_request(args)
     lead = launch.rank == 0  # writes the run folder, the timings and publishes; other ranks write a scratch folder
     stage = _stage_of(args, profile, launch)
     out_dir = Path(args.out) if args.out and lead else stage / "notebooks"
+    if not args.out and profile.results_dir and not args.publish:  # one run folder for every model of the profile
+        out_dir = out_dir / _slug(profile.model)
     last = stage / "timings.csv" if lead else profile.run_dir(ROOT) / "timings.csv"  # rank r > 0: rank 0's record
     times = {**read_times(ROOT / NOTEBOOK_TIMES), **read_times(last)}
     _announce(args, profile, launch, stage, todo, times)
@@ -710,7 +739,7 @@ def _main(args, launch: _Launch | None = None) -> int:
             _log.info("done (this rank's scratch folder is removed); rank 0 writes the results")
             return 0
         if args.publish:
-            apart = (Path(profile.results_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(profile.model).name)
+            apart = (Path(profile.results_dir) / _slug(profile.model)
                      if profile.results_dir else "")
             _log.info("README tables refreshed: %s",
                       ", ".join(publish(stage, executed, this_run, notebooks_dir=apart)) or "none")
@@ -719,6 +748,105 @@ def _main(args, launch: _Launch | None = None) -> int:
         return 0
     finally:
         release(lock)
+
+
+def _slug(model: str) -> str:
+    """A model as a folder or file name: ``qwen2.5-1.5b``, ``random_tiny``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name)
+
+
+# notebooks that line up every model of a profile with ``results_dir`` (06: the model-size tables): with several
+# models they run once, after every model's run finished (and published)
+ACROSS_MODELS = ("06",)
+
+
+def _with(args, **changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _several_models(args, launch: _Launch) -> int:
+    """``--model A B ...``: each model's run (one after another, or side by side), then the notebooks of
+    :data:`ACROSS_MODELS` once, for the last model, if every model's run succeeded. Every model is checked before
+    anything runs; a model that fails does not stop the others (but does under a launch of several processes,
+    whose ranks must run the same notebooks) and makes the exit status non-zero."""
+    models = list(args.model)
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise RunError(f"--model: {', '.join(twice)} given more than once")
+    if args.side_by_side and launch.world > 1:
+        raise RunError("--side-by-side starts one process per model on this machine and cannot run under a launch "
+                       "of several processes (torchrun, accelerate launch): leave it out (the models then run one "
+                       "after another, each shared by every process) or launch each model on its own")
+    todo = _todo(args.only)
+    profiles = [_check_request(_with(args, model=m))[0] for m in models]
+    lineup = [p.name[:2] for p in todo if profiles[0].results_dir and p.name[:2] in ACROSS_MODELS]
+    each = [p.name[:2] for p in todo if p.name[:2] not in lineup]
+    side = args.side_by_side and not args.dry_run and each
+    _log.info("%d models, %s: %s%s", len(models), "side by side" if side else "one after another", ", ".join(models),
+              f"; then {', '.join(lineup)} once, with every model's tables" if lineup else "")
+    codes = (_side_by_side(args, models, each) if side else
+             _one_after_another(args, launch, models, each) if each else {})
+    failed = {m: c for m, c in codes.items() if c}
+    for m, code in failed.items():
+        _log.error("FAILED: model %s (exit status %d)%s", m, code, f"; its whole output: {_log_file(args, m)}"
+                   if side else "")
+    if lineup and failed:
+        _log.error("%s not run: it lines up every model's tables, and %s failed", ", ".join(lineup),
+                   ", ".join(failed))
+    elif lineup:
+        _log.info("=== %s with every model's tables (run as model %s)", ", ".join(lineup), models[-1])
+        codes[" ".join(lineup)] = _main(_with(args, model=models[-1], only=lineup, out=_out_of(args, models[-1])),
+                                        launch)
+    if any(codes.values()):
+        return 130 if 130 in codes.values() else 1
+    _log.info("every model's run succeeded: %s", ", ".join(models))
+    return 0
+
+
+def _out_of(args, model: str) -> str:
+    """``--out`` of one model's run: a folder of its own under the given one."""
+    return str(Path(args.out) / _slug(model)) if args.out else ""
+
+
+def _one_after_another(args, launch: _Launch, models: list[str], only: list[str]) -> dict[str, int]:
+    """Run the notebooks ``only`` of each model in turn, in this process: ``{model: exit status}``."""
+    codes = {}
+    for k, model in enumerate(models):
+        _log.info("=== model %s (%d of %d)", model, k + 1, len(models))
+        try:
+            codes[model] = _main(_with(args, model=model, only=only, out=_out_of(args, model)), launch)
+        except RunError as err:
+            _log.error("kvlib: %s", err)
+            codes[model] = 2
+        if codes[model] and launch.world > 1:  # every rank must run the same notebooks: stop here
+            break
+    return codes
+
+
+def _log_file(args, model: str) -> Path:
+    return ROOT / "build" / "logs" / args.profile / f"{_slug(model)}.log"
+
+
+def _child_command(argv: list[str]) -> list[str]:
+    """The command line of a child run with the runner's arguments ``argv``."""
+    return [sys.executable, "-m", "kvlib.experiments.pipeline", *argv]
+
+
+def _side_by_side(args, models: list[str], only: list[str]) -> dict[str, int]:
+    """Run the notebooks ``only`` of every model at the same time, one child process each: ``{model: exit
+    status}``. Each child publishes on its own (with ``--publish``), once its notebooks all succeeded."""
+    from .side_by_side import run_side_by_side
+
+    commands, logs = {}, {}
+    for model in models:
+        argv = ["--profile", args.profile, "--model", model, "--only", *only]
+        argv += ["--data-dir", args.data_dir] if args.data_dir else []
+        argv += ["--out", _out_of(args, model)] if args.out else []
+        argv += ["--publish"] if args.publish else []
+        commands[model], logs[model] = _child_command(argv), _log_file(args, model)
+        logs[model].unlink(missing_ok=True)
+    _log.info("each model's lines start with [model]; its whole output goes to %s", logs[models[0]].parent)
+    return run_side_by_side(commands, logs, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def _show_log(prefix: str = "") -> None:

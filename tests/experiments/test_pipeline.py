@@ -2,6 +2,9 @@
 when the kernel died and what to try, and exits non-zero."""
 
 import logging
+import os
+import sys
+import textwrap
 
 import nbformat
 import pytest
@@ -200,3 +203,128 @@ def test_publish_writes_nothing_when_a_notebook_cannot_be_published(tmp_path, mo
     with pytest.raises(ValueError, match="differs from the executed copy|has no cells"):
         pipeline.publish(stage, [(stage / "01_t.ipynb", tmp_path / "notebooks" / "01_t.ipynb")], {}, root=tmp_path)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "build" not in p.parts} == before
+
+
+@pytest.fixture
+def sbs_profile(monkeypatch):
+    """A profile ``sbs`` with ``results_dir`` (its tables apart per model, as ``gpu``) whose results from models
+    ``random:a`` and ``random:b`` are the committed ones (so they publish)."""
+    from dataclasses import replace
+
+    from kvlib import profiles
+
+    monkeypatch.setitem(profiles.PROFILES, "sbs", replace(profiles.PROFILES["smoke"], name="sbs", results_dir="sbs"))
+    monkeypatch.setitem(profiles.COMMITTED, "sbs", ("random:a", "random:b"))
+    return profiles.PROFILES["sbs"]
+
+
+def _fake_runs(monkeypatch, codes: dict):
+    """Replace one model's run (in this process and side by side) by a record of what was asked:
+    ``(model, notebooks, side by side?)``; a model's exit status comes from ``codes`` (0 if not named)."""
+    calls = []
+
+    def one(args, launch=None):
+        calls.append((args.model, tuple(args.only), False))
+        return codes.get(args.model, 0)
+
+    def side(args, models, only):
+        calls.extend((m, tuple(only), True) for m in models)
+        return {m: codes.get(m, 0) for m in models}
+
+    monkeypatch.setattr(pipeline, "_main", one)
+    monkeypatch.setattr(pipeline, "_side_by_side", side)
+    return calls
+
+
+@pytest.mark.parametrize("side", [False, True], ids=["one-after-another", "side-by-side"])
+def test_several_models_line_up_once_after_every_model(sbs_profile, monkeypatch, side):
+    calls = _fake_runs(monkeypatch, {})
+    argv = ["--profile", "sbs", "--model", "random:a", "random:b", "--publish"] + (["--side-by-side"] * side)
+    assert pipeline.main(argv) == 0
+    each = tuple(p.name[:2] for p in pipeline.notebooks() if p.name[:2] not in pipeline.ACROSS_MODELS)
+    assert calls == [("random:a", each, side), ("random:b", each, side), ("random:b", ("06",), False)]
+    # a profile without results_dir keeps each model's notebooks together (06 reads that model's tables alone)
+    calls.clear()
+    assert pipeline.main(["--profile", "smoke", "--model", "random:a", "random:b", "--only", "03", "06"]
+                         + (["--side-by-side"] * side)) == 0
+    assert calls == [("random:a", ("03", "06"), side), ("random:b", ("03", "06"), side)]
+
+
+@pytest.mark.parametrize("side", [False, True], ids=["one-after-another", "side-by-side"])
+def test_a_failed_model_stops_neither_the_others_nor_goes_unsaid(sbs_profile, monkeypatch, caplog, side):
+    calls = _fake_runs(monkeypatch, {"random:a": 1})
+    argv = ["--profile", "sbs", "--model", "random:a", "random:b", "--only", "03", "06"] + (["--side-by-side"] * side)
+    assert pipeline.main(argv) == 1
+    assert calls == [("random:a", ("03",), side), ("random:b", ("03",), side)]  # b ran, 06 did not
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(m.startswith("FAILED: model random:a (exit status 1)") for m in errors)
+    assert any("06 not run" in m and "random:a failed" in m for m in errors)
+
+
+def test_several_models_are_checked_before_anything_runs(sbs_profile, monkeypatch, caplog):
+    calls = _fake_runs(monkeypatch, {})
+    assert pipeline.main(["--profile", "sbs", "--model", "random:a", "random:a"]) == 2
+    assert pipeline.main(["--profile", "sbs", "--model", "random:a", "random:c", "--publish"]) == 2
+    assert any("--publish: profile sbs with model random:c" in m for m in caplog.messages)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert pipeline.main(["--profile", "sbs", "--model", "random:a", "random:b", "--side-by-side"]) == 2
+    assert any("--side-by-side" in m and "torchrun" in m for m in caplog.messages)
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_two_models_side_by_side_publish_both(tmp_path, sbs_profile, monkeypatch):
+    """Two models of a profile with ``results_dir`` side by side, each a child runner publishing on its own: both
+    models' tables and notebooks land, their notebooks ran at the same time (each waits for the other's start),
+    then the line-up notebook ran once, as the last model's, and saw both models' published tables."""
+    code = pipeline.ROOT
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    _notebook(nb_dir / "01_t.ipynb", [
+        "import time\nfrom pathlib import Path\nslug = MODEL.replace(':', '_')\n"
+        f"meet = Path({str(meet)!r})\n(meet / slug).touch()\n"
+        "for _ in range(1200):\n    if len(list(meet.iterdir())) == 2:\n        break\n    time.sleep(0.05)\n"
+        "else:\n    raise RuntimeError('the other model did not start')",
+        "d = Path(OUT_DIR) / 'tables' / 'sbs' / slug\nd.mkdir(parents=True, exist_ok=True)\n"
+        "(d / 't.csv').write_text(f'x\\n{MODEL}\\n')"])
+    _notebook(nb_dir / "06_lineup.ipynb", [
+        "from pathlib import Path\nroot = Path(OUT_DIR) / 'tables' / 'sbs'\n"
+        "(root / 'lineup.csv').write_text(''.join(sorted(p.read_text() for p in root.glob('*/t.csv'))))"])
+    for nb in nb_dir.glob("*.ipynb"):  # the runner passes OUT_DIR too
+        source = nbformat.read(nb, as_version=4)
+        source.cells[0].source += "\nOUT_DIR = ''"
+        nbformat.write(source, nb)
+    (tmp_path / "README.md").write_text("<!-- table: sbs/lineup -->\n<!-- /table -->\n")
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(f"""
+        import sys
+        from dataclasses import replace
+        from pathlib import Path
+        from kvlib import profiles
+        from kvlib.experiments import pipeline
+        root = Path({str(tmp_path)!r})
+        profiles.PROFILES["sbs"] = replace(profiles.PROFILES["smoke"], name="sbs", results_dir="sbs")
+        profiles.COMMITTED["sbs"] = ("random:a", "random:b")
+        pipeline.ROOT = root
+        pipeline.notebooks = lambda root=root: sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+        sys.exit(pipeline.main(sys.argv[1:]))
+    """))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    monkeypatch.setattr(pipeline, "notebooks", lambda root=tmp_path: sorted(nb_dir.glob("[0-9][0-9]_*.ipynb")))
+    monkeypatch.setattr(pipeline, "_child_command", lambda argv: [sys.executable, str(child), *argv])
+    assert pipeline.main(["--profile", "sbs", "--model", "random:a", "random:b", "--side-by-side",
+                          "--publish"]) == 0
+    tables = tmp_path / "tables" / "sbs"
+    assert (tables / "random_a" / "t.csv").read_text() == "x\nrandom:a\n"
+    assert (tables / "random_b" / "t.csv").read_text() == "x\nrandom:b\n"
+    assert (tables / "lineup.csv").read_text() == "x\nrandom:a\nx\nrandom:b\n"
+    published = sorted(p.relative_to(nb_dir).as_posix() for p in (nb_dir / "sbs").rglob("*.ipynb"))
+    assert published == ["sbs/random_a/01_t.ipynb", "sbs/random_b/01_t.ipynb", "sbs/random_b/06_lineup.ipynb"]
+    assert set(pipeline.read_times(tmp_path / pipeline.NOTEBOOK_TIMES)) == {
+        ("sbs", "random:a", "01_t.ipynb"), ("sbs", "random:b", "01_t.ipynb"), ("sbs", "random:b", "06_lineup.ipynb")}
+    log = (tmp_path / "build" / "logs" / "sbs" / "random_a.log").read_text()
+    assert "<== 01_t.ipynb done" in log and "published into" in log
