@@ -5,9 +5,10 @@
 
 Each notebook runs with its working directory set to ``notebooks/`` (as in JupyterLab) and the
 parameters ``PROFILE``, ``MODEL``, ``DATA_DIR`` and ``OUT_DIR``. A run writes only into its run folder under
-``build/`` (:meth:`kvlib.profiles.Profile.run_dir`: tables, figures, the executed notebooks in ``notebooks/``,
+``build/`` (:meth:`kvlib.profiles.Profile.run_dir`: tables, figures, the executed notebooks in ``notebooks/``
+(``notebooks/<model>/`` in the run folder that every model of a profile with ``results_dir`` shares),
 ``timings.csv``); the committed ``tables/``, ``figures/``, ``notebooks/`` and README change only with
-``--publish``, which runs into an empty ``build/publish/...`` folder and copies everything into place once every
+``--publish``, which runs into a ``build/publish/...`` folder and copies what it wrote or changed into place once every
 notebook succeeded (all or nothing), and only for the profile and model that produced the committed results
 (:data:`kvlib.profiles.COMMITTED`). Two runs of one run folder at once are refused (the second says which
 process holds it). An unknown profile or model, or a missing data folder, is refused before any notebook runs.
@@ -799,7 +800,8 @@ def _several_models(args, launch: _Launch) -> int:
                                         launch)
     if any(codes.values()):
         return 130 if 130 in codes.values() else 1
-    _log.info("every model's run succeeded: %s", ", ".join(models))
+    if not args.dry_run:
+        _log.info("every model's run succeeded: %s", ", ".join(models))
     return 0
 
 
