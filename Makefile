@@ -1,5 +1,6 @@
 # kvlib: one command to set up and reproduce everything, one to test.
 #   make reproduce [PROFILE=small|gpu|full|dryrun|smoke] [MODEL=qwen2.5-0.5b|Qwen/Qwen3-8B|/path] [DATA_DIR=/path]
+#                  [SIDE_BY_SIDE=1]
 #   make test
 #   make lab
 # `make reproduce` with the default profile and model (small, qwen2.5-0.5b) publishes: it runs every notebook into
@@ -7,7 +8,9 @@
 # figures/, notebooks/ and the README (all or nothing). Any other PROFILE or MODEL is a scratch run: its results
 # stay in build/<profile>/... and the committed files are not touched. PUBLISH=1 publishes another committed pair
 # (e.g. PROFILE=gpu MODEL=qwen2.5-1.5b), PUBLISH=0 makes the default run a scratch run; `make publish` is
-# `make reproduce PUBLISH=1`.
+# `make reproduce PUBLISH=1`. MODEL may name several models (MODEL="qwen2.5-0.5b qwen2.5-1.5b"): they run one after
+# another, or with SIDE_BY_SIDE=1 at the same time (one process each, on the same GPU; each one's output lines start
+# with its name and go to build/logs/<profile>/<model>.log); the model-size notebook (06) then runs once, after all.
 # Before installing anything, scripts/preflight.py (system Python, standard library only) checks the Python
 # version, the venv module and the free disk, and says what to install or free when one falls short.
 PYTHON   ?= python3
@@ -16,6 +19,7 @@ PROFILE  ?= small
 MODEL    ?=
 DATA_DIR ?=
 PUBLISH  ?=
+SIDE_BY_SIDE ?=
 TORCH    ?= torch==2.13.0
 # extra pip arguments for torch alone, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 # where the package index would otherwise give a CUDA build
@@ -67,8 +71,8 @@ venv-test: $(VENV)/.test
 
 reproduce: $(VENV)/.base $(if $(filter qwen2.5-1.5b,$(MODEL)),$(VENV)/.extra,)
 	@$(PY) $(PREFLIGHT)
-	$(PY) -m kvlib.experiments.pipeline --profile "$(PROFILE)" $(if $(MODEL),--model "$(MODEL)",) \
-		$(if $(DATA_DIR),--data-dir "$(DATA_DIR)",) \
+	$(PY) -m kvlib.experiments.pipeline --profile "$(PROFILE)" $(if $(MODEL),--model $(foreach m,$(MODEL),"$(m)"),) \
+		$(if $(filter 1,$(SIDE_BY_SIDE)),--side-by-side,) $(if $(DATA_DIR),--data-dir "$(DATA_DIR)",) \
 		$(if $(filter 1,$(PUBLISH)),--publish,$(if $(PUBLISH),,$(if $(filter small,$(PROFILE)),$(if $(MODEL),,--publish),)))
 
 publish:

@@ -173,18 +173,19 @@ def pip_cache_dir(environ):
 
 
 def components_for(goals, model):
-    """``(components, models)``: what ``make <goals> [MODEL=model]`` installs and which embedded models it converts."""
+    """``(components, models)``: what ``make <goals> [MODEL=model]`` installs and which embedded models it converts
+    (``model`` may name several, separated by spaces)."""
     goals = set(goals) or {"venv"}
     comps = ["torch", "deps", "assets"]
     models = []
     if "extra" in goals:
         comps.append("assets-extra")
     if "reproduce" in goals:
-        name = model or DEFAULT_MODEL
-        if name == "qwen2.5-1.5b":
-            comps.append("assets-extra")
-        if name in CONVERTED:
-            models.append(name)
+        for name in model.split() or [DEFAULT_MODEL]:
+            if name == "qwen2.5-1.5b":
+                comps.append("assets-extra")
+            if name in CONVERTED and name not in models:
+                models.append(name)
     if "test" in goals or "venv-test" in goals:
         comps.append("test")
         if "test" in goals:
@@ -378,8 +379,9 @@ def main(argv=None):
         return 1
     total = sum(size for _, _, size, _ in needs(goals, model, venv, os.environ))
     note = ""
-    if "reproduce" in goals and model and model not in CONVERTED:
-        note = "; the weights of {} are not counted".format(model)
+    other = [m for m in model.split() if m not in CONVERTED]
+    if "reproduce" in goals and other:
+        note = "; the weights of {} are not counted".format(", ".join(other))
     print("preflight: Python {} ok, venv ok, disk ok (~{:.1f} GB to write for `make {}`{})".format(
         _vstr(version), total / GB, target, note))
     return 0

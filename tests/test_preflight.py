@@ -85,6 +85,8 @@ def test_missing_ensurepip_names_the_venv_package():
     (["reproduce"], "", ["torch", "deps", "assets"], ["qwen2.5-0.5b"]),
     (["reproduce"], "qwen2.5-1.5b", ["torch", "deps", "assets", "assets-extra"], ["qwen2.5-1.5b"]),
     (["reproduce"], "Qwen/Qwen3-8B", ["torch", "deps", "assets"], []),
+    (["reproduce"], "qwen2.5-0.5b qwen2.5-1.5b", ["torch", "deps", "assets", "assets-extra"],
+     ["qwen2.5-0.5b", "qwen2.5-1.5b"]),
     (["lab"], "", ["torch", "deps", "assets", "lab"], []),
     (["extra"], "", ["torch", "deps", "assets", "assets-extra"], []),
 ])

@@ -1,12 +1,14 @@
 """Execute every numbered notebook headlessly with papermill, in order.
 
-``python -m kvlib.experiments.pipeline --profile small [--model NAME] [--data-dir DIR] [--only 03] [--publish]``
+``python -m kvlib.experiments.pipeline --profile small [--model NAME ...] [--side-by-side] [--data-dir DIR]
+[--only 03] [--publish]``
 
 Each notebook runs with its working directory set to ``notebooks/`` (as in JupyterLab) and the
 parameters ``PROFILE``, ``MODEL``, ``DATA_DIR`` and ``OUT_DIR``. A run writes only into its run folder under
-``build/`` (:meth:`kvlib.profiles.Profile.run_dir`: tables, figures, the executed notebooks in ``notebooks/``,
+``build/`` (:meth:`kvlib.profiles.Profile.run_dir`: tables, figures, the executed notebooks in ``notebooks/``
+(``notebooks/<model>/`` in the run folder that every model of a profile with ``results_dir`` shares),
 ``timings.csv``); the committed ``tables/``, ``figures/``, ``notebooks/`` and README change only with
-``--publish``, which runs into an empty ``build/publish/...`` folder and copies everything into place once every
+``--publish``, which runs into a ``build/publish/...`` folder and copies what it wrote or changed into place once every
 notebook succeeded (all or nothing), and only for the profile and model that produced the committed results
 (:data:`kvlib.profiles.COMMITTED`). Two runs of one run folder at once are refused (the second says which
 process holds it). An unknown profile or model, or a missing data folder, is refused before any notebook runs.
@@ -25,6 +27,17 @@ warm-up: :mod:`kvlib.core.phases`) to the file that ``$KVLIB_PHASES`` names, set
 (``<executed notebooks>/NN_name.phases.jsonl``); after the notebook the runner sums them into the run's
 ``timings/phases.csv`` and ``.md`` beside the tables (:func:`record_phases`; ``tables/timings/`` for the small
 profile, ``tables/gpu/<model>/timings/`` for the gpu profile), which publishing copies like the other timings.
+
+**Several models.** ``--model A B`` runs each model's notebooks, one model after another (``--side-by-side``:
+at the same time, one child process of this runner per model, each with its own run folder, publishing on its
+own; a small model leaves a GPU mostly idle, so two at once take less time than one after the other). Each
+child's lines start with ``[model]``; its whole output goes to ``build/logs/<profile>/<model>.log``. Every model is
+checked before anything runs; one that fails does not stop the others, is named at the end and makes the exit
+status non-zero; Ctrl-C stops them all. For a profile with ``results_dir`` the notebooks that line up every
+model's tables (:data:`ACROSS_MODELS`: 06) run once, after every model's run succeeded (and published), as the
+last model's; not at all when one failed. A run publishes only the files it wrote or changed, so models that
+finish at different times all land. Side by side is for one process launch (a launch of several processes runs
+the models one after another).
 
 **More than one process.** Launched by ``torchrun --nproc_per_node N -m kvlib.experiments.pipeline ...`` or
 ``accelerate launch --num_processes N -m kvlib.experiments.pipeline ...`` (they set ``RANK``, ``WORLD_SIZE``,
@@ -265,10 +278,12 @@ def record_time(path: Path, profile: str, model: str, notebook: str, seconds: fl
     """Store the duration of a notebook run (one row per profile, model and notebook; the latest wins)."""
     import csv
 
-    times = read_times(path)
-    times[(profile, model, notebook)] = round(seconds, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with _exclusive(path, "timing record", "a+", newline="", encoding="utf-8") as f:  # several runs share it
+        f.seek(0)
+        times = {(r["profile"], r["model"], r["notebook"]): float(r["seconds"]) for r in csv.DictReader(f)}
+        times[(profile, model, notebook)] = round(seconds, 1)
+        f.seek(0)
+        f.truncate()
         w = csv.writer(f)
         w.writerow(["profile", "model", "notebook", "seconds"])
         for key in sorted(times):
@@ -397,7 +412,7 @@ def _staging(profile, stage: Path | None = None) -> Path:
     import shutil
 
     if stage is None:
-        stage = ROOT / "build" / "publish" / profile.name / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(profile.model).name)
+        stage = ROOT / "build" / "publish" / profile.name / _slug(profile.model)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     for kind in ("tables", "figures"):
@@ -405,7 +420,61 @@ def _staging(profile, stage: Path | None = None) -> Path:
         if src.is_dir():
             shutil.copytree(src, stage / kind / profile.results_dir if profile.results_dir else stage / kind,
                             symlinks=True)
+    _write_snapshot(stage)
     return stage
+
+
+SNAPSHOT = "snapshot.json"  # in a publishing stage: {path under the stage: sha256} of the results it started from
+
+
+def _results(stage: Path):
+    """``(path under stage, file)`` of every plain file of ``stage/tables`` and ``stage/figures``."""
+    for kind in ("tables", "figures"):
+        for f in sorted((stage / kind).rglob("*")):
+            if f.is_file() and not f.is_symlink():
+                yield f.relative_to(stage).as_posix(), f
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_snapshot(stage: Path) -> None:
+    """Record what a publishing stage starts from (:data:`SNAPSHOT`), so :func:`publish` copies back only the files
+    this run wrote or changed, never a file another run published since."""
+    import json
+
+    (stage / SNAPSHOT).write_text(json.dumps({rel: _digest(f) for rel, f in _results(stage)}, indent=0),
+                                  encoding="utf-8")
+
+
+def _read_snapshot(stage: Path) -> dict[str, str]:
+    """The stage's :data:`SNAPSHOT` (empty when it has none: every file then counts as written by the run)."""
+    import json
+
+    path = stage / SNAPSHOT
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, what: str, mode: str = "a+b", **kw):
+    """``path`` opened (created if missing) with ``mode``, under an exclusive ``flock`` (waiting for another
+    process that holds it, and saying so): two runs finishing at once take turns at ``what``."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        fcntl = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, mode, **kw) as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _log.info("waiting for another run's %s to finish (%s)", what, path)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield f  # the lock goes with the file's closing
 
 
 class LaunchStopped(KeyboardInterrupt):
@@ -438,8 +507,8 @@ class _Launch:
 
     def start(self) -> None:
         """Stop cleanly on the launcher's SIGTERM, show the kernels this rank's GPU alone, join the process
-        group (every rank must get here: a rank that cannot stops the launch)."""
-        if self.world == 1:
+        group (every rank must get here: a rank that cannot stops the launch); once per process."""
+        if self.world == 1 or self.group:
             return
         import signal
         from datetime import timedelta
@@ -533,18 +602,32 @@ def _replace_if_changed(src: Path, dest: Path) -> bool:
 
 def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: Path | None = None,
             notebooks_dir: str | Path = "") -> list[str]:
-    """Copy a finished run's results into the checkout: ``stage/tables`` and ``stage/figures`` over ``tables/``
-    and ``figures/``, each executed notebook's outputs into its source (``executed``: ``(executed copy,
-    source)`` pairs) or, with ``notebooks_dir`` (e.g. ``gpu/qwen2.5-1.5b``: a profile whose results sit apart per
-    model), into a copy of it at ``notebooks/<notebooks_dir>/``, the notebook timings (``times``: ``{(profile,
-    model, notebook): seconds}``) into :data:`NOTEBOOK_TIMES`, then the README tables. Every notebook's outputs
-    are checked before anything is written. Returns the README tables filled in."""
+    """Copy a finished run's results into the checkout: the files of ``stage/tables`` and ``stage/figures`` that
+    the run wrote or changed (those that differ from the stage's :data:`SNAPSHOT`; a file the run left as it
+    found it is never copied back, so a run does not undo what another run of the profile published meanwhile)
+    over ``tables/`` and ``figures/``, each executed notebook's outputs into its source (``executed``:
+    ``(executed copy, source)`` pairs) or, with ``notebooks_dir`` (e.g. ``gpu/qwen2.5-1.5b``: a profile whose
+    results sit apart per model), into a copy of it at ``notebooks/<notebooks_dir>/``, the notebook timings
+    (``times``: ``{(profile, model, notebook): seconds}``) into :data:`NOTEBOOK_TIMES`, then the README tables
+    from the checkout's tables. Every notebook's outputs are checked before anything is written; two runs that
+    publish at once take turns. Returns the README tables filled in."""
+    root = ROOT if root is None else root
+    with _exclusive(root / "build" / ".kvlib-publish.lock", "publishing"):
+        changed = _copy_back(stage, executed, root, notebooks_dir)
+        for (profile, model, name), seconds in times.items():
+            record_time(root / NOTEBOOK_TIMES, profile, model, name, seconds)
+        _log.info("published into tables/, figures/ and notebooks/ (%d file(s) changed)", changed)
+        return update_readme(root)
+
+
+def _copy_back(stage: Path, executed: list[tuple[Path, Path]], root: Path, notebooks_dir: str | Path) -> int:
+    """:func:`publish`'s copies (the notebooks' outputs checked first); returns how many files changed."""
     import shutil
     import tempfile
 
     from .notebook_outputs import publish_outputs
 
-    root = ROOT if root is None else root
+    snapshot = _read_snapshot(stage)
     with tempfile.TemporaryDirectory() as tmp:  # all outputs first, into copies: a mismatch changes nothing
         ready = []
         for ex, src in executed:
@@ -553,22 +636,20 @@ def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: P
             publish_outputs(ex, copy)
             ready.append((copy, src.parent / notebooks_dir / src.name if notebooks_dir else src))
         changed = 0
-        for kind in ("tables", "figures"):
-            for f in sorted((stage / kind).rglob("*")):
-                if f.is_file() and not f.is_symlink():
-                    changed += _replace_if_changed(f, root / kind / f.relative_to(stage / kind))
+        for rel, f in _results(stage):
+            if rel not in snapshot or snapshot[rel] != _digest(f):  # written or changed by this run
+                changed += _replace_if_changed(f, root / rel)
         for copy, src in ready:
             changed += _replace_if_changed(copy, src)
-    for (profile, model, name), seconds in times.items():
-        record_time(root / NOTEBOOK_TIMES, profile, model, name, seconds)
-    _log.info("published into tables/, figures/ and notebooks/ (%d file(s) changed)", changed)
-    return update_readme(root)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="small")
-    ap.add_argument("--model", default="")
+    ap.add_argument("--model", nargs="+", default=[], metavar="MODEL",
+                    help="the model (default: the profile's); several models run one after another, or with "
+                    "--side-by-side at the same time")
     ap.add_argument("--data-dir", default="", help="folder with theoremqa_test.json, amazon_counterfactual/, ...")
     ap.add_argument("--only", nargs="*", default=None, help="notebook number prefixes to run, e.g. 01 03")
     ap.add_argument("--out", default="", help="where the executed notebooks go (default: the run folder's notebooks/)")
@@ -578,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="after every notebook succeeded, copy the run's tables, figures and notebook outputs into "
                     "tables/, figures/, notebooks/ and the README (only for the profile and model of the committed "
                     "results)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="with several models: run them at the same time, one child process each (one process "
+                    "launch only; each one's lines start with its name, its whole output goes to "
+                    "build/logs/<profile>/<model>.log)")
     args = ap.parse_args(argv)
     try:
         launch = _Launch()
@@ -587,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _show_log(f"[{launch}] " if launch.world > 1 else "")
     try:
+        if len(args.model) > 1:
+            return _several_models(args, launch)
+        args.model = args.model[0] if args.model else ""
         return _main(args, launch)
     except RunError as err:
         _log.error("kvlib: %s", err)
@@ -683,17 +771,25 @@ def _environ(**values: str):
                 os.environ[k] = v
 
 
+def _todo(only: list[str] | None) -> list[Path]:
+    """The notebooks to run: those whose number is in ``only`` (every one without it)."""
+    todo = [p for p in notebooks() if not only or p.name[:2] in only]
+    if not todo:
+        raise RunError(f"--only {' '.join(only or [])}: no notebooks matched in {ROOT / 'notebooks'}")
+    return todo
+
+
 def _main(args, launch: _Launch | None = None) -> int:
     from ..runs.writer_lock import StoreLockedError, acquire, release
 
     launch = _Launch() if launch is None else launch
-    todo = [p for p in notebooks() if not args.only or p.name[:2] in args.only]
-    if not todo:
-        raise RunError(f"--only {' '.join(args.only or [])}: no notebooks matched in {ROOT / 'notebooks'}")
+    todo = _todo(args.only)
     profile, data_dir = _check_request(args)
     lead = launch.rank == 0  # writes the run folder, the timings and publishes; other ranks write a scratch folder
     stage = _stage_of(args, profile, launch)
     out_dir = Path(args.out) if args.out and lead else stage / "notebooks"
+    if not args.out and profile.results_dir and not args.publish:  # one run folder for every model of the profile
+        out_dir = out_dir / _slug(profile.model)
     last = stage / "timings.csv" if lead else profile.run_dir(ROOT) / "timings.csv"  # rank r > 0: rank 0's record
     times = {**read_times(ROOT / NOTEBOOK_TIMES), **read_times(last)}
     _announce(args, profile, launch, stage, todo, times)
@@ -723,7 +819,7 @@ def _main(args, launch: _Launch | None = None) -> int:
             _log.info("done (this rank's scratch folder is removed); rank 0 writes the results")
             return 0
         if args.publish:
-            apart = (Path(profile.results_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(profile.model).name)
+            apart = (Path(profile.results_dir) / _slug(profile.model)
                      if profile.results_dir else "")
             _log.info("README tables refreshed: %s",
                       ", ".join(publish(stage, executed, this_run, notebooks_dir=apart)) or "none")
@@ -732,6 +828,106 @@ def _main(args, launch: _Launch | None = None) -> int:
         return 0
     finally:
         release(lock)
+
+
+def _slug(model: str) -> str:
+    """A model as a folder or file name: ``qwen2.5-1.5b``, ``random_tiny``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name)
+
+
+# notebooks that line up every model of a profile with ``results_dir`` (06: the model-size tables): with several
+# models they run once, after every model's run finished (and published)
+ACROSS_MODELS = ("06",)
+
+
+def _with(args, **changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _several_models(args, launch: _Launch) -> int:
+    """``--model A B ...``: each model's run (one after another, or side by side), then the notebooks of
+    :data:`ACROSS_MODELS` once, for the last model, if every model's run succeeded. Every model is checked before
+    anything runs; a model that fails does not stop the others (but does under a launch of several processes,
+    whose ranks must run the same notebooks) and makes the exit status non-zero."""
+    models = list(args.model)
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise RunError(f"--model: {', '.join(twice)} given more than once")
+    if args.side_by_side and launch.world > 1:
+        raise RunError("--side-by-side starts one process per model on this machine and cannot run under a launch "
+                       "of several processes (torchrun, accelerate launch): leave it out (the models then run one "
+                       "after another, each shared by every process) or launch each model on its own")
+    todo = _todo(args.only)
+    profiles = [_check_request(_with(args, model=m))[0] for m in models]
+    lineup = [p.name[:2] for p in todo if profiles[0].results_dir and p.name[:2] in ACROSS_MODELS]
+    each = [p.name[:2] for p in todo if p.name[:2] not in lineup]
+    side = args.side_by_side and not args.dry_run and each
+    _log.info("%d models, %s: %s%s", len(models), "side by side" if side else "one after another", ", ".join(models),
+              f"; then {', '.join(lineup)} once, with every model's tables" if lineup else "")
+    codes = (_side_by_side(args, models, each) if side else
+             _one_after_another(args, launch, models, each) if each else {})
+    failed = {m: c for m, c in codes.items() if c}
+    for m, code in failed.items():
+        _log.error("FAILED: model %s (exit status %d)%s", m, code, f"; its whole output: {_log_file(args, m)}"
+                   if side else "")
+    if lineup and failed:
+        _log.error("%s not run: it lines up every model's tables, and %s failed", ", ".join(lineup),
+                   ", ".join(failed))
+    elif lineup:
+        _log.info("=== %s with every model's tables (run as model %s)", ", ".join(lineup), models[-1])
+        codes[" ".join(lineup)] = _main(_with(args, model=models[-1], only=lineup, out=_out_of(args, models[-1])),
+                                        launch)
+    if any(codes.values()):
+        return 130 if 130 in codes.values() else 1
+    if not args.dry_run:
+        _log.info("every model's run succeeded: %s", ", ".join(models))
+    return 0
+
+
+def _out_of(args, model: str) -> str:
+    """``--out`` of one model's run: a folder of its own under the given one."""
+    return str(Path(args.out) / _slug(model)) if args.out else ""
+
+
+def _one_after_another(args, launch: _Launch, models: list[str], only: list[str]) -> dict[str, int]:
+    """Run the notebooks ``only`` of each model in turn, in this process: ``{model: exit status}``."""
+    codes = {}
+    for k, model in enumerate(models):
+        _log.info("=== model %s (%d of %d)", model, k + 1, len(models))
+        try:
+            codes[model] = _main(_with(args, model=model, only=only, out=_out_of(args, model)), launch)
+        except RunError as err:
+            _log.error("kvlib: %s", err)
+            codes[model] = 2
+        if codes[model] and launch.world > 1:  # every rank must run the same notebooks: stop here
+            break
+    return codes
+
+
+def _log_file(args, model: str) -> Path:
+    return ROOT / "build" / "logs" / args.profile / f"{_slug(model)}.log"
+
+
+def _child_command(argv: list[str]) -> list[str]:
+    """The command line of a child run with the runner's arguments ``argv``."""
+    return [sys.executable, "-m", "kvlib.experiments.pipeline", *argv]
+
+
+def _side_by_side(args, models: list[str], only: list[str]) -> dict[str, int]:
+    """Run the notebooks ``only`` of every model at the same time, one child process each: ``{model: exit
+    status}``. Each child publishes on its own (with ``--publish``), once its notebooks all succeeded."""
+    from .side_by_side import run_side_by_side
+
+    commands, logs = {}, {}
+    for model in models:
+        argv = ["--profile", args.profile, "--model", model, "--only", *only]
+        argv += ["--data-dir", args.data_dir] if args.data_dir else []
+        argv += ["--out", _out_of(args, model)] if args.out else []
+        argv += ["--publish"] if args.publish else []
+        commands[model], logs[model] = _child_command(argv), _log_file(args, model)
+        logs[model].unlink(missing_ok=True)
+    _log.info("each model's lines start with [model]; its whole output goes to %s", logs[models[0]].parent)
+    return run_side_by_side(commands, logs, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def _show_log(prefix: str = "") -> None:

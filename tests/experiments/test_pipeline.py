@@ -2,6 +2,9 @@
 when the kernel died and what to try, and exits non-zero."""
 
 import logging
+import os
+import sys
+import textwrap
 
 import nbformat
 import pytest
@@ -174,3 +177,195 @@ def test_phases_are_summed_per_notebook_into_the_timings_folder(tmp_path):
     assert len(df[df.notebook == "01_vram.ipynb"]) == 2
     md = written[1].read_text()
     assert "profile gpu, model m" in md and "vary from run to run" in md and "| model load" in md
+
+
+def _two_model_checkout(root):
+    """A checkout holding results of a profile with ``results_dir`` ``sbs`` for models a and b, and a README."""
+    for model in ("a", "b"):
+        (root / "tables" / "sbs" / model).mkdir(parents=True)
+        (root / "tables" / "sbs" / model / "t.csv").write_text(f"x\nold {model}\n")
+        (root / "tables" / "sbs" / model / "t.md").write_text(f"| {model} |\n|---|\n| old |\n")
+    (root / "figures" / "sbs").mkdir(parents=True)
+    (root / "figures" / "sbs" / "lineup.png").write_bytes(b"old lineup")
+    (root / "README.md").write_text("<!-- table: sbs/a/t -->\n<!-- /table -->\n<!-- table: sbs/b/t -->\n"
+                                    "<!-- /table -->\n")
+
+
+def test_runs_started_from_one_snapshot_publish_only_what_each_changed(tmp_path, monkeypatch):
+    """Two runs of one profile start from the same committed results and publish one after the other: both land,
+    and the second does not put back the first model's old files (a file a run left as it found it is never
+    copied back, even where the checkout's copy changed since)."""
+    from dataclasses import replace
+
+    from kvlib.profiles import get_profile
+
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    _two_model_checkout(tmp_path)
+    profile = replace(get_profile("smoke"), name="sbs", results_dir="sbs")
+    stages = {m: pipeline._staging(profile.with_model(m), tmp_path / "build" / "publish" / m) for m in "ab"}
+    for m, stage in stages.items():  # each run rewrites its own model's tables, one of them unchanged
+        (stage / "tables" / "sbs" / m / "t.csv").write_text(f"x\nnew {m}\n")
+        (stage / "tables" / "sbs" / m / "t.md").write_text((tmp_path / "tables" / "sbs" / m / "t.md").read_text())
+    (stages["b"] / "figures" / "sbs" / "new.png").write_bytes(b"a figure b made")
+    (tmp_path / "figures" / "sbs" / "lineup.png").write_bytes(b"changed in the checkout meanwhile")
+    (tmp_path / "tables" / "sbs" / "b" / "t.md").write_text("| b |\n|---|\n| newer |\n")
+
+    pipeline.publish(stages["a"], [], {("sbs", "a", "01_t.ipynb"): 1.0}, root=tmp_path)
+    pipeline.publish(stages["b"], [], {("sbs", "b", "01_t.ipynb"): 2.0}, root=tmp_path)
+    tables = tmp_path / "tables" / "sbs"
+    assert (tables / "a" / "t.csv").read_text() == "x\nnew a\n"  # not put back by b's run
+    assert (tables / "b" / "t.csv").read_text() == "x\nnew b\n"
+    assert (tables / "b" / "t.md").read_text() == "| b |\n|---|\n| newer |\n"  # untouched by b's run: kept
+    assert (tmp_path / "figures" / "sbs" / "lineup.png").read_bytes() == b"changed in the checkout meanwhile"
+    assert (tmp_path / "figures" / "sbs" / "new.png").read_bytes() == b"a figure b made"
+    # the README comes from the checkout's tables after the copy, the timings of both runs are kept
+    readme = (tmp_path / "README.md").read_text()
+    assert "| old |" in readme and "| newer |" in readme
+    assert set(pipeline.read_times(tmp_path / pipeline.NOTEBOOK_TIMES)) == {("sbs", "a", "01_t.ipynb"),
+                                                                            ("sbs", "b", "01_t.ipynb")}
+
+
+def test_publish_writes_nothing_when_a_notebook_cannot_be_published(tmp_path, monkeypatch):
+    """All or nothing: an executed notebook whose cells do not match its source stops the publishing before any
+    table is copied."""
+    from dataclasses import replace
+
+    from kvlib.profiles import get_profile
+
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    _two_model_checkout(tmp_path)
+    stage = pipeline._staging(replace(get_profile("smoke"), name="sbs", results_dir="sbs").with_model("a"),
+                              tmp_path / "build" / "publish" / "a")
+    (stage / "tables" / "sbs" / "a" / "t.csv").write_text("x\nnew a\n")
+    (tmp_path / "notebooks").mkdir()
+    _notebook(tmp_path / "notebooks" / "01_t.ipynb", ["x = 1"])
+    _notebook(stage / "01_t.ipynb", ["x = 1", "y = 2"])  # another notebook's cells
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "build" not in p.parts}
+    with pytest.raises(ValueError, match="differs from the executed copy|has no cells"):
+        pipeline.publish(stage, [(stage / "01_t.ipynb", tmp_path / "notebooks" / "01_t.ipynb")], {}, root=tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "build" not in p.parts} == before
+
+
+@pytest.fixture
+def sbs_profile(monkeypatch):
+    """A profile ``sbs`` with ``results_dir`` (its tables apart per model, as ``gpu``) whose results from models
+    ``random:a`` and ``random:b`` are the committed ones (so they publish)."""
+    from dataclasses import replace
+
+    from kvlib import profiles
+
+    monkeypatch.setitem(profiles.PROFILES, "sbs", replace(profiles.PROFILES["smoke"], name="sbs", results_dir="sbs"))
+    monkeypatch.setitem(profiles.COMMITTED, "sbs", ("random:a", "random:b"))
+    return profiles.PROFILES["sbs"]
+
+
+def _fake_runs(monkeypatch, codes: dict):
+    """Replace one model's run (in this process and side by side) by a record of what was asked:
+    ``(model, notebooks, side by side?)``; a model's exit status comes from ``codes`` (0 if not named)."""
+    calls = []
+
+    def one(args, launch=None):
+        calls.append((args.model, tuple(args.only), False))
+        return codes.get(args.model, 0)
+
+    def side(args, models, only):
+        calls.extend((m, tuple(only), True) for m in models)
+        return {m: codes.get(m, 0) for m in models}
+
+    monkeypatch.setattr(pipeline, "_main", one)
+    monkeypatch.setattr(pipeline, "_side_by_side", side)
+    return calls
+
+
+@pytest.mark.parametrize("side", [False, True], ids=["one-after-another", "side-by-side"])
+def test_several_models_line_up_once_after_every_model(sbs_profile, monkeypatch, side):
+    calls = _fake_runs(monkeypatch, {})
+    argv = ["--profile", "sbs", "--model", "random:a", "random:b", "--publish"] + (["--side-by-side"] * side)
+    assert pipeline.main(argv) == 0
+    each = tuple(p.name[:2] for p in pipeline.notebooks() if p.name[:2] not in pipeline.ACROSS_MODELS)
+    assert calls == [("random:a", each, side), ("random:b", each, side), ("random:b", ("06",), False)]
+    # a profile without results_dir keeps each model's notebooks together (06 reads that model's tables alone)
+    calls.clear()
+    assert pipeline.main(["--profile", "smoke", "--model", "random:a", "random:b", "--only", "03", "06"]
+                         + (["--side-by-side"] * side)) == 0
+    assert calls == [("random:a", ("03", "06"), side), ("random:b", ("03", "06"), side)]
+
+
+@pytest.mark.parametrize("side", [False, True], ids=["one-after-another", "side-by-side"])
+def test_a_failed_model_stops_neither_the_others_nor_goes_unsaid(sbs_profile, monkeypatch, caplog, side):
+    calls = _fake_runs(monkeypatch, {"random:a": 1})
+    argv = ["--profile", "sbs", "--model", "random:a", "random:b", "--only", "03", "06"] + (["--side-by-side"] * side)
+    assert pipeline.main(argv) == 1
+    assert calls == [("random:a", ("03",), side), ("random:b", ("03",), side)]  # b ran, 06 did not
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(m.startswith("FAILED: model random:a (exit status 1)") for m in errors)
+    assert any("06 not run" in m and "random:a failed" in m for m in errors)
+
+
+def test_several_models_are_checked_before_anything_runs(sbs_profile, monkeypatch, caplog):
+    calls = _fake_runs(monkeypatch, {})
+    assert pipeline.main(["--profile", "sbs", "--model", "random:a", "random:a"]) == 2
+    assert pipeline.main(["--profile", "sbs", "--model", "random:a", "random:c", "--publish"]) == 2
+    assert any("--publish: profile sbs with model random:c" in m for m in caplog.messages)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert pipeline.main(["--profile", "sbs", "--model", "random:a", "random:b", "--side-by-side"]) == 2
+    assert any("--side-by-side" in m and "torchrun" in m for m in caplog.messages)
+    assert calls == []
+
+
+@pytest.mark.slow
+def test_two_models_side_by_side_publish_both(tmp_path, sbs_profile, monkeypatch):
+    """Two models of a profile with ``results_dir`` side by side, each a child runner publishing on its own: both
+    models' tables and notebooks land, their notebooks ran at the same time (each waits for the other's start),
+    then the line-up notebook ran once, as the last model's, and saw both models' published tables."""
+    code = pipeline.ROOT
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    meet = tmp_path / "meet"
+    meet.mkdir()
+    _notebook(nb_dir / "01_t.ipynb", [
+        "import time\nfrom pathlib import Path\nslug = MODEL.replace(':', '_')\n"
+        f"meet = Path({str(meet)!r})\n(meet / slug).touch()\n"
+        "for _ in range(1200):\n    if len(list(meet.iterdir())) == 2:\n        break\n    time.sleep(0.05)\n"
+        "else:\n    raise RuntimeError('the other model did not start')",
+        "d = Path(OUT_DIR) / 'tables' / 'sbs' / slug\nd.mkdir(parents=True, exist_ok=True)\n"
+        "(d / 't.csv').write_text(f'x\\n{MODEL}\\n')"])
+    _notebook(nb_dir / "06_lineup.ipynb", [
+        "from pathlib import Path\nroot = Path(OUT_DIR) / 'tables' / 'sbs'\n"
+        "(root / 'lineup.csv').write_text(''.join(sorted(p.read_text() for p in root.glob('*/t.csv'))))"])
+    for nb in nb_dir.glob("*.ipynb"):  # the runner passes OUT_DIR too
+        source = nbformat.read(nb, as_version=4)
+        source.cells[0].source += "\nOUT_DIR = ''"
+        nbformat.write(source, nb)
+    (tmp_path / "README.md").write_text("<!-- table: sbs/lineup -->\n<!-- /table -->\n")
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(f"""
+        import sys
+        from dataclasses import replace
+        from pathlib import Path
+        from kvlib import profiles
+        from kvlib.experiments import pipeline
+        root = Path({str(tmp_path)!r})
+        profiles.PROFILES["sbs"] = replace(profiles.PROFILES["smoke"], name="sbs", results_dir="sbs")
+        profiles.COMMITTED["sbs"] = ("random:a", "random:b")
+        pipeline.ROOT = root
+        pipeline.notebooks = lambda root=root: sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+        sys.exit(pipeline.main(sys.argv[1:]))
+    """))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    monkeypatch.setattr(pipeline, "notebooks", lambda root=tmp_path: sorted(nb_dir.glob("[0-9][0-9]_*.ipynb")))
+    monkeypatch.setattr(pipeline, "_child_command", lambda argv: [sys.executable, str(child), *argv])
+    assert pipeline.main(["--profile", "sbs", "--model", "random:a", "random:b", "--side-by-side",
+                          "--publish"]) == 0
+    tables = tmp_path / "tables" / "sbs"
+    assert (tables / "random_a" / "t.csv").read_text() == "x\nrandom:a\n"
+    assert (tables / "random_b" / "t.csv").read_text() == "x\nrandom:b\n"
+    assert (tables / "lineup.csv").read_text() == "x\nrandom:a\nx\nrandom:b\n"
+    published = sorted(p.relative_to(nb_dir).as_posix() for p in (nb_dir / "sbs").rglob("*.ipynb"))
+    assert published == ["sbs/random_a/01_t.ipynb", "sbs/random_b/01_t.ipynb", "sbs/random_b/06_lineup.ipynb"]
+    assert set(pipeline.read_times(tmp_path / pipeline.NOTEBOOK_TIMES)) == {
+        ("sbs", "random:a", "01_t.ipynb"), ("sbs", "random:b", "01_t.ipynb"), ("sbs", "random:b", "06_lineup.ipynb")}
+    log = (tmp_path / "build" / "logs" / "sbs" / "random_a.log").read_text()
+    assert "<== 01_t.ipynb done" in log and "published into" in log
