@@ -49,3 +49,14 @@ def test_readme_lists_every_module_in_its_group():
         assert set(listed) == _modules(folder), (
             f"{title}: missing {sorted(_modules(folder) - set(listed))}, "
             f"not a module there {sorted(set(listed) - _modules(folder))}")
+
+
+def test_every_relative_link_and_image_in_the_readme_exists():
+    """A link into a run folder (``build/...``) or to a table that was never committed is broken on GitHub."""
+    root = README.parent
+    text = README.read_text()
+    targets = re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text) + re.findall(r'src="([^"]+)"', text)
+    local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    assert local, "the README links no file at all"
+    missing = sorted({t for t in local if t.startswith(("build/", "runs/")) or not (root / t).exists()})
+    assert not missing, f"README links files that do not exist: {missing}"

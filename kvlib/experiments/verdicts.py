@@ -24,7 +24,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-__all__ = ["Verdict", "CLAIMS", "verdicts", "verdicts_table", "verdicts_markdown", "verdicts_caption", "tally"]
+__all__ = ["Verdict", "CLAIMS", "NO_SOURCE", "verdicts", "verdicts_table", "verdicts_markdown", "verdicts_caption",
+           "tally", "committed_path"]
 
 HOLDS, FAILS, MIXED, NOT_MEASURED = "holds", "does not hold at this scale", "mixed", "not measured"
 NOT_SHOWN = "not shown at this scale"
@@ -179,6 +180,21 @@ def _memory(folders: list[Path]) -> tuple[str, str]:
     return HOLDS, text
 
 
+NO_SOURCE = "no table yet"  # the ``from`` cell of a claim none of whose tables exists
+
+
+def committed_path(path: str | Path, repo: str | Path = ".") -> str:
+    """Where ``path`` lies in the checkout once its run is published: a file under a ``tables/`` folder (a run's
+    stage, ``build/publish/<profile>/<model>/tables/gpu/m/x.csv``, or the checkout's own) is shown as
+    ``tables/<the rest>``; any other path relative to ``repo``. A link into a run folder would not exist in the
+    repository."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.name == "tables":
+            return (Path("tables") / path.relative_to(parent)).as_posix()
+    return Path(os.path.relpath(path, repo)).as_posix()
+
+
 def verdicts(model_dirs: Mapping[str, Path], root: str | Path = "tables", repo: str | Path = ".") -> list[Verdict]:
     """The verdict of every claim over ``model_dirs`` (model name -> its tables folder); ``root`` holds the
     benchmark tables (``overhead``) and a ``fig1_vram`` to fall back on; ``repo`` is what the ``from`` column's
@@ -186,7 +202,7 @@ def verdicts(model_dirs: Mapping[str, Path], root: str | Path = "tables", repo: 
     root = Path(root)
 
     def shown(folder, name):
-        return Path(os.path.relpath(Path(folder) / f"{name}.csv", repo)).as_posix()
+        return committed_path(Path(folder) / f"{name}.csv", repo)
 
     out = []
     rows = {
@@ -210,7 +226,8 @@ def verdicts(model_dirs: Mapping[str, Path], root: str | Path = "tables", repo: 
             evidence += ("<br>No thinking model installs from the package index here: fast/slow are prompt "
                          "instructions for these instruct models. With a hub: `make reproduce PROFILE=full "
                          "MODEL=Qwen/Qwen3-8B`.")
-        source = ", ".join(shown(f, tables[key]) for f in model_dirs.values())
+        read = [f for f in model_dirs.values() if (Path(f) / f"{tables[key]}.csv").exists()]
+        source = ", ".join(shown(f, tables[key]) for f in read) or NO_SOURCE  # never a link to a missing table
         out.append(Verdict(*CLAIMS[key], evidence, verdict, source))
     folders = [*model_dirs.values(), root]
     memory_from = next((f for f in folders if (Path(f) / "fig1_vram.csv").exists()), root)
@@ -227,7 +244,8 @@ def verdicts_table(rows: list[Verdict]) -> pd.DataFrame:
 def verdicts_markdown(table: pd.DataFrame, caption: str) -> str:
     """The table as Markdown (cells may hold ``<br>``; the tables read are links, relative to the repository
     root as the README shows them), with ``caption`` above it."""
-    table = table.assign(source=[", ".join(f"[{p}]({p})" for p in str(src).split(", ")) for src in table["source"]])
+    table = table.assign(source=[src if src == NO_SOURCE else ", ".join(f"[{p}]({p})" for p in str(src).split(", "))
+                                 for src in table["source"]])
     shown = table.rename(columns={"claim": "claim", "paper": "the paper", "evidence": "evidence here (95% intervals)",
                                   "verdict": "verdict", "source": "from"})
     return caption + "\n\n" + shown.to_markdown(index=False) + "\n"

@@ -72,8 +72,9 @@ def test_switching_is_judged_against_the_equal_token_curve(tmp_path, cells, expe
 def test_missing_tables_are_not_measured_and_the_table_renders(tmp_path):
     rows = verdicts({"a": tmp_path / "a", "b": tmp_path / "b"}, root=tmp_path, repo=tmp_path)
     assert [r.verdict for r in rows[:3]] == [NOT_MEASURED] * 3
-    assert rows[0].source == "a/table1_differences.csv, b/table1_differences.csv"
+    assert rows[0].source == "no table yet"                    # a table that does not exist is not linked
     md = verdicts_markdown(verdicts_table(rows), "caption")
+    assert "[no table yet]" not in md and "table1_differences.csv" not in md
     assert md.startswith("caption\n\n|") and md.count("\n|") == len(rows) + 2
 
 
@@ -82,3 +83,17 @@ def test_a_model_without_tables_does_not_hide_another_models_verdict(tmp_path):
     _t1(tmp_path / "a", [(-0.2, -0.1)], [(-0.3, -0.2)])
     rows = verdicts({"a": tmp_path / "a", "b": tmp_path / "b"}, root=tmp_path, repo=tmp_path)
     assert rows[0].verdict == FAILS and "b: no whole-split Table 1 yet" in rows[0].evidence
+
+
+def test_links_point_where_the_tables_are_committed_not_into_the_run_folder(tmp_path):
+    """A run reads its tables from its stage (``build/publish/...``); the verdicts' ``from`` links must name the
+    committed files, which exist in the repository."""
+    from kvlib.experiments.verdicts import committed_path
+
+    stage = tmp_path / "build" / "publish" / "gpu" / "m" / "tables" / "gpu"
+    (stage / "m").mkdir(parents=True)
+    (stage / "m" / "table1_differences.csv").write_text("set,difference\n")
+    rows = verdicts({"m": stage / "m"}, root=tmp_path / "tables", repo=tmp_path)
+    assert rows[0].source == "tables/gpu/m/table1_differences.csv"
+    assert committed_path(tmp_path / "tables" / "overhead.csv", tmp_path) == "tables/overhead.csv"
+    assert committed_path(tmp_path / "other" / "x.csv", tmp_path) == "other/x.csv"
