@@ -118,6 +118,27 @@ def measure(model, batch: int, prompt: int, steps: int, warm: int, compile_step:
             "wall": wall_ms, "cache capacity": loop.state.cache.capacity}
 
 
+def measure_apart(model, batch: int, prompt: int, steps: int, warm: int, compile_step: bool, ahead: bool) -> dict:
+    """:func:`measure`, with the device memory it peaked at (GB), after freeing what an earlier arm left (its
+    static cache, compiled graphs and their memory pools); an arm that runs out of device memory gives a column of
+    NaN with the memory it had reached, not a lost run."""
+    import gc
+
+    gc.collect()
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if on_cuda:
+        torch._dynamo.reset()  # the earlier arm's compiled step and its CUDA-graph pool
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        row = measure(model, batch, prompt, steps, warm, compile_step, ahead)
+    except torch.OutOfMemoryError:
+        row = {"wall": float("nan"), "cache capacity": float("nan")}
+        print(f"out of device memory (compile_step={compile_step}, ahead={ahead}): that column is NaN")
+    row["peak device memory (GB)"] = torch.cuda.max_memory_allocated() / 1e9 if on_cuda else float("nan")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
@@ -135,7 +156,7 @@ def main() -> None:
     if device == "cuda":  # (captured, next step launched before the host reads this one)
         arms = {"captured, launched ahead (as decoded)": (True, True), "captured, step by step": (True, False),
                 **arms}
-    cols = {name: measure(model, args.batch, args.prompt, args.steps, args.warm, *a) for name, a in arms.items()}
+    cols = {name: measure_apart(model, args.batch, args.prompt, args.steps, args.warm, *a) for name, a in arms.items()}
     df = pd.DataFrame(cols)
     df.index.name = "ms per step"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
@@ -143,7 +164,7 @@ def main() -> None:
 
     caption = (f"One decode step of kvlib at batch {args.batch}, {args.shape} shape (random weights), "
                f"{str(dtype).removeprefix('torch.')}, {args.prompt}-token prompts, static cache of "
-               f"{int(df.loc['cache capacity'].iloc[0])} positions, mean of {args.steps} profiled steps after "
+               f"{df.loc['cache capacity'].max():.0f} positions, mean of {args.steps} profiled steps after "
                f"{args.warm} warm-up steps, on {name}, torch {torch.__version__}, transformers "
                f"{transformers.__version__} (`benchmarks/step_profile.py`). Attention, other kernels and "
                "sampling are device time; host synchronisation is host time blocked on the device; the overhead "

@@ -18,3 +18,15 @@ def test_every_variant_steps_like_the_loop(ahead):
     model = load_model("random:tiny", device="cpu", dtype=torch.float32)[0]
     row = step_profile.measure(model, batch=3, prompt=16, steps=4, warm=2, compile_step=False, ahead=ahead)
     assert row["wall"] > 0 and row["cache capacity"] >= 16 + 4 + 2
+
+
+def test_an_arm_that_runs_out_of_device_memory_is_a_nan_column_not_a_lost_run(monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    model = load_model("random:tiny", device="cpu", dtype=torch.float32)[0]
+    ok = step_profile.measure_apart(model, 3, 16, 2, 1, False, False)
+    assert ok["wall"] > 0
+    monkeypatch.setattr(step_profile, "measure", oom)
+    row = step_profile.measure_apart(model, 3, 16, 2, 1, False, False)
+    assert row["wall"] != row["wall"] and "peak device memory (GB)" in row   # NaN, and the memory row kept
