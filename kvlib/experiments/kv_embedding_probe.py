@@ -34,7 +34,8 @@ from ..embedding.mteb_classification import ProbeConfig, WholeSplitConfig, diffe
 from ..profiles import hardware_label
 
 __all__ = ["PAPER_TABLE1", "ProbeRun", "probe_run", "load_lm", "standard_embedders", "sweep_set", "add_size_models",
-           "main_rows", "table1", "table1_markdown", "table1_differences", "table1_verdict", "paper_ordering",
+           "main_rows", "table1", "table1_markdown", "table1_differences", "table1_verdict", "table1_reading",
+           "paper_ordering",
            "layer_table", "layer_pivot", "plot_table1", "plot_sweep", "release", "MAJORITY", "DIFFERENCE_PAIRS"]
 
 _log = logging.getLogger(__name__)
@@ -316,8 +317,22 @@ def table1_verdict(table: pd.DataFrame, diffs: pd.DataFrame | None = None) -> st
     back from ``table1_kv_probe.csv`` / ``table1_differences.csv``): what each protocol shows for the KV cache
     against the hidden states, the bag-of-words control and the majority class, numbers copied from the tables
     (accuracy / macro-F1; whole split: accuracy with its 95% interval)."""
+    parts = table1_reading(table, diffs)
+    out = [f"{parts[p]} {parts[p + ' numbers']}" for p in ("few_shot", "whole") if p in parts]
+    if "differences" in parts:
+        out.append(parts["differences"])
+    if "sum" in parts:
+        out.append(parts["sum"])
+    return "\n\n".join(out)
+
+
+def table1_reading(table: pd.DataFrame, diffs: pd.DataFrame | None = None) -> dict[str, str]:
+    """The pieces of :func:`table1_verdict`: ``few_shot`` and ``whole`` (what each protocol shows: the sets where
+    the KV cache clears the majority class, the sets that cannot rank representations), ``<protocol> numbers`` (the
+    cells per set), ``differences`` (paired whole-split differences) and ``sum`` (their tally); a piece whose
+    columns are missing is absent."""
     names = (COLUMNS[0], COLUMNS[1], BOW, MAJORITY)
-    out = []
+    out = {}
     for proto, label in (("few_shot", "Few-shot (MTEB) protocol"), ("whole", "Whole-split protocol")):
         key = "few_shot_accuracy" if proto == "few_shot" else "whole_accuracy"
         if key not in table or table[key].isna().all():
@@ -327,39 +342,44 @@ def table1_verdict(table: pd.DataFrame, diffs: pd.DataFrame | None = None) -> st
             g = g.set_index("representation")
             if not set(names) <= set(g.index):
                 continue
-            kv = g.loc[COLUMNS[0]]
-            (flat if kv[f"{proto}_at_majority"] else above).append(s)
+            (flat if g.loc[COLUMNS[0]][f"{proto}_at_majority"] else above).append(s)
             lines.append(f"{s}: " + ", ".join(f"{n} {_cell(g.loc[n], proto)}" for n in names))
         if not lines:
             continue
-        n = len(above) + len(flat)
-        head = (f"{label} (accuracy / macro-F1): the KV cache is above the majority class on {len(above)} of {n} "
-                f"sets" + (f" ({', '.join(above)})" if above else "")
+        head = (f"{label} (accuracy / macro-F1): the KV cache is above the majority class on {len(above)} of "
+                f"{len(above) + len(flat)} sets" + (f" ({', '.join(above)})" if above else "")
                 + (f" and at its level on {', '.join(flat)}" if flat else "") + ".")
         sets_flat = sorted(set(table.loc[table[f"set_at_majority_{proto}"] == True, "set"]))  # noqa: E712
         if sets_flat:
             head += f" Every representation but random is at the majority level on {', '.join(sets_flat)}: " \
                     "those sets cannot rank representations under this protocol."
-        out.append(head + " " + "; ".join(lines) + ".")
+        out[proto], out[f"{proto} numbers"] = head, "; ".join(lines) + "."
         if proto == "whole" and diffs is not None and len(diffs):
-            parts = []
-            for r in diffs.itertuples():
-                if r.a != COLUMNS[0] or r.b not in (COLUMNS[1], BOW):
-                    continue
-                verdict = ("higher" if r.accuracy_lo > 0 else "lower" if r.accuracy_hi < 0 else "not separable")
-                parts.append(f"{r.set}: KV cache − {r.b} {r.accuracy:+.3f} [{r.accuracy_lo:+.3f}, "
-                             f"{r.accuracy_hi:+.3f}] ({verdict})")
-            if parts:
-                out.append("Paired whole-split accuracy differences with 95% intervals: " + "; ".join(parts) + ".")
-                tally = []
-                for b in (COLUMNS[1], BOW):
-                    d = diffs[(diffs.a == COLUMNS[0]) & (diffs.b == b)]
-                    if len(d):
-                        tally.append(f"below {b} on {int((d.accuracy_hi < 0).sum())} of {len(d)} sets, above on "
-                                     f"{int((d.accuracy_lo > 0).sum())}")
-                if tally:
-                    out.append("In sum, with the whole training split the KV cache is " + "; ".join(tally) + ".")
-    return "\n\n".join(out)
+            out.update(_difference_reading(diffs))
+    return out
+
+
+def _difference_reading(diffs: pd.DataFrame) -> dict[str, str]:
+    """``differences`` and ``sum`` of :func:`table1_reading`: KV cache minus hidden states and minus bag-of-words."""
+    parts = []
+    for r in diffs.itertuples():
+        if r.a != COLUMNS[0] or r.b not in (COLUMNS[1], BOW):
+            continue
+        verdict = ("higher" if r.accuracy_lo > 0 else "lower" if r.accuracy_hi < 0 else "not separable")
+        parts.append(f"{r.set}: KV cache − {r.b} {r.accuracy:+.3f} [{r.accuracy_lo:+.3f}, "
+                     f"{r.accuracy_hi:+.3f}] ({verdict})")
+    if not parts:
+        return {}
+    out = {"differences": "Paired whole-split accuracy differences with 95% intervals: " + "; ".join(parts) + "."}
+    tally = []
+    for b in (COLUMNS[1], BOW):
+        d = diffs[(diffs.a == COLUMNS[0]) & (diffs.b == b)]
+        if len(d):
+            tally.append(f"below {b} on {int((d.accuracy_hi < 0).sum())} of {len(d)} sets, above on "
+                         f"{int((d.accuracy_lo > 0).sum())}")
+    if tally:
+        out["sum"] = "In sum, with the whole training split the KV cache is " + "; ".join(tally) + "."
+    return out
 
 
 def paper_ordering(main: pd.DataFrame) -> pd.DataFrame:

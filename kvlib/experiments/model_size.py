@@ -19,8 +19,8 @@ import pandas as pd
 from .labels import Method
 from .report import flat_columns
 
-__all__ = ["model_dirs", "table1_by_model", "table2_by_model", "differences_by_model", "table3_by_model",
-           "size_figure", "caption", "flat_table", "KEY_COMPARISONS", "CAPTIONS"]
+__all__ = ["model_dirs", "table1_by_model", "table1_readings", "table2_by_model", "differences_by_model",
+           "table3_by_model", "size_figure", "caption", "flat_table", "KEY_COMPARISONS", "CAPTIONS"]
 
 TABLE2_SCORES = ("MaxProb", "PPL", "Entropy", "Length", "CoE-C", "CoE-C [paper]", "KV-CoE-R (V)", "KV-CoE-C (V)",
                  "KV-CoE-C (K)", "KV-CoE-C (V, prompt+answer)", "KV-probe", "Output-probe", "Output+KV")
@@ -29,6 +29,8 @@ KEY_COMPARISONS = (("Output+KV", "Output-probe"), ("KV-probe", "Output-probe"), 
                    ("KV-CoE-C (V)", "CoE-C [paper]"))
 # what each of notebook 06's tables shows, after the caption's profile and models
 CAPTIONS = {"table1": "Table 1: accuracy per representation, few-shot (MTEB, mean) and whole split.",
+            "table1_readings": "Table 1, read per model and protocol from its committed tables (accuracy / macro-F1; "
+                               "the paired whole-split intervals are in each model's table1_differences).",
             "table2": "Table 2: AUROC x100 [95% CI].",
             "differences": "AUROC differences x100 with paired bootstrap 95% intervals.",
             "table3": "Table 3: accuracy / mean generated tokens."}
@@ -119,6 +121,25 @@ def table1_by_model(dirs: dict[str, Path], columns=("KV cache", "hidden states",
     out = out[order]
     out.columns = pd.MultiIndex.from_tuples(order, names=["representation", "protocol"])
     return out
+
+
+def table1_readings(dirs: dict[str, Path]) -> pd.DataFrame:
+    """One row per model: what each Table 1 protocol shows for its KV cache (the sets where it clears the majority
+    class, the sets that cannot rank representations) and the tally of its paired whole-split differences to the
+    hidden states and to bag-of-words (:func:`kvlib.experiments.kv_embedding_probe.table1_reading`, written from the
+    model's committed ``table1_kv_probe.csv`` and ``table1_differences.csv``); a model without them is absent."""
+    from .kv_embedding_probe import table1_reading
+
+    rows = []
+    for model, table in _read(dirs, "table1_kv_probe").items():
+        if "representation" not in table:  # the earlier layout: no protocols to read
+            continue
+        diffs = _read({model: dirs[model]}, "table1_differences").get(model)
+        parts = table1_reading(table, diffs)
+        reading = {k: parts[k].split(": ", 1)[-1] for k in ("few_shot", "whole", "sum") if k in parts}  # no label
+        rows.append({"model": model, "few-shot (MTEB) protocol": reading.get("few_shot", ""),
+                     "whole-split protocol": " ".join(reading.get(k, "") for k in ("whole", "sum")).strip()})
+    return pd.DataFrame(rows, columns=["model", "few-shot (MTEB) protocol", "whole-split protocol"])
 
 
 def table2_by_model(dirs: dict[str, Path], scores=TABLE2_SCORES) -> pd.DataFrame:

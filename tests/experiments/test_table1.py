@@ -260,3 +260,14 @@ def test_table1_differences_and_verdict_from_the_tables(tmp_path):
     assert t1.loc[("toy", "m-0.5b"), ("bag-of-words", "whole split")] == 1.0
     assert t1.loc[("toy", "m-0.5b"), ("KV cache", "few-shot")] == toy.loc["KV cache", "few_shot_accuracy"]
     assert "KV cache · whole split" in flat_table(t1, names=["set", "model"]).columns
+
+    # notebook 06's reading per model: the verdict's summary, from the same files
+    from kvlib.experiments.model_size import table1_readings
+
+    dcsv.to_csv(tmp_path / "m-0.5b" / "table1_differences.csv", index=False)
+    readings = table1_readings({"m-0.5b": tmp_path / "m-0.5b", "absent": tmp_path / "none"})
+    assert readings.model.tolist() == ["m-0.5b"]
+    row = readings.iloc[0]
+    assert "at its level on flat" in row["few-shot (MTEB) protocol"]
+    assert f"bag-of-words on {below} of 2 sets" in row["whole-split protocol"]
+    assert row["whole-split protocol"].split(" In sum")[0] in verdict  # copied, not rewritten
