@@ -213,13 +213,19 @@ def prompt_lengths(records: Sequence[GenerationRecord], tokenizer=None) -> np.nd
 
 @phase("classifier fit")
 def fit_classifiers(frame: pd.DataFrame, records: Sequence[GenerationRecord], plan: SwitchingPlan,
-                    exclude_questions: Sequence[str], tokenizer=None) -> dict[tuple[int, int], DifficultyClassifier]:
+                    exclude_questions: Sequence[str], tokenizer=None, reuse: str | Path | None = "default"
+                    ) -> dict[tuple[int, int], DifficultyClassifier]:
     """One classifier per grid point (or ``plan.spec``), split by question; evaluation questions never enter.
 
     Each classifier's ``info`` holds the split sizes, validation RMSE and training sets, and ``baseline_rmse``:
     the validation RMSE on the same split of a constant prediction (the training labels' mean) and of a
     regressor of the decision prompt's length alone (:func:`kvlib.switching.difficulty.baseline_rmse`; the length in
     tokens of ``tokenizer``, in characters without one, as ``info["prompt_length_unit"]`` says).
+
+    ``reuse``: the folder of fitted classifiers (``"default"``: ``classifiers/fits/`` of the generation store;
+    ``None``: always fit): a fit is stored under a hash of its exact inputs (features, labels, split, grid point,
+    training settings, torch version) and read back, so notebook 05 uses 04's classifiers instead of fitting them
+    again, and a fresh fit and a reused one are the same file.
     """
     banned = {question_key(q) for q in exclude_questions}
     splits = split_by_question(frame["question"].tolist(), {"train": 1 - plan.val_fraction, "val": plan.val_fraction},
@@ -238,8 +244,42 @@ def fit_classifiers(frame: pd.DataFrame, records: Sequence[GenerationRecord], pl
         info = {"decision_prompt": "slow", "train_sets": sorted(frame["set"].unique()),
                 "label_counts": {int(k): int(v) for k, v in frame["label"].iloc[tr].value_counts().items()},
                 "baseline_rmse": baselines, "prompt_length_unit": "characters" if tokenizer is None else "tokens"}
-        out[(n_tokens, n_layers)] = train_classifier(x[tr], y[tr], x[va], y[va], spec, plan.train, info)
+        out[(n_tokens, n_layers)] = _fit_or_reuse((x[tr], y[tr], x[va], y[va]), spec, plan.train, info, reuse)
     return out
+
+
+def _fit_or_reuse(data: tuple[np.ndarray, ...], spec: FeatureSpec, config: TrainConfig, info: dict,
+                  reuse: str | Path | None) -> DifficultyClassifier:
+    """:func:`~kvlib.switching.difficulty.train_classifier` on ``data`` (x_train, y_train, x_val, y_val), or the
+    classifier a fit on the same inputs stored in ``reuse`` (see :func:`fit_classifiers`)."""
+    import hashlib
+    import json
+    import os
+    from dataclasses import asdict
+
+    import torch
+
+    if reuse is None:
+        return train_classifier(*data, spec, config, info)
+    from ..runs.store import default_store_dir
+
+    folder = default_store_dir() / "classifiers" / "fits" if reuse == "default" else Path(reuse)
+    h = hashlib.sha256(json.dumps({"spec": asdict(spec), "train": asdict(config), "info": info,
+                                   "torch": torch.__version__}, sort_keys=True, default=str).encode())
+    for a in data:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode() + a.tobytes())
+    path = folder / f"N{spec.n_tokens}-L{spec.n_layers}-{h.hexdigest()[:16]}.safetensors"
+    if path.exists():
+        try:
+            return DifficultyClassifier.load(path)
+        except Exception as err:  # noqa: BLE001 -- a damaged file is refitted, never trusted
+            _log.warning("fitted classifier %s is unreadable (%s: %s); fitting it again", path.name,
+                         type(err).__name__, err)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    train_classifier(*data, spec, config, info).save(tmp)
+    os.replace(tmp, path)  # whole or absent
+    return DifficultyClassifier.load(path)
 
 
 def best_spec(classifiers: Mapping[tuple[int, int], DifficultyClassifier]) -> tuple[int, int]:

@@ -373,7 +373,8 @@ class DifficultyClassifier:
             meta = (f.metadata() or {}).get("kvlib_difficulty")
             if meta is None:
                 raise ValueError(f"{path} is not a kvlib difficulty classifier (no 'kvlib_difficulty' metadata)")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # copies: a tensor backed by the file's memory map would fault (SIGBUS) once the file is rewritten
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
         cfg = json.loads(meta)
         mlp = _mlp(cfg["dim"], cfg["hidden"])
         mlp.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mlp.")})

@@ -117,6 +117,32 @@ def _pairs(model, tok, items_by_set, root, plan):
     return out
 
 
+def _refit_reuses_the_stored_fits(clfs, frame, recs, plan, test_frame, tok, folder):
+    """A second fit on the same inputs (notebook 05 after 04) reads the stored classifiers instead of training,
+    the same weights and info; a damaged file is fitted again, never trusted; other inputs are another fit."""
+    import kvlib.experiments.switching as sw
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although the same fit is stored")
+
+    args = (frame, recs, plan)
+    kw = dict(exclude_questions=test_frame["question"].tolist(), tokenizer=tok, reuse=folder)
+    orig, sw.train_classifier = sw.train_classifier, no_training
+    try:
+        again = fit_classifiers(*args, **kw)
+    finally:
+        sw.train_classifier = orig
+    for key, clf in clfs.items():
+        assert again[key].fingerprint() == clf.fingerprint() and again[key].info == clf.info
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) == len(clfs)
+    files[0].write_bytes(b"damaged")
+    refit = fit_classifiers(*args, **kw)
+    assert {k: c.fingerprint() for k, c in refit.items()} == {k: c.fingerprint() for k, c in clfs.items()}
+    other = fit_classifiers(frame.assign(label=frame["label"][::-1].to_numpy()), recs, plan, **kw)
+    assert len(list(folder.glob("*.safetensors"))) == 2 * len(clfs) and set(other) == set(clfs)
+
+
 def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     model, tok = tiny
     train = {"svamp": _items("svamp/train", 24, 0)}
@@ -129,8 +155,10 @@ def test_experiment_end_to_end_on_a_tiny_model(tiny, tmp_path):
     test_pairs = _pairs(model, tok, test, tmp_path, plan)
     test_frame, _ = label_frame(test_pairs)
     assert set(frame["label"]) <= {0, 25, 75, 100}
-    clfs = fit_classifiers(frame, recs, plan, exclude_questions=test_frame["question"].tolist(), tokenizer=tok)
+    clfs = fit_classifiers(frame, recs, plan, exclude_questions=test_frame["question"].tolist(), tokenizer=tok,
+                           reuse=tmp_path / "fits")
     assert set(clfs) == {(4, 3), (8, 1)}
+    _refit_reuses_the_stored_fits(clfs, frame, recs, plan, test_frame, tok, tmp_path / "fits")
     ctab = classifier_table(clfs)  # each KV classifier beside the two baselines on its own validation split
     assert ctab["constant val_rmse"].nunique() == 1 and ctab["prompt-length val_rmse"].nunique() == 1
     assert np.isfinite(ctab[["val_rmse", "constant val_rmse", "prompt-length val_rmse"]].to_numpy()).all()

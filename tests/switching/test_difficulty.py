@@ -146,6 +146,8 @@ def test_classifier_learns_and_round_trips(tmp_path):
     assert back.fingerprint() == clf.fingerprint()
     with pytest.raises(ValueError, match="dims"):
         back.predict(xv[:, :5])
+    path.write_bytes(b"rewritten")  # a loaded classifier owns its tensors: rewriting the file cannot fault it
+    np.testing.assert_allclose(back.predict(xv), pred, rtol=1e-6)
 
 
 def test_training_is_seeded():
