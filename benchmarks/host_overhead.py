@@ -17,6 +17,8 @@ the arms do the same model work. Arms:
   e  switch  ``decode`` under notebook 04's KV-Generative controller
              (:class:`kvlib.switching.kv_switch.KVSwitchController`, a random difficulty MLP checked every 32 tokens,
              thresholds that never switch)
+  f  gpu-path  ``decode`` on the GPU's path run eagerly: a static cache and the next step launched before the host
+             reads the last one (``DecodeLoop.lookahead``), the host work a GPU step overlaps
 
 Each arm runs once to warm up, then ``--reps`` times; the table gives the median ms per step (wall time / new
 tokens), the part of it spent outside the model's forward (``host_ms_per_step``: kvlib's own work, what a GPU
@@ -38,7 +40,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = {"a": "bare loop", "b": "decode", "c": "generate", "d": "generate + 03 extractors", "e": "decode + 04 switch"}
+ARMS = {"a": "bare loop", "b": "decode", "c": "generate", "d": "generate + 03 extractors", "e": "decode + 04 switch",
+        "f": "decode, static + lookahead"}
 
 
 def build_model(layers: int, seed: int = 0):
@@ -127,11 +130,21 @@ def arm_runner(arm: str, model, tok, batch: int, new_tokens: int):
                 generate(model, tok, prompts, store, settings, batch_size=batch, extractors=extractors,
                          progress=False)
 
+    def gpu_path():
+        from kvlib.core.decoding import DecodeLoop
+
+        DecodeLoop.lookahead = True
+        try:
+            return decode(model, ids, mask, DecodeConfig(max_new_tokens=new_tokens, stop_token_ids=(), cache="static"))
+        finally:
+            DecodeLoop.lookahead = None
+
     return {"a": lambda: bare_loop(model, ids, mask, new_tokens),
             "b": lambda: decode(model, ids, mask, cfg),
             "c": lambda: gen({}),
             "d": lambda: gen(answer_extractors()),
-            "e": lambda: decode(model, ids, mask, cfg, controller=switch_controller(model, batch))}[arm]
+            "e": lambda: decode(model, ids, mask, cfg, controller=switch_controller(model, batch)),
+            "f": gpu_path}[arm]
 
 
 class ForwardClock:
@@ -196,7 +209,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--arms", default="abcde")
+    ap.add_argument("--arms", default="abcdef")
     ap.add_argument("--profile", default=None, help="an arm letter to profile at the largest batch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tree", default=str(ROOT), help="the checkout to import kvlib from")
