@@ -481,21 +481,27 @@ class DecodeLoop:
                 picked = _pick(logits, self.config, [self.generators[p] for p in phys])
                 stats = torch.cat([stats[:2], picked.to(stats.dtype)[None]])
             mp, ent, tok = stats.tolist()
-        st = self.state
+        st = self.state  # a plain loop over rows with its lookups bound once: it runs for every row at every step
+        rows, done, tokens, pending, stop = st.rows, st.done, st.tokens, self.pending, self.stop
+        sampled, max_prob, entropy, budget = self.sampled, self.max_prob, self.entropy, self.config.max_new_tokens
         for k, p in enumerate(phys):
-            i = st.rows[p]
-            if st.done[i]:
+            i = rows[p]
+            if done[i]:
                 continue
             t = int(tok[k])
-            st.tokens[i].append(t)
-            self.sampled[i].append(True)
-            self.max_prob[i].append(mp[k])
-            self.entropy[i].append(ent[k])
-            self.pending.setdefault(i, []).append(t)
-            if t in self.stop:
-                st.done[i], self.finish[i] = True, "stop"
-            elif len(st.tokens[i]) >= self.config.max_new_tokens:
-                st.done[i] = True
+            row = tokens[i]
+            row.append(t)
+            sampled[i].append(True)
+            max_prob[i].append(mp[k])
+            entropy[i].append(ent[k])
+            if i in pending:
+                pending[i].append(t)
+            else:
+                pending[i] = [t]
+            if t in stop:
+                done[i], self.finish[i] = True, "stop"
+            elif len(row) >= budget:
+                done[i] = True
 
     def next_tokens(self, ahead: "_Ahead | None" = None) -> None:
         """Append the tokens of the last step's logits (nothing when no model ran)."""
@@ -518,7 +524,7 @@ class DecodeLoop:
         st = self.state
         stats = token_stats(self.logits) if self.stats is None else self.stats
         ahead = _Ahead(stats, [not st.done[i] for i in st.rows], st.attention_mask)
-        col_pos = torch.tensor([[[int(r)] for r in ahead.running], [[q] for q in self.next_pos]], dtype=torch.long)
+        col_pos = torch.tensor([[int(r) for r in ahead.running], self.next_pos], dtype=torch.long)[..., None]
         on_cuda = torch.device(self.device).type == "cuda"  # a pinned source: the copy does not wait for the device
         col, positions = (col_pos.pin_memory() if on_cuda else col_pos).to(self.device, non_blocking=on_cuda)
         st.attention_mask = torch.cat([st.attention_mask, col], dim=1)
@@ -536,13 +542,13 @@ class DecodeLoop:
         st = self.state
         gone = sum(st.done[i] and i not in self.reported for i in st.rows)
         if self.running() and (on_finish is None or gone < max(1, len(st.rows) // 4)):
-            base, ended = ahead.mask.shape[1], []
+            base, ended, done, slots, next_pos = ahead.mask.shape[1], [], st.done, st.slots, self.next_pos
             for p, (i, was) in enumerate(zip(st.rows, ahead.running)):
-                if was and st.done[i]:
+                if was and done[i]:
                     ended.append(p)
                 elif was:
-                    st.slots[i].append(base)
-                    self.next_pos[p] += 1
+                    slots[i].append(base)
+                    next_pos[p] += 1
             if ended:
                 st.attention_mask[ended, base] = 0
             self.pending = {}
@@ -586,15 +592,16 @@ class DecodeLoop:
         feed = [[] if st.done[i] else self.pending.get(i, []) for i in st.rows]
         self.pending = {}
         width, base = max(len(f) for f in feed), st.attention_mask.shape[1]
-        ids_l, mask_l, pos_l = [], [], []
+        ids_l, mask_l, pos_l = [], [], []  # flat, [rows * width] each (one tensor from three flat lists)
         for p, (i, f) in enumerate(zip(st.rows, feed)):
             pad, start = width - len(f), self.next_pos[p]
-            ids_l.append([0] * pad + f)
-            mask_l.append([0] * pad + [1] * len(f))
-            pos_l.append([start] * pad + list(range(start, start + len(f))))
+            ids_l += [0] * pad + f
+            mask_l += [0] * pad + [1] * len(f)
+            pos_l += [start] * pad + list(range(start, start + len(f)))
             st.slots[i].extend(range(base + pad, base + width))
             self.next_pos[p] = start + len(f)
-        chunk, chunk_mask, positions = torch.tensor([ids_l, mask_l, pos_l], dtype=torch.long).to(self.device)
+        chunk, chunk_mask, positions = (torch.tensor([ids_l, mask_l, pos_l], dtype=torch.long)
+                                        .view(3, len(feed), width).to(self.device))
         st.attention_mask = torch.cat([st.attention_mask, chunk_mask], dim=1)
         if self.fast_step is not None and width == 1:
             self.logits, self.stats = self.fast_step(chunk, st.attention_mask, positions, st.cache)
