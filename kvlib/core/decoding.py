@@ -382,6 +382,7 @@ class DecodeLoop:
         indices and their sampling generators (``None`` each when greedy)."""
         st, first, gens = self.state, len(self.state.tokens), []
         width = input_ids.shape[1]
+        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()  # one copy, then no device sync per row
         for r in range(input_ids.shape[0]):
             h = history[r]
             real = attention_mask[r].bool()
@@ -422,7 +423,8 @@ class DecodeLoop:
         new, gens = self._new_rows(input_ids, attention_mask, seeds, [None] * n)
         logits, cache = step_logits(self.model, input_ids, attention_mask, prefill_positions(attention_mask), None)
         mask = st.attention_mask
-        live = [p for p in range(mask.shape[0]) if free is None or p not in free]
+        taken = set(free or ())
+        live = [p for p in range(mask.shape[0]) if p not in taken]
         held = mask.shape[1]
         start = held if not live else int(mask[live].cumsum(-1).eq(0).sum(-1).min())  # first column in use
         end = max(held - start, width)  # the new write position
@@ -448,14 +450,15 @@ class DecodeLoop:
                 st.cache = cache
             phys = list(range(mask.shape[0], mask.shape[0] + n))
         grid[phys, end - width:] = attention_mask
-        for p in range(len(st.rows)):
+        for p in set(live) & set(range(len(st.rows))):
             i = st.rows[p]
-            if p in live:
+            if shift != start:
                 st.slots[i] = [s - start + shift for s in st.slots[i]]
-                self.input_end[i] += shift - start
+            self.input_end[i] += shift - start
+        lengths = attention_mask.sum(-1).tolist()
         for j, (p, i) in enumerate(zip(phys, new)):
             self.input_end[i] = end
-            pos = int(attention_mask[j].sum())
+            pos = lengths[j]
             if p < len(st.rows):
                 st.rows[p], self.next_pos[p] = i, pos
                 if self.generators is not None:
