@@ -382,6 +382,7 @@ class DecodeLoop:
         indices and their sampling generators (``None`` each when greedy)."""
         st, first, gens = self.state, len(self.state.tokens), []
         width = input_ids.shape[1]
+        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()  # one copy, then no device sync per row
         for r in range(input_ids.shape[0]):
             h = history[r]
             real = attention_mask[r].bool()
@@ -422,7 +423,8 @@ class DecodeLoop:
         new, gens = self._new_rows(input_ids, attention_mask, seeds, [None] * n)
         logits, cache = step_logits(self.model, input_ids, attention_mask, prefill_positions(attention_mask), None)
         mask = st.attention_mask
-        live = [p for p in range(mask.shape[0]) if free is None or p not in free]
+        taken = set(free or ())
+        live = [p for p in range(mask.shape[0]) if p not in taken]
         held = mask.shape[1]
         start = held if not live else int(mask[live].cumsum(-1).eq(0).sum(-1).min())  # first column in use
         end = max(held - start, width)  # the new write position
@@ -448,14 +450,15 @@ class DecodeLoop:
                 st.cache = cache
             phys = list(range(mask.shape[0], mask.shape[0] + n))
         grid[phys, end - width:] = attention_mask
-        for p in range(len(st.rows)):
+        for p in set(live) & set(range(len(st.rows))):
             i = st.rows[p]
-            if p in live:
+            if shift != start:
                 st.slots[i] = [s - start + shift for s in st.slots[i]]
-                self.input_end[i] += shift - start
+            self.input_end[i] += shift - start
+        lengths = attention_mask.sum(-1).tolist()
         for j, (p, i) in enumerate(zip(phys, new)):
             self.input_end[i] = end
-            pos = int(attention_mask[j].sum())
+            pos = lengths[j]
             if p < len(st.rows):
                 st.rows[p], self.next_pos[p] = i, pos
                 if self.generators is not None:
@@ -481,21 +484,27 @@ class DecodeLoop:
                 picked = _pick(logits, self.config, [self.generators[p] for p in phys])
                 stats = torch.cat([stats[:2], picked.to(stats.dtype)[None]])
             mp, ent, tok = stats.tolist()
-        st = self.state
+        st = self.state  # a plain loop over rows with its lookups bound once: it runs for every row at every step
+        rows, done, tokens, pending, stop = st.rows, st.done, st.tokens, self.pending, self.stop
+        sampled, max_prob, entropy, budget = self.sampled, self.max_prob, self.entropy, self.config.max_new_tokens
         for k, p in enumerate(phys):
-            i = st.rows[p]
-            if st.done[i]:
+            i = rows[p]
+            if done[i]:
                 continue
             t = int(tok[k])
-            st.tokens[i].append(t)
-            self.sampled[i].append(True)
-            self.max_prob[i].append(mp[k])
-            self.entropy[i].append(ent[k])
-            self.pending.setdefault(i, []).append(t)
-            if t in self.stop:
-                st.done[i], self.finish[i] = True, "stop"
-            elif len(st.tokens[i]) >= self.config.max_new_tokens:
-                st.done[i] = True
+            row = tokens[i]
+            row.append(t)
+            sampled[i].append(True)
+            max_prob[i].append(mp[k])
+            entropy[i].append(ent[k])
+            if i in pending:
+                pending[i].append(t)
+            else:
+                pending[i] = [t]
+            if t in stop:
+                done[i], self.finish[i] = True, "stop"
+            elif len(row) >= budget:
+                done[i] = True
 
     def next_tokens(self, ahead: "_Ahead | None" = None) -> None:
         """Append the tokens of the last step's logits (nothing when no model ran)."""
@@ -518,7 +527,7 @@ class DecodeLoop:
         st = self.state
         stats = token_stats(self.logits) if self.stats is None else self.stats
         ahead = _Ahead(stats, [not st.done[i] for i in st.rows], st.attention_mask)
-        col_pos = torch.tensor([[[int(r)] for r in ahead.running], [[q] for q in self.next_pos]], dtype=torch.long)
+        col_pos = torch.tensor([[int(r) for r in ahead.running], self.next_pos], dtype=torch.long)[..., None]
         on_cuda = torch.device(self.device).type == "cuda"  # a pinned source: the copy does not wait for the device
         col, positions = (col_pos.pin_memory() if on_cuda else col_pos).to(self.device, non_blocking=on_cuda)
         st.attention_mask = torch.cat([st.attention_mask, col], dim=1)
@@ -536,13 +545,13 @@ class DecodeLoop:
         st = self.state
         gone = sum(st.done[i] and i not in self.reported for i in st.rows)
         if self.running() and (on_finish is None or gone < max(1, len(st.rows) // 4)):
-            base, ended = ahead.mask.shape[1], []
+            base, ended, done, slots, next_pos = ahead.mask.shape[1], [], st.done, st.slots, self.next_pos
             for p, (i, was) in enumerate(zip(st.rows, ahead.running)):
-                if was and st.done[i]:
+                if was and done[i]:
                     ended.append(p)
                 elif was:
-                    st.slots[i].append(base)
-                    self.next_pos[p] += 1
+                    slots[i].append(base)
+                    next_pos[p] += 1
             if ended:
                 st.attention_mask[ended, base] = 0
             self.pending = {}
@@ -586,15 +595,16 @@ class DecodeLoop:
         feed = [[] if st.done[i] else self.pending.get(i, []) for i in st.rows]
         self.pending = {}
         width, base = max(len(f) for f in feed), st.attention_mask.shape[1]
-        ids_l, mask_l, pos_l = [], [], []
+        ids_l, mask_l, pos_l = [], [], []  # flat, [rows * width] each (one tensor from three flat lists)
         for p, (i, f) in enumerate(zip(st.rows, feed)):
             pad, start = width - len(f), self.next_pos[p]
-            ids_l.append([0] * pad + f)
-            mask_l.append([0] * pad + [1] * len(f))
-            pos_l.append([start] * pad + list(range(start, start + len(f))))
+            ids_l += [0] * pad + f
+            mask_l += [0] * pad + [1] * len(f)
+            pos_l += [start] * pad + list(range(start, start + len(f)))
             st.slots[i].extend(range(base + pad, base + width))
             self.next_pos[p] = start + len(f)
-        chunk, chunk_mask, positions = torch.tensor([ids_l, mask_l, pos_l], dtype=torch.long).to(self.device)
+        chunk, chunk_mask, positions = (torch.tensor([ids_l, mask_l, pos_l], dtype=torch.long)
+                                        .view(3, len(feed), width).to(self.device))
         st.attention_mask = torch.cat([st.attention_mask, chunk_mask], dim=1)
         if self.fast_step is not None and width == 1:
             self.logits, self.stats = self.fast_step(chunk, st.attention_mask, positions, st.cache)

@@ -21,7 +21,7 @@ import torch
 
 from .cache import cache_layers
 
-__all__ = ["token_trajectory", "kv_trajectory_extractor", "select_layers", "prompt_slots"]
+__all__ = ["token_trajectory", "row_trajectories", "kv_trajectory_extractor", "select_layers", "prompt_slots"]
 
 Part = Literal["keys", "values", "both"]
 
@@ -63,25 +63,44 @@ def token_trajectory(cache, row: int, slots: Sequence[int], part: Part = "values
     Returns:
         ``[len(slots), kv_heads * head_dim]`` (twice that for ``"both"``), float32.
     """
+    return row_trajectories(cache, [row], [slots], part, layers)[0]
+
+
+_GATHER_TOKENS = 1 << 17  # tokens gathered at once by row_trajectories (bounds its temporary memory)
+
+
+def row_trajectories(cache, rows: Sequence[int], slots: Sequence[Sequence[int]], part: Part = "values",
+                     layers: str | Sequence[int] | None = None) -> list[torch.Tensor]:
+    """:func:`token_trajectory` of several rows at once (``slots[k]`` for batch row ``rows[k]``): one gather per
+    layer for all of them instead of one per row and layer; the values are the same, bit for bit.
+
+    Returns:
+        one ``[len(slots[k]), D]`` float32 tensor per row (``D`` as in :func:`token_trajectory`).
+    """
+    if part not in ("keys", "values", "both"):
+        raise ValueError(f"part must be keys, values or both, not {part!r}")
     all_layers = cache_layers(cache)
     chosen = [all_layers[i] for i in select_layers(len(all_layers), layers)]
     if any(layer.sliding_window is not None for layer in chosen):
         raise ValueError("token trajectories need full-attention layers; exclude the sliding-window layers")
-    slots = torch.as_tensor(list(slots), dtype=torch.long)
+    lengths = [len(s) for s in slots]
+    row_idx = torch.repeat_interleave(torch.as_tensor(list(rows), dtype=torch.long),
+                                      torch.as_tensor(lengths, dtype=torch.long))
+    slot_idx = torch.as_tensor([int(j) for s in slots for j in s], dtype=torch.long)
+    parts = [n for n in ("keys", "values") if part in (n, "both")]
     out = chosen[0].keys.device  # layers may sit on several devices (device_map="auto"): sum on the first's
-    acc = None
-    for layer in chosen:
-        idx = slots.to(layer.keys.device)
-        pieces = []
-        if part in ("keys", "both"):
-            pieces.append(layer.keys[row, :, idx, :])  # [kv_heads, T, head_dim]
-        if part in ("values", "both"):
-            pieces.append(layer.values[row, :, idx, :])
-        if not pieces:
-            raise ValueError(f"part must be keys, values or both, not {part!r}")
-        x = torch.cat([p.permute(1, 0, 2).reshape(len(slots), -1) for p in pieces], dim=-1).float().to(out)
-        acc = x if acc is None else acc + x
-    return acc / len(chosen)
+    pieces = []
+    for a in range(0, max(len(slot_idx), 1), _GATHER_TOKENS):
+        r, s = row_idx[a: a + _GATHER_TOKENS], slot_idx[a: a + _GATHER_TOKENS]
+        acc = None
+        for layer in chosen:
+            dev = layer.keys.device
+            ri, si = r.to(dev), s.to(dev)
+            x = torch.cat([getattr(layer, n)[ri, :, si, :].flatten(1) for n in parts], dim=-1)
+            x = x.float().to(out)  # [tokens, D]
+            acc = x if acc is None else acc + x
+        pieces.append(acc / len(chosen))
+    return list(torch.cat(pieces).split(lengths))
 
 
 def prompt_slots(attention_mask: torch.Tensor, fed: Sequence[int] = ()) -> list[int]:
@@ -110,15 +129,17 @@ def kv_trajectory_extractor(parts: Sequence[Part] = ("keys", "values"), dtype=np
 
     def extract(model, result, input_ids, attention_mask) -> list[dict[str, np.ndarray]]:
         state = result.state
-        out = []
-        for row, slots in enumerate(state.slots):  # every fed token; an item's final token never is
-            arrays = {f"traj_{p}": token_trajectory(state.cache, row, slots, part=p).cpu().numpy().astype(dtype)
-                      for p in parts}
-            if prompt:
-                where = prompt_slots(attention_mask[row], slots)
-                arrays.update({f"traj_prompt_{p}": token_trajectory(state.cache, row, where, part=p).cpu().numpy()
-                               .astype(dtype) for p in parts})
-            out.append(arrays)
+        rows = range(len(state.slots))
+        spans = {"traj": state.slots}  # every fed token; an item's final token never is
+        if prompt:
+            spans["traj_prompt"] = [prompt_slots(attention_mask[row], state.slots[row]) for row in rows]
+        out = [{} for _ in rows]
+        for name, slots in spans.items():
+            for p in parts:  # all rows in one gather per layer, one copy to the host
+                trajs = row_trajectories(state.cache, rows, slots, part=p)
+                flat = torch.cat(trajs).cpu().numpy().astype(dtype)
+                for arrays, x in zip(out, np.split(flat, np.cumsum([len(t) for t in trajs])[:-1])):
+                    arrays[f"{name}_{p}"] = x
         return out
 
     return extract
