@@ -124,3 +124,33 @@ def test_launching_the_next_step_early_changes_nothing(cache, monkeypatch):
         assert all(torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-6) for x, y in zip(a.max_prob, b.max_prob))
     assert all(torch.equal(x, y) for x, y in zip(runs[False][2], runs[True][2]))
     assert all(x.shape == y.shape and torch.allclose(x, y, atol=1e-5) for x, y in zip(runs[False][3], runs[True][3]))
+
+
+def test_filler_rows_bucket_the_batch_and_change_no_item():
+    """A static batch holding every item (fewer than batch_size) is padded with idle rows to the next power of two
+    (one compiled step for sets of nearby sizes): the cache has that many rows, every item equals decoding it alone
+    with its features, and no idle row is handed over or returned."""
+    from kvlib.core.decoding import filler_rows
+
+    assert [filler_rows(n, 512) for n in (1, 3, 4, 5, 400, 493, 512)] == [0, 1, 0, 3, 112, 19, 0]
+    assert filler_rows(300, 256) == 0 and filler_rows(200, 256) == 56 and filler_rows(5, 6) == 1  # capped
+    model, tok = tiny_model("qwen2", seed=3)
+    stop = _stop(model, tok, 16)
+    cfg = DecodeConfig(max_new_tokens=16, stop_token_ids=(stop,), cache="static")
+    texts = PROMPTS[:5]
+    items = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    parts = []
+    res = decode_stream(model, items, parts.append, cfg, batch_size=16)
+    assert len(res.tokens) == len(texts) and "filler" not in res.finish_reason
+    assert res.state.attention_mask.shape[0] == 8  # 5 items, 3 idle rows
+    assert sorted(r for p in parts for r in p.rows) == list(range(len(texts)))
+    for i, text in enumerate(texts):
+        one, single = _alone(model, tok, text, cfg)
+        assert res.tokens[i] == single.tokens[0] and res.finish_reason[i] == single.finish_reason[0]
+        assert torch.allclose(torch.tensor(res.max_prob[i]), torch.tensor(single.max_prob[0]), atol=1e-5)
+    for part in parts:
+        for j, i in enumerate(part.rows):
+            _, single = _alone(model, tok, texts[i], cfg)
+            mine = token_trajectory(part.state.cache, j, part.state.slots[j], part="both")
+            ref = token_trajectory(single.state.cache, 0, single.state.slots[0], part="both")
+            assert mine.shape == ref.shape and torch.allclose(mine, ref, atol=1e-5)

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from transformers import DynamicCache
 
 __all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "RowHistory", "DecodeLoop", "decode",
-           "decode_stream", "can_stream", "prefill",
+           "decode_stream", "filler_rows", "can_stream", "prefill",
            "prefill_positions", "next_token_probs", "stop_ids"]
 
 
@@ -412,6 +412,13 @@ class DecodeLoop:
                                             cache)
         st.attention_mask, st.rows = attention_mask, new
         self.next_pos = attention_mask.sum(-1).tolist()
+
+    def park(self, rows) -> None:
+        """Logical ``rows`` are idle filler from the start: done, never fed a token, never handed to ``on_finish``
+        (their physical rows are free for joining items, like those of retired rows)."""
+        for i in rows:
+            self.state.done[i], self.finish[i] = True, "filler"
+            self.reported.add(i)
 
     def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, seeds, free: list[int]) -> None:
         """Rows ``[n, width]`` (left-padded) join the running batch: prefilled on their own, right-aligned to the
@@ -850,11 +857,33 @@ def decode_stream(
     queue = _Queue([list(map(int, x)) for x in items], seeds, batch_size, pad_id)
     ids, mask, first_seeds = queue.take(min(batch_size, len(items)))
     longest = max(map(len, items))
-    loop = DecodeLoop(model, config, static=config.static_for(model, device),
-                      room=bucket(max(ids.shape[1], longest) + config.max_new_tokens + 16))
+    static = config.static_for(model, device)
+    n = ids.shape[0]
+    fill = filler_rows(n, batch_size) if static and not len(queue) else 0
+    if fill:  # a batch of a bucketed size: one compiled step serves sets of nearby sizes
+        ids = torch.cat([ids, torch.full((fill, ids.shape[1]), pad_id, dtype=ids.dtype)])
+        mask = torch.cat([mask, torch.zeros((fill, ids.shape[1]), dtype=mask.dtype)])
+        mask[n:, -1] = 1  # one column each, so a filler row attends to something (no NaN); never read
+        first_seeds = list(first_seeds) + [0] * fill
+    room = bucket(max(ids.shape[1], longest) + config.max_new_tokens + 16)
+    loop = DecodeLoop(model, config, static=static, room=room)
     loop.start(ids.to(device), mask.to(device), first_seeds, [None] * ids.shape[0])
+    loop.park(range(n, n + fill))
     loop.streaming = True
-    return loop.run(on_step=on_step, on_finish=on_finish, waiting=queue)
+    result = loop.run(on_step=on_step, on_finish=on_finish, waiting=queue)
+    if fill:
+        result = DecodeResult(tokens=result.tokens[:n], max_prob=result.max_prob[:n], entropy=result.entropy[:n],
+                              sampled_mask=result.sampled_mask[:n], finish_reason=result.finish_reason[:n],
+                              switches=result.switches[:n], state=result.state)
+    return result
+
+
+def filler_rows(n: int, batch_size: int) -> int:
+    """How many idle rows pad a static batch of ``n`` rows (all the items there are; at most ``batch_size``) to
+    the next power of two, at most ``batch_size``: a compiled step is captured once per batch size and cache
+    capacity (tens of seconds each on a GPU), so sets of 400, 493 and 500 items share the step of 512 rows
+    instead of compiling three times. Idle rows are done from the start and never reported."""
+    return max(min(batch_size, 1 << max(n - 1, 0).bit_length()) - n, 0)
 
 
 def _withdraw(state: DecodeState, i: int, n: int, pending: list[int], sampled: list[bool], max_prob: list[float],
