@@ -82,6 +82,21 @@ def stop_children(procs: dict[str, subprocess.Popen], grace: float = 30.0) -> No
             return
 
 
+def _wait_all(procs: dict[str, subprocess.Popen], tick: float = 0.2) -> dict[str, int]:
+    """Every child's exit status, waiting in short ticks: a Ctrl-C that the kernel hands to another thread (a
+    relay's) is only acted on when the main thread runs Python again, which a plain ``wait()`` would delay until
+    the children ended by themselves."""
+    codes: dict[str, int] = {}
+    while len(codes) < len(procs):
+        for name, p in procs.items():
+            if name not in codes:
+                try:
+                    codes[name] = p.wait(timeout=tick)
+                except subprocess.TimeoutExpired:
+                    pass
+    return {name: codes[name] for name in procs}
+
+
 def run_side_by_side(commands: dict[str, list[str]], logs: dict[str, Path], env: dict | None = None, out=None,
                      bar_every: float = 30.0) -> dict[str, int]:
     """Run every command of ``commands`` (``{name: argv}``) at the same time and wait for all of them: ``{name:
@@ -100,7 +115,7 @@ def run_side_by_side(commands: dict[str, list[str]], logs: dict[str, Path], env:
                                                           bar_every), daemon=True)
             relay.start()
             relays.append(relay)
-        codes = {name: p.wait() for name, p in procs.items()}
+        codes = _wait_all(procs)
     except BaseException:
         stop_children(procs)
         raise
