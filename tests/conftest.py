@@ -1,4 +1,6 @@
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,16 @@ def optional_data_dir() -> Path | None:
     sets out without it (the notebooks' ``DATA_DIR`` parameter)."""
     path = _data_dir()
     return path if path.is_dir() else None
+
+
+@pytest.fixture(autouse=True)
+def _python_ctrl_c():
+    """Every test starts with Python's own Ctrl-C handling (SIGINT raises KeyboardInterrupt). Code that a test runs
+    in this process may leave SIGINT ignored (a Jupyter kernel app sets SIG_IGN when it initialises), and every
+    child process started later would inherit that and ignore a Ctrl-C the test sends it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 @pytest.fixture(autouse=True)
