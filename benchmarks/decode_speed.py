@@ -1,7 +1,8 @@
 """Decode speed: kvlib's loop vs transformers ``generate`` (dynamic cache; static cache, compiled) vs the floor.
 
-kvlib's loop is measured twice: as every notebook runs it on a GPU (``DecodeConfig()``: a static cache and the
-captured one-token step) and on a dynamic cache (``cache="dynamic"``, the CPU path).
+kvlib's loop is measured three times: on a static cache with the captured one-token step (``compile=True``, what
+``KVLIB_COMPILE=1`` gives), on the same cache eagerly (what the notebooks run by default, see
+:func:`kvlib.core.decoding.compile_default`) and on a dynamic cache (``cache="dynamic"``, the CPU path).
 
 Every configuration decodes exactly ``--new-tokens`` tokens per row after a ``--prompt``-token prompt (random
 ids, stop tokens disabled), at each batch size, on a randomly initialised model (speed does not depend on the
@@ -82,12 +83,14 @@ def run(shape: str, batches: list[int], prompt: int, new_tokens: int, compile_st
     for b in batches:
         ids = torch.randint(3, model.config.vocab_size, (b, prompt), device=device)
         mask = torch.ones_like(ids)
-        cfg = DecodeConfig(max_new_tokens=new_tokens, stop_token_ids=(-1,))
+        cfg = DecodeConfig(max_new_tokens=new_tokens, stop_token_ids=(-1,), compile=device == "cuda")
+        eager = DecodeConfig(max_new_tokens=new_tokens, stop_token_ids=(-1,), cache="static", compile=False)
         dyn = DecodeConfig(max_new_tokens=new_tokens, stop_token_ids=(-1,), cache="dynamic")
         gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                    eos_token_id=None)
         arms = {
             "kvlib.decode": lambda: decode(model, ids, mask, cfg),
+            "kvlib.decode (static cache, eager)": lambda: decode(model, ids, mask, eager),
             "kvlib.decode (dynamic cache)": lambda: decode(model, ids, mask, dyn),
             "generate (dynamic cache)": lambda: model.generate(input_ids=ids, attention_mask=mask, **gen),
         }
@@ -122,7 +125,9 @@ def run_real(name: str, n: int, new_tokens: int) -> pd.DataFrame:
     texts = [render_prompt(tok, it.question, "slow") for it in load_math("gsm8k", "test", n=n, seed=0)]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     rows = []
-    for label, cfg in (("kvlib.decode", DecodeConfig(max_new_tokens=new_tokens)),
+    for label, cfg in (("kvlib.decode", DecodeConfig(max_new_tokens=new_tokens, compile=device == "cuda")),
+                       ("kvlib.decode (static cache, eager)", DecodeConfig(max_new_tokens=new_tokens, cache="static",
+                                                                           compile=False)),
                        ("kvlib.decode (dynamic cache)", DecodeConfig(max_new_tokens=new_tokens, cache="dynamic"))):
         with torch.inference_mode():
             decode(model, enc.input_ids, enc.attention_mask, cfg)  # warm-up (compiles)
@@ -144,7 +149,8 @@ def to_markdown(df: pd.DataFrame) -> str:
     synth = df[~df["shape"].str.endswith("(real)")]
     first = synth.iloc[0]
     wide = synth.pivot_table(index="batch", columns="method", values="ms_per_step", sort=False)
-    order = [m for m in ("kvlib.decode", "generate (static cache, compiled)", "kvlib.decode (dynamic cache)",
+    order = [m for m in ("kvlib.decode", "generate (static cache, compiled)", "kvlib.decode (static cache, eager)",
+                         "kvlib.decode (dynamic cache)",
                          "generate (dynamic cache)", "bandwidth floor") if m in wide.columns]
     wide = wide[order].round(1)
     if "generate (static cache, compiled)" in wide.columns:

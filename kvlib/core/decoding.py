@@ -45,6 +45,7 @@ static cache is resized to the need in buckets of 256 positions (one captured st
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -58,7 +59,7 @@ from .phases import phase
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
-__all__ = ["DecodeConfig", "DecodeState", "DecodeResult", "Controller", "RowHistory", "DecodeLoop", "decode",
+__all__ = ["compile_default", "DecodeConfig", "DecodeState", "DecodeResult", "Controller", "RowHistory", "DecodeLoop", "decode",
            "decode_stream", "filler_rows", "can_stream", "prefill",
            "prefill_positions", "next_token_probs", "stop_ids"]
 
@@ -78,7 +79,7 @@ class DecodeConfig:
             batch, masked), ``"dynamic"`` on a growing ``DynamicCache`` (finished rows can leave); ``"auto"``:
             static on CUDA for a model with full attention only, else dynamic.
         compile: capture the one-token step on a static cache (:class:`kvlib.core.cache.CompiledStep`, CUDA
-            graphs); ``None``: on CUDA only (on a CPU the compile costs more than it saves).
+            graphs); ``None``: as :func:`compile_default` says (``$KVLIB_COMPILE``; eager unless it is ``1``).
     """
 
     max_new_tokens: int = 256
@@ -108,6 +109,28 @@ class DecodeConfig:
             spread = len(set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))) > 1
             return torch.device(device).type == "cuda" and supports_static(model) and not spread
         return self.cache == "static"
+
+
+_COMPILE_VALUES = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False, "": False}
+
+
+def compile_default(device) -> bool:
+    """Whether a static-cache decode on ``device`` captures its step when :attr:`DecodeConfig.compile` is ``None``.
+
+    ``$KVLIB_COMPILE=1`` compiles on a GPU (never on a CPU, where a compile costs more than it saves); unset or
+    ``0``: the step runs eagerly. Eager is the default because a compile is paid once per batch size and cache
+    capacity (about 40 s each for the 0.5B/1.5B models on an H100, read from the runs' progress logs), while the
+    notebooks decode each such shape for at most a few hundred steps: the captured step saves a few ms per step,
+    far less than its compile. A long run at one shape (a server, a benchmark) gains from ``KVLIB_COMPILE=1``.
+
+    Raises:
+        ValueError: ``$KVLIB_COMPILE`` is set to something other than 1/0 (on/off, true/false).
+    """
+    raw = os.environ.get("KVLIB_COMPILE", "").strip().lower()
+    if raw not in _COMPILE_VALUES:
+        raise ValueError(f"KVLIB_COMPILE={os.environ['KVLIB_COMPILE']!r}: set it to 1 (capture the decode step "
+                         "on a GPU) or 0 (run it eagerly), or unset it")
+    return _COMPILE_VALUES[raw] and torch.device(device).type == "cuda"
 
 
 class _WarmedStep(CompiledStep):
@@ -358,8 +381,8 @@ class DecodeLoop:
         self.stop = stop_ids(model, config)
         self.fast_step = None
         if static:
-            on_cuda = torch.device(self.device).type == "cuda"
-            self.fast_step = _WarmedStep(model, compile=config.compile if config.compile is not None else on_cuda)
+            self.fast_step = _WarmedStep(model, compile=config.compile if config.compile is not None
+                                         else compile_default(self.device))
         self.state = DecodeState(model=model, cache=None, attention_mask=None, step=-1, tokens=[], slots=[], done=[],
                                  prompt_lengths=[], switches=[], rows=[], withdrawn=[])
         self.max_prob: list[list[float]] = []

@@ -208,7 +208,7 @@ def test_compiled_step_equals_eager_token_for_token_on_cuda(arch):
 
 @gpu
 @pytest.mark.gpu
-def test_auto_is_static_and_compiled_on_cuda_and_matches_generate():
+def test_auto_is_static_on_cuda_and_matches_generate():
     model, tok = tiny_model("qwen2", seed=1)
     model = model.to("cuda")
     enc = tok(PROMPTS[:1], return_tensors="pt").to("cuda")
@@ -216,3 +216,29 @@ def test_auto_is_static_and_compiled_on_cuda_and_matches_generate():
     assert isinstance(res.state.cache, StaticKV)
     ref = model.generate(**enc, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, enc.input_ids.shape[1]:]
     assert res.tokens[0] == ref.tolist()
+
+
+def test_compile_default_reads_kvlib_compile(monkeypatch):
+    """The step is captured only on a GPU and only when asked (``KVLIB_COMPILE=1``); a bad value says what to set."""
+    from kvlib.core.decoding import compile_default
+
+    monkeypatch.delenv("KVLIB_COMPILE", raising=False)
+    assert compile_default("cuda") is False and compile_default("cpu") is False
+    for value, on_gpu in (("1", True), ("on", True), ("TRUE", True), ("0", False), ("off", False), ("", False)):
+        monkeypatch.setenv("KVLIB_COMPILE", value)
+        assert compile_default("cuda") is on_gpu, value
+        assert compile_default(torch.device("cpu")) is False, value
+    monkeypatch.setenv("KVLIB_COMPILE", "yes please")
+    with pytest.raises(ValueError, match="KVLIB_COMPILE='yes please': set it to 1"):
+        compile_default("cuda")
+
+
+def test_static_loop_follows_kvlib_compile(monkeypatch):
+    """A decode with ``compile=None`` takes its step from :func:`compile_default`: eager on a CPU whatever is set."""
+    from kvlib.core.cache import _step_stats
+    from kvlib.core.decoding import DecodeLoop
+
+    model, _ = tiny_model("llama")
+    monkeypatch.setenv("KVLIB_COMPILE", "1")
+    loop = DecodeLoop(model, DecodeConfig(max_new_tokens=2, cache="static"), static=True)
+    assert loop.fast_step.fn is _step_stats and loop.fast_step.warm is None
