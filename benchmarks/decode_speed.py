@@ -1,7 +1,7 @@
 """Decode speed: kvlib's loop vs transformers ``generate`` (dynamic cache; static cache, compiled) vs the floor.
 
 kvlib's loop is measured three times: on a static cache with the captured one-token step (``compile=True``, what
-``KVLIB_COMPILE=1`` gives), on the same cache eagerly (what the notebooks run by default, see
+every notebook runs on a GPU), on the same cache eagerly (``KVLIB_COMPILE=0``, see
 :func:`kvlib.core.decoding.compile_default`) and on a dynamic cache (``cache="dynamic"``, the CPU path).
 
 Every configuration decodes exactly ``--new-tokens`` tokens per row after a ``--prompt``-token prompt (random

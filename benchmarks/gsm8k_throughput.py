@@ -3,8 +3,8 @@
 Three ways to decode the same items at the same batch size, in one run on one device:
 
 - ``kvlib.generate`` (continuous batching: finished rows are stored and waiting items join the running batch),
-  with a result store in a temporary folder, as the notebooks run it (the step eager), and again with the step
-  captured (``KVLIB_COMPILE=1``, on a GPU only);
+  with a result store in a temporary folder, as the notebooks run it (on a GPU the step captured), and again with
+  the step eager (``KVLIB_COMPILE=0``, on a GPU only);
 - ``kvlib.decode`` in fixed batches (each batch drains to its longest row): what continuous batching replaces;
 - transformers ``generate`` with a static cache, compiled (``cache_implementation="static"``), in the same
   fixed batches.
@@ -56,7 +56,7 @@ def _cut(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-def arm_kvlib(model, tok, prompts: list[Prompt], batch: int, new_tokens: int, compiled: str = "0"
+def arm_kvlib(model, tok, prompts: list[Prompt], batch: int, new_tokens: int, compiled: str = "1"
               ) -> dict[str, list[int]]:
     old = os.environ.get("KVLIB_COMPILE")
     os.environ["KVLIB_COMPILE"] = compiled
@@ -133,8 +133,8 @@ def main() -> None:
     hf_name = "transformers generate (dynamic cache)" if args.no_compile else \
         "transformers generate (static cache, compiled)"
     arms = {"kvlib.generate (continuous batching)": lambda ps: arm_kvlib(model, tok, ps, args.batch, args.new_tokens),
-            **({"kvlib.generate (continuous batching, compiled step)":
-                lambda ps: arm_kvlib(model, tok, ps, args.batch, args.new_tokens, compiled="1")}
+            **({"kvlib.generate (continuous batching, eager step)":
+                lambda ps: arm_kvlib(model, tok, ps, args.batch, args.new_tokens, compiled="0")}
                if device == "cuda" else {}),
             "kvlib.decode (fixed batches)": lambda ps: arm_fixed(model, tok, ps, args.batch, args.new_tokens),
             hf_name: lambda ps: arm_hf(model, tok, ps, args.batch, args.new_tokens, not args.no_compile)}

@@ -79,7 +79,7 @@ class DecodeConfig:
             batch, masked), ``"dynamic"`` on a growing ``DynamicCache`` (finished rows can leave); ``"auto"``:
             static on CUDA for a model with full attention only, else dynamic.
         compile: capture the one-token step on a static cache (:class:`kvlib.core.cache.CompiledStep`, CUDA
-            graphs); ``None``: as :func:`compile_default` says (``$KVLIB_COMPILE``; eager unless it is ``1``).
+            graphs); ``None``: as :func:`compile_default` says (on a GPU unless ``$KVLIB_COMPILE=0``).
     """
 
     max_new_tokens: int = 256
@@ -111,26 +111,26 @@ class DecodeConfig:
         return self.cache == "static"
 
 
-_COMPILE_VALUES = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False, "": False}
+_COMPILE_VALUES = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}
 
 
 def compile_default(device) -> bool:
     """Whether a static-cache decode on ``device`` captures its step when :attr:`DecodeConfig.compile` is ``None``.
 
-    ``$KVLIB_COMPILE=1`` compiles on a GPU (never on a CPU, where a compile costs more than it saves); unset or
-    ``0``: the step runs eagerly. Eager is the default because a compile is paid once per batch size and cache
-    capacity (about 40 s each for the 0.5B/1.5B models on an H100, read from the runs' progress logs), while the
-    notebooks decode each such shape for at most a few hundred steps: the captured step saves a few ms per step,
-    far less than its compile. A long run at one shape (a server, a benchmark) gains from ``KVLIB_COMPILE=1``.
+    On a GPU it does, unless ``$KVLIB_COMPILE=0``; on a CPU never (a compile costs more than it saves there). A
+    capture is paid once per batch size and cache capacity (about 40 s for the 0.5B/1.5B models on an H100), but
+    the eager step at the notebooks' batch of 512 rows was several times slower per token (the 1.5B model's 1,319
+    GSM8K slow answers took 298 s eagerly on an H100 beside a second run), so the capture pays back within a few
+    hundred steps; ``benchmarks/compile_policy.py`` measures both on a GPU.
 
     Raises:
         ValueError: ``$KVLIB_COMPILE`` is set to something other than 1/0 (on/off, true/false).
     """
     raw = os.environ.get("KVLIB_COMPILE", "").strip().lower()
-    if raw not in _COMPILE_VALUES:
+    if raw and raw not in _COMPILE_VALUES:
         raise ValueError(f"KVLIB_COMPILE={os.environ['KVLIB_COMPILE']!r}: set it to 1 (capture the decode step "
                          "on a GPU) or 0 (run it eagerly), or unset it")
-    return _COMPILE_VALUES[raw] and torch.device(device).type == "cuda"
+    return _COMPILE_VALUES.get(raw, True) and torch.device(device).type == "cuda"
 
 
 class _WarmedStep(CompiledStep):

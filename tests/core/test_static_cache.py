@@ -219,12 +219,12 @@ def test_auto_is_static_on_cuda_and_matches_generate():
 
 
 def test_compile_default_reads_kvlib_compile(monkeypatch):
-    """The step is captured only on a GPU and only when asked (``KVLIB_COMPILE=1``); a bad value says what to set."""
+    """The step is captured on a GPU unless ``KVLIB_COMPILE=0``, never on a CPU; a bad value says what to set."""
     from kvlib.core.decoding import compile_default
 
     monkeypatch.delenv("KVLIB_COMPILE", raising=False)
-    assert compile_default("cuda") is False and compile_default("cpu") is False
-    for value, on_gpu in (("1", True), ("on", True), ("TRUE", True), ("0", False), ("off", False), ("", False)):
+    assert compile_default("cuda") is True and compile_default("cpu") is False
+    for value, on_gpu in (("1", True), ("on", True), ("TRUE", True), ("0", False), ("off", False), ("", True)):
         monkeypatch.setenv("KVLIB_COMPILE", value)
         assert compile_default("cuda") is on_gpu, value
         assert compile_default(torch.device("cpu")) is False, value

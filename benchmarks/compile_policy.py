@@ -1,0 +1,107 @@
+"""Eager vs captured decode step: what a compile costs and what it saves per step, at the notebooks' shapes.
+
+On a GPU kvlib captures its decode step on a static cache unless ``KVLIB_COMPILE=0`` (or ``DecodeConfig(compile=
+False)``) keeps it eager (:func:`kvlib.core.decoding.compile_default`). A capture is paid once per batch size and cache capacity,
+so whether it pays depends on how many steps each shape decodes. For each batch size this decodes ``--new-tokens``
+steps after a ``--prompt``-token prompt (random ids, stop tokens off) on a randomly initialised Qwen2 of an embedded
+model's dimensions, twice per mode: the first call's extra time over the second is the compile (and capture), the
+second gives ms per step. ``break_even_steps`` = compile seconds / step time saved: a shape that decodes more steps
+than that gains from the capture.
+
+  python benchmarks/compile_policy.py --dims qwen2.5-1.5b --batches 64 512            # a GPU
+  python benchmarks/compile_policy.py --dims tiny --batches 2 --new-tokens 4 --prompt 8   # CPU smoke (eager only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvlib.core.decoding import DecodeConfig, decode  # noqa: E402
+
+DIMS = {  # the embedded models' config.json dimensions
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True, vocab_size=512),
+}
+
+
+def random_qwen2(dims: str, device: str, dtype):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**{"vocab_size": 151936, "max_position_embeddings": 32768, **DIMS[dims]})
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def _timed(fn, device) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def measure(model, batch: int, prompt: int, new_tokens: int, compiled: bool, device: str) -> dict:
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
+    mask = torch.ones_like(ids)
+    cfg = DecodeConfig(max_new_tokens=new_tokens, stop_token_ids=(-1,), cache="static", compile=compiled)
+    with torch.inference_mode():
+        first = _timed(lambda: decode(model, ids, mask, cfg), device)
+        second = _timed(lambda: decode(model, ids, mask, cfg), device)
+    return {"batch": batch, "mode": "captured" if compiled else "eager", "first_call_s": first,
+            "ms_per_step": 1e3 * second / new_tokens, "compile_s": max(first - second, 0.0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", choices=sorted(DIMS), default="qwen2.5-1.5b")
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 512])
+    ap.add_argument("--prompt", type=int, default=160)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--out", default="", help="CSV (and .md beside it)")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_qwen2(args.dims, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    rows = []
+    for b in args.batches:
+        for compiled in ([False, True] if device == "cuda" else [False]):
+            rows.append(measure(model, b, args.prompt, args.new_tokens, compiled, device))
+            print(rows[-1], flush=True)
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    wide = df.pivot_table(index="batch", columns="mode", values="ms_per_step")
+    if "captured" in wide.columns:
+        comp = df[df["mode"] == "captured"].set_index("batch").compile_s
+        saved = (wide["eager"] - wide["captured"]) / 1e3
+        df["break_even_steps"] = df.batch.map((comp / saved).where(saved > 0))
+    import transformers
+
+    dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    caption = (f"Decode step of a random Qwen2 with {args.dims}'s dimensions, {args.prompt}-token prompt, "
+               f"{args.new_tokens} steps, static cache, on {dev}, torch {torch.__version__}, transformers "
+               f"{transformers.__version__} (`benchmarks/compile_policy.py`, one run).")
+    table = caption + "\n\n" + df.round(3).to_markdown(index=False) + "\n"
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(args.out, index=False)
+        Path(args.out).with_suffix(".md").write_text(table, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
