@@ -154,3 +154,38 @@ def test_filler_rows_bucket_the_batch_and_change_no_item():
             mine = token_trajectory(part.state.cache, j, part.state.slots[j], part="both")
             ref = token_trajectory(single.state.cache, 0, single.state.slots[0], part="both")
             assert mine.shape == ref.shape and torch.allclose(mine, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_prefill_in_column_chunks_changes_nothing(cache):
+    """A batch of prompts prefilled in chunks of a few columns (DecodeConfig.prefill_tokens), at the start and when
+    items join, gives the tokens, statistics, slots, masks and KV trajectories of the one-forward prefill; chunks
+    of one column leave the first chunks of the shorter (left-padded) rows all padding, which must not poison them."""
+    model, tok = tiny_model("qwen2", seed=3)
+    stop = _stop(model, tok, 24)
+    items = [tok(t, add_special_tokens=False).input_ids for t in PROMPTS]
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert enc.attention_mask.sum(-1).min() < enc.input_ids.shape[1] // 2  # some rows mostly padding
+    runs = {}
+    for budget in (None, 4, 3 * len(PROMPTS)):
+        cfg = DecodeConfig(max_new_tokens=24, stop_token_ids=(stop,), cache=cache, prefill_tokens=budget)
+        parts = []
+        plain = decode(model, enc.input_ids, enc.attention_mask, cfg, on_finish=parts.append)
+        stream = decode_stream(model, items, parts.append, cfg, batch_size=4)
+        trajs = [token_trajectory(p.state.cache, j, p.state.slots[j], part="both") for p in parts
+                 for j in range(len(p.rows))]
+        runs[budget] = (plain, stream, [p.state.attention_mask for p in parts], trajs)
+    ref = runs[None]
+    for budget in (4, 3 * len(PROMPTS)):
+        got = runs[budget]
+        for a, b in zip(ref[:2], got[:2]):
+            assert a.tokens == b.tokens and a.finish_reason == b.finish_reason and a.state.slots == b.state.slots
+            assert all(torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5) for x, y in zip(a.max_prob, b.max_prob))
+        assert all(torch.equal(x, y) for x, y in zip(ref[2], got[2]))
+        assert all(x.shape == y.shape and torch.allclose(x, y, atol=1e-4) for x, y in zip(ref[3], got[3]))
+        assert all(torch.isfinite(t).all() for t in got[3])
+
+
+def test_prefill_tokens_must_be_positive():
+    with pytest.raises(ValueError, match="prefill_tokens must be a positive number"):
+        DecodeConfig(prefill_tokens=0)

@@ -186,8 +186,22 @@ _Record = TypeVar("_Record", bound=GenerationRecord)  # answer records stay answ
 
 
 @phase("hidden-state CoE")
+def token_batches(items: Sequence, sizes: Sequence[int], max_rows: int, max_tokens: int | None) -> list[list]:
+    """Consecutive groups of ``items`` with at most ``max_rows`` items and, padded to the longest, at most
+    ``max_tokens`` tokens (``rows x max size``; an item longer than that forms a group alone)."""
+    groups, cur, longest = [], [], 0
+    for item, n in zip(items, sizes):
+        wide = max(longest, n)
+        if cur and (len(cur) >= max_rows or (max_tokens is not None and (len(cur) + 1) * wide > max_tokens)):
+            groups.append(cur)
+            cur, wide = [], n
+        cur.append(item)
+        longest = wide
+    return groups + ([cur] if cur else [])
+
+
 def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Sequence[_Record], batch_size: int = 8,
-                    root=None, progress: bool = True, shard=None) -> list[_Record]:
+                    root=None, progress: bool = True, shard=None, max_tokens: int | None = 1 << 16) -> list[_Record]:
     """Add the original CoE's ``hidden_traj`` to stored answer records by a re-forward (resumable).
 
     Hidden-state CoE needs every layer's hidden states of the answer, which generation does not keep:
@@ -197,6 +211,11 @@ def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Se
     the answer runs' keys and the re-forwarding model, and each of its records the hash of the prompt and
     token ids it was computed from, checked on reuse. Its cost is recorded as
     ``extract_seconds["hidden_coe"]`` (seconds per item) next to the KV extractor's.
+
+    Records are re-forwarded shortest first, at most ``batch_size`` rows and ``max_tokens`` tokens (rows x padded
+    width) per forward (``None``: rows only): every layer's hidden states of a forward are held at once, about
+    ``(layers + 1) x hidden x 2`` bytes a token in bf16 (89 KB for the 1.5B model), so the token cap bounds that
+    memory whatever the answers' lengths.
 
     Under a launcher (``RANK`` / ``WORLD_SIZE``, or ``shard``) each process re-forwards its share of the records
     into its own shard file and rank 0 merges them, as :func:`kvlib.runs.generation.generate` does
@@ -223,9 +242,12 @@ def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Se
 
     def work(target: ResultStore, todo: list) -> None:
         desc = f"{dataset} hidden CoE" + (f" ({shard})" if shard.world > 1 else "")
-        for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not progress):
-            chunk = todo[start : start + batch_size]
-            prompts = [tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in chunk]
+        encoded = {r["item_id"]: tokenizer(r["prompt"], add_special_tokens=False).input_ids for r in todo}
+        sizes = {r["item_id"]: len(encoded[r["item_id"]]) + len(r["token_ids"]) for r in todo}
+        bar = tqdm(total=len(todo), desc=desc, disable=not progress)
+        todo = sorted(todo, key=lambda r: sizes[r["item_id"]])
+        for chunk in token_batches(todo, [sizes[r["item_id"]] for r in todo], batch_size, max_tokens):
+            prompts = [encoded[r["item_id"]] for r in chunk]
             t0 = time.perf_counter()
             trajs, nbytes = hidden_trajectories(model, prompts, [r["token_ids"] for r in chunk], pad_id=pad)
             seconds = (time.perf_counter() - t0) / len(chunk)
@@ -233,6 +255,8 @@ def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Se
                          "arrays": {"hidden_traj": t.numpy().astype(np.float32),
                                     "hidden_bytes": np.asarray([b], dtype=np.int64)}}
                         for r, t, b in zip(chunk, trajs, nbytes)])
+            bar.update(len(chunk))
+        bar.close()
 
     with ResultStore(root or default_store_dir(), model_name, dataset, settings, kind="hidden_coe") as store:
         if shard.world > 1:

@@ -232,3 +232,39 @@ def test_hidden_coe_pass_shards_over_processes_and_rank_0_merges(tmp_path, monke
     for a, b in zip(one, merged):
         np.testing.assert_allclose(record_array(b, "hidden_traj"), record_array(a, "hidden_traj"), rtol=1e-4, atol=1e-5)
     assert not list((tmp_path / "two").rglob("*.shard-*"))
+
+
+def test_token_batches_cap_rows_and_padded_tokens():
+    from kvlib.selfeval.coe import token_batches
+
+    sizes = [2, 3, 3, 5, 9, 20]
+    groups = token_batches(list(range(6)), sizes, max_rows=3, max_tokens=12)
+    assert [g for grp in groups for g in grp] == list(range(6))  # every item once, in order
+    for grp in groups:
+        assert len(grp) <= 3 and (len(grp) == 1 or len(grp) * max(sizes[i] for i in grp) <= 12)
+    assert groups == [[0, 1, 2], [3], [4], [5]]  # 20 > 12 stands alone
+    assert token_batches(list(range(6)), sizes, max_rows=4, max_tokens=None) == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_hidden_coe_pass_under_a_token_cap_equals_the_uncapped_pass(tmp_path, monkeypatch):
+    """A token cap re-forwards the records in smaller, length-sorted groups (never more than the cap in one
+    forward) with the same trajectories."""
+    from kvlib.selfeval import coe
+
+    model, tok, plain = _records("qwen2", tmp_path / "b", {})
+    free = coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=8, root=tmp_path / "free",
+                               progress=False, max_tokens=None)
+    widths, forward = [], coe.hidden_trajectories
+
+    def spy(model, prompts, outputs, **kw):
+        widths.append(len(prompts) * max(len(p) + len(o) for p, o in zip(prompts, outputs)))
+        return forward(model, prompts, outputs, **kw)
+
+    monkeypatch.setattr(coe, "hidden_trajectories", spy)
+    cap = max(len(tok(r["prompt"], add_special_tokens=False).input_ids) + len(r["token_ids"]) for r in plain) + 1
+    got = coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=8, root=tmp_path / "cap",
+                              progress=False, max_tokens=cap)
+    assert len(widths) > 1 and max(widths) <= cap
+    assert [r["item_id"] for r in got] == [r["item_id"] for r in plain]
+    for a, b in zip(free, got):
+        np.testing.assert_allclose(record_array(b, "hidden_traj"), record_array(a, "hidden_traj"), rtol=1e-4, atol=1e-5)
