@@ -1,12 +1,14 @@
 """Eager vs captured decode step: what a compile costs and what it saves per step, at the notebooks' shapes.
 
-On a GPU kvlib captures its decode step on a static cache unless ``KVLIB_COMPILE=0`` (or ``DecodeConfig(compile=
-False)``) keeps it eager (:func:`kvlib.core.decoding.compile_default`). A capture is paid once per batch size and cache capacity,
-so whether it pays depends on how many steps each shape decodes. For each batch size this decodes ``--new-tokens``
-steps after a ``--prompt``-token prompt (random ids, stop tokens off) on a randomly initialised Qwen2 of an embedded
-model's dimensions, twice per mode: the first call's extra time over the second is the compile (and capture), the
-second gives ms per step. ``break_even_steps`` = compile seconds / step time saved: a shape that decodes more steps
-than that gains from the capture.
+On a GPU kvlib captures its decode step on a static cache unless ``KVLIB_COMPILE=0`` (or
+``DecodeConfig(compile=False)``) keeps it eager (:func:`kvlib.core.decoding.compile_default`). A capture is paid
+per batch size and cache capacity, so whether it pays depends on how many steps each shape decodes. For each batch
+size this decodes ``--new-tokens`` steps after a ``--prompt``-token prompt (random ids, stop tokens off) on a
+randomly initialised Qwen2 of an embedded model's dimensions, twice per mode: the first call's extra time over the
+second is the compile (and capture), the second gives ms per step. Modes: eager, captured with symbolic shapes (the
+default: the first shapes compile, later ones are only captured) and captured with one compile per shape
+(``KVLIB_COMPILE=static``). ``break_even_steps`` = that shape's compile seconds / step time saved against eager: a
+shape that decodes more steps than that gains.
 
   python benchmarks/compile_policy.py --dims qwen2.5-1.5b --batches 64 512            # a GPU
   python benchmarks/compile_policy.py --dims tiny --batches 2 --new-tokens 4 --prompt 8   # CPU smoke (eager only)
@@ -15,6 +17,7 @@ than that gains from the capture.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,15 +58,24 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def measure(model, batch: int, prompt: int, new_tokens: int, compiled: bool, device: str) -> dict:
+MODES = {"eager": ("0", False), "captured, symbolic shapes": ("1", True), "captured, one compile per shape":
+         ("static", True)}
+
+
+def measure(model, batch: int, prompt: int, new_tokens: int, mode: str, device: str) -> dict:
+    """Decode twice at ``batch`` rows under ``mode`` (a key of :data:`MODES`): the first call's extra time is the
+    compile and capture of this shape, the second gives ms per step."""
+    setting, compiled = MODES[mode]
+    os.environ["KVLIB_COMPILE"] = setting
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=device)
     mask = torch.ones_like(ids)
-    cfg = DecodeConfig(max_new_tokens=new_tokens, stop_token_ids=(-1,), cache="static", compile=compiled)
+    cfg = DecodeConfig(max_new_tokens=new_tokens, stop_token_ids=(-1,), cache="static",
+                       compile=compiled and device == "cuda")
     with torch.inference_mode():
         first = _timed(lambda: decode(model, ids, mask, cfg), device)
         second = _timed(lambda: decode(model, ids, mask, cfg), device)
-    return {"batch": batch, "mode": "captured" if compiled else "eager", "first_call_s": first,
-            "ms_per_step": 1e3 * second / new_tokens, "compile_s": max(first - second, 0.0)}
+    return {"batch": batch, "mode": mode, "first_call_s": first, "ms_per_step": 1e3 * second / new_tokens,
+            "compile_s": max(first - second, 0.0)}
 
 
 def main() -> None:
@@ -77,18 +89,16 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_qwen2(args.dims, device, torch.bfloat16 if device == "cuda" else torch.float32)
     rows = []
-    for b in args.batches:
-        for compiled in ([False, True] if device == "cuda" else [False]):
-            rows.append(measure(model, b, args.prompt, args.new_tokens, compiled, device))
+    for mode in (MODES if device == "cuda" else ["eager"]):  # each mode over every batch: its later shapes show
+        for b in args.batches:                                  # what a new shape costs once the first compiled
+            rows.append(measure(model, b, args.prompt, args.new_tokens, mode, device))
             print(rows[-1], flush=True)
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    wide = df.pivot_table(index="batch", columns="mode", values="ms_per_step")
-    if "captured" in wide.columns:
-        comp = df[df["mode"] == "captured"].set_index("batch").compile_s
-        saved = (wide["eager"] - wide["captured"]) / 1e3
-        df["break_even_steps"] = df.batch.map((comp / saved).where(saved > 0))
+    eager = df[df["mode"] == "eager"].set_index("batch").ms_per_step
+    saved = (df.batch.map(eager) - df.ms_per_step) / 1e3
+    df["break_even_steps"] = (df.compile_s / saved).where((saved > 0) & (df["mode"] != "eager"))
     import transformers
 
     dev = torch.cuda.get_device_name() if device == "cuda" else "CPU"

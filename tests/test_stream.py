@@ -180,7 +180,8 @@ def test_prefill_in_column_chunks_changes_nothing(cache):
         got = runs[budget]
         for a, b in zip(ref[:2], got[:2]):
             assert a.tokens == b.tokens and a.finish_reason == b.finish_reason and a.state.slots == b.state.slots
-            assert all(torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5) for x, y in zip(a.max_prob, b.max_prob))
+            assert all(torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5)
+                       for x, y in zip(a.max_prob, b.max_prob))
         assert all(torch.equal(x, y) for x, y in zip(ref[2], got[2]))
         assert all(x.shape == y.shape and torch.allclose(x, y, atol=1e-4) for x, y in zip(ref[3], got[3]))
         assert all(torch.isfinite(t).all() for t in got[3])

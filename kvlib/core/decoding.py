@@ -59,7 +59,8 @@ from .phases import phase
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
-__all__ = ["compile_default", "DecodeConfig", "DecodeState", "DecodeResult", "Controller", "RowHistory", "DecodeLoop", "decode",
+__all__ = ["compile_default", "compile_dynamic", "DecodeConfig",
+           "DecodeState", "DecodeResult", "Controller", "RowHistory", "DecodeLoop", "decode",
            "decode_stream", "filler_rows", "can_stream", "prefill", "prefill_logits",
            "prefill_positions", "next_token_probs", "stop_ids"]
 
@@ -118,26 +119,43 @@ class DecodeConfig:
         return self.cache == "static"
 
 
-_COMPILE_VALUES = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}
+_COMPILE_VALUES = {"1": True, "on": True, "true": True, "dynamic": True, "static": True,
+                   "0": False, "off": False, "false": False}
 
 
 def compile_default(device) -> bool:
     """Whether a static-cache decode on ``device`` captures its step when :attr:`DecodeConfig.compile` is ``None``.
 
-    On a GPU it does, unless ``$KVLIB_COMPILE=0``; on a CPU never (a compile costs more than it saves there). A
-    capture is paid once per batch size and cache capacity (about 40 s for the 0.5B/1.5B models on an H100), but
-    the eager step at the notebooks' batch of 512 rows was several times slower per token (the 1.5B model's 1,319
-    GSM8K slow answers took 298 s eagerly on an H100 beside a second run), so the capture pays back within a few
-    hundred steps; ``benchmarks/compile_policy.py`` measures both on a GPU.
+    On a GPU it does, unless ``$KVLIB_COMPILE=0``; on a CPU never (a compile costs more than it saves there). The
+    eager step at the notebooks' batch of 512 rows was about four times slower per token (the 1.5B model's 1,319
+    GSM8K slow answers took 298 s eagerly on an H100 beside a second run), and with symbolic shapes
+    (:func:`compile_dynamic`) a new shape costs a capture, not a compile; ``benchmarks/compile_policy.py``
+    measures the three on a GPU.
+
+    ``$KVLIB_COMPILE=static`` compiles once per batch size and cache capacity instead of once with symbolic
+    shapes (:func:`compile_dynamic`).
 
     Raises:
-        ValueError: ``$KVLIB_COMPILE`` is set to something other than 1/0 (on/off, true/false).
+        ValueError: ``$KVLIB_COMPILE`` is set to something other than 1/0 (on/off, true/false) or static/dynamic.
     """
+    return _compile_setting() and torch.device(device).type == "cuda"
+
+
+def compile_dynamic() -> bool:
+    """Whether a captured step is compiled once for every batch size and cache capacity (symbolic shapes, the
+    default: a new shape costs a CUDA-graph capture, not a compile) or, with ``$KVLIB_COMPILE=static``, once per
+    shape (each about 40 s for the embedded models on an H100)."""
+    _compile_setting()
+    return os.environ.get("KVLIB_COMPILE", "").strip().lower() != "static"
+
+
+def _compile_setting() -> bool:
     raw = os.environ.get("KVLIB_COMPILE", "").strip().lower()
     if raw and raw not in _COMPILE_VALUES:
         raise ValueError(f"KVLIB_COMPILE={os.environ['KVLIB_COMPILE']!r}: set it to 1 (capture the decode step "
-                         "on a GPU) or 0 (run it eagerly), or unset it")
-    return _COMPILE_VALUES.get(raw, True) and torch.device(device).type == "cuda"
+                         "on a GPU, compiled once for all shapes), static (compiled once per batch size and cache "
+                         "capacity) or 0 (run it eagerly), or unset it")
+    return _COMPILE_VALUES.get(raw, True)
 
 
 class _WarmedStep(CompiledStep):
@@ -146,7 +164,7 @@ class _WarmedStep(CompiledStep):
     ``compile warm-up`` (:mod:`kvlib.core.phases`); the other calls cost one set lookup more."""
 
     def __init__(self, model, compile: bool):
-        super().__init__(model, compile)
+        super().__init__(model, compile, dynamic=compile_dynamic())
         self.warm = _WARM.setdefault(model, set()) if compile else None  # (batch, capacity) already compiled
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,

@@ -109,7 +109,7 @@ def test_the_first_compiled_call_of_each_shape_is_the_compile_warm_up(monkeypatc
     from kvlib.core.decoding import DecodeConfig, decode
     from kvlib.core.tiny import tiny_model
 
-    monkeypatch.setattr(cache, "_compiled_step_stats", lambda: cache._step_stats)
+    monkeypatch.setattr(cache, "_compiled_step_stats", lambda dynamic=True: cache._step_stats)
     model, tok = tiny_model("llama", seed=0)
     enc = tok(["hello there", "hi"], return_tensors="pt", padding=True)
     config = DecodeConfig(max_new_tokens=6, stop_token_ids=(-1,), cache="static", compile=True)

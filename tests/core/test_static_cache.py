@@ -242,3 +242,35 @@ def test_static_loop_follows_kvlib_compile(monkeypatch):
     monkeypatch.setenv("KVLIB_COMPILE", "1")
     loop = DecodeLoop(model, DecodeConfig(max_new_tokens=2, cache="static"), static=True)
     assert loop.fast_step.fn is _step_stats and loop.fast_step.warm is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting, compiles", [("1", 2), ("static", 4)])
+def test_captured_step_compiles_twice_for_every_shape_unless_static(setting, compiles, monkeypatch):
+    """With symbolic shapes (the default) two compiles (the first shape's, then a symbolic one) serve every batch
+    size and cache capacity, with the eager step's tokens; ``KVLIB_COMPILE=static`` compiles once per shape.
+    (The graph is traced by dynamo as on a GPU;
+    the ``aot_eager`` backend stands in for inductor and its CUDA graphs, which need a GPU and a C compiler.)"""
+    from torch._dynamo.utils import counters
+
+    from kvlib.core import cache
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kw: real(fn, **{**kw, "backend": "aot_eager"}))
+    monkeypatch.setenv("KVLIB_COMPILE", setting)
+    cache._compiled_step_stats.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        model, tok = tiny_model("qwen2", seed=3)
+        for rows, new in ((2, 6), (3, 6), (4, 6), (2, 300)):  # three batch sizes; the last grows the capacity
+            enc = tok(PROMPTS[:rows], return_tensors="pt", padding=True)
+            cfg = DecodeConfig(max_new_tokens=new, stop_token_ids=(-1,), cache="static")
+            got = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(**{**cfg.__dict__, "compile": True}))
+            ref = decode(model, enc.input_ids, enc.attention_mask, DecodeConfig(**{**cfg.__dict__, "compile": False}))
+            assert got.tokens == ref.tokens
+        assert got.state.cache.capacity > 256
+        assert counters["frames"]["ok"] == compiles
+    finally:
+        cache._compiled_step_stats.cache_clear()
+        torch._dynamo.reset()
