@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .attention import use_grouped_decode
 from .paths import cache_root, shown_path
 from .phases import phase
 
@@ -402,6 +403,8 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None)
         model, tokenizer = random_model(shape, "cuda" if device == "auto" and on_gpu else (device or "cpu"), dtype,
                                         tokenizer_dir=None if shape == "tiny" else embedded_model_dir(SHAPE_TOKENIZER))
         model.kvlib_source = str(name)
+        if on_gpu:
+            use_grouped_decode(model)
         return model, tokenizer
     source = _resolve(name)
     try:
@@ -422,6 +425,8 @@ def load_model(name: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None)
             "reachable hub (or a local copy passed as a directory)."
         ) from err
     model.eval()
+    if on_gpu:  # decode steps read each key/value head once instead of copying it per query head
+        use_grouped_decode(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -93,7 +93,9 @@ def model_identity(model, tokenizer) -> dict:
         "weights": weights_identity(model),
         "dtype": str(getattr(model, "dtype", None)).replace("torch.", ""),
         "device": param.device.type if param is not None else "cpu",
-        "attention": getattr(config, "_attn_implementation", None),
+        # kvlib's grouped decode attention is sdpa's arithmetic arranged without copies (kvlib.core.attention)
+        "attention": {"kvlib_sdpa": "sdpa"}.get(getattr(config, "_attn_implementation", None),
+                                                getattr(config, "_attn_implementation", None)),
         "eos": sorted(eos) if isinstance(eos, (list, tuple, set)) else eos,
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
