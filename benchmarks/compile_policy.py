@@ -7,7 +7,8 @@ size this decodes ``--new-tokens`` steps after a ``--prompt``-token prompt (rand
 randomly initialised Qwen2 of an embedded model's dimensions, twice per mode: the first call's extra time over the
 second is the compile (and capture), the second gives ms per step. Modes: eager, captured with symbolic shapes (the
 default: the first shapes compile, later ones are only captured) and captured with one compile per shape
-(``KVLIB_COMPILE=static``). ``break_even_steps`` = that shape's compile seconds / step time saved against eager: a
+(``KVLIB_COMPILE=static``), each with kvlib's grouped decode attention and with transformers' ``sdpa``
+(``--attention``). ``break_even_steps`` = that shape's compile seconds / step time saved against eager: a
 shape that decodes more steps than that gains.
 
   python benchmarks/compile_policy.py --dims qwen2.5-1.5b --batches 64 512            # a GPU
@@ -27,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kvlib.core.attention import use_grouped_decode  # noqa: E402
 from kvlib.core.decoding import DecodeConfig, decode  # noqa: E402
 
 DIMS = {  # the embedded models' config.json dimensions
@@ -84,20 +86,28 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 512])
     ap.add_argument("--prompt", type=int, default=160)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--attention", nargs="+", choices=["grouped", "sdpa"], default=["grouped", "sdpa"],
+                    help="decode attention: kvlib's grouped one (what a model loaded on a GPU uses) and/or "
+                         "transformers' sdpa (repeat_kv)")
     ap.add_argument("--out", default="", help="CSV (and .md beside it)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = random_qwen2(args.dims, device, torch.bfloat16 if device == "cuda" else torch.float32)
     rows = []
-    for mode in (MODES if device == "cuda" else ["eager"]):  # each mode over every batch: its later shapes show
-        for b in args.batches:                                  # what a new shape costs once the first compiled
-            rows.append(measure(model, b, args.prompt, args.new_tokens, mode, device))
-            print(rows[-1], flush=True)
+    for attn in args.attention:
+        model.config._attn_implementation = "sdpa"
+        if attn == "grouped":
+            use_grouped_decode(model)
+        for mode in (MODES if device == "cuda" else ["eager"]):  # each mode over every batch: its later shapes
+            for b in args.batches:                                  # show what a new shape costs after the first
+                rows.append({"attention": attn, **measure(model, b, args.prompt, args.new_tokens, mode, device)})
+                print(rows[-1], flush=True)
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    eager = df[df["mode"] == "eager"].set_index("batch").ms_per_step
-    saved = (df.batch.map(eager) - df.ms_per_step) / 1e3
+    eager = df[df["mode"] == "eager"].set_index(["attention", "batch"]).ms_per_step
+    base = pd.Series([eager.get((a, b), float("nan")) for a, b in zip(df.attention, df.batch)])
+    saved = (base - df.ms_per_step) / 1e3
     df["break_even_steps"] = (df.compile_s / saved).where((saved > 0) & (df["mode"] != "eager"))
     import transformers
 
