@@ -59,8 +59,13 @@ def _register() -> None:
 
 def use_grouped_decode(model) -> bool:
     """Run ``model``'s decode steps on :func:`grouped_sdpa_forward` if it attends with ``sdpa`` and shares
-    key/value heads; returns whether it now does (a model on another attention is left alone)."""
+    key/value heads; returns whether it now does (a model on another attention is left alone, and every model
+    when ``$KVLIB_GROUPED_DECODE=0``)."""
+    import os
+
     config = model.config
+    if os.environ.get("KVLIB_GROUPED_DECODE", "1").strip() == "0":
+        return False
     if getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)

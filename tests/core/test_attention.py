@@ -51,8 +51,12 @@ def test_grouped_decode_equals_sdpa(arch, cache, monkeypatch):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_models_without_shared_heads_or_sdpa_are_left_alone():
+def test_models_without_shared_heads_or_sdpa_are_left_alone(monkeypatch):
     model, _ = tiny_model("qwen2", seed=3)
+    monkeypatch.setenv("KVLIB_GROUPED_DECODE", "0")
+    off = copy.deepcopy(model)
+    assert attention.use_grouped_decode(off) is False and off.config._attn_implementation == "sdpa"
+    monkeypatch.delenv("KVLIB_GROUPED_DECODE")
     eager = copy.deepcopy(model)
     eager.config._attn_implementation = "eager"
     assert attention.use_grouped_decode(eager) is False and eager.config._attn_implementation == "eager"
