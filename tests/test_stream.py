@@ -100,6 +100,17 @@ def test_clear_errors():
         decode_stream(tiny_model("llama")[0], [], lambda part: None)
 
 
+def _plain_and_stream(model, enc, items, cfg):
+    """``decode`` of the padded batch and ``decode_stream`` of the items (batch 4, items joining), with the attention
+    masks of every handed-over part and the KV trajectory of every row handed over."""
+    parts = []
+    plain = decode(model, enc.input_ids, enc.attention_mask, cfg, on_finish=parts.append)
+    stream = decode_stream(model, items, parts.append, cfg, batch_size=4)
+    trajs = [token_trajectory(p.state.cache, j, p.state.slots[j], part="both") for p in parts
+             for j in range(len(p.rows))]
+    return plain, stream, [p.state.attention_mask for p in parts], trajs
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_launching_the_next_step_early_changes_nothing(cache, monkeypatch):
     """The GPU launches step t+1 before the host reads step t (DecodeLoop.lookahead, on CUDA by default): the
@@ -113,12 +124,7 @@ def test_launching_the_next_step_early_changes_nothing(cache, monkeypatch):
     runs = {}
     for ahead in (False, True):
         monkeypatch.setattr(DecodeLoop, "lookahead", ahead)
-        parts = []
-        plain = decode(model, enc.input_ids, enc.attention_mask, cfg, on_finish=parts.append)
-        stream = decode_stream(model, items, parts.append, cfg, batch_size=4)
-        trajs = [token_trajectory(p.state.cache, j, p.state.slots[j], part="both") for p in parts
-                 for j in range(len(p.rows))]
-        runs[ahead] = (plain, stream, [p.state.attention_mask for p in parts], trajs)
+        runs[ahead] = _plain_and_stream(model, enc, items, cfg)
     for a, b in zip(runs[False][:2], runs[True][:2]):
         assert a.tokens == b.tokens and a.finish_reason == b.finish_reason and a.state.slots == b.state.slots
         assert all(torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-6) for x, y in zip(a.max_prob, b.max_prob))
@@ -169,12 +175,7 @@ def test_prefill_in_column_chunks_changes_nothing(cache):
     runs = {}
     for budget in (None, 4, 3 * len(PROMPTS)):
         cfg = DecodeConfig(max_new_tokens=24, stop_token_ids=(stop,), cache=cache, prefill_tokens=budget)
-        parts = []
-        plain = decode(model, enc.input_ids, enc.attention_mask, cfg, on_finish=parts.append)
-        stream = decode_stream(model, items, parts.append, cfg, batch_size=4)
-        trajs = [token_trajectory(p.state.cache, j, p.state.slots[j], part="both") for p in parts
-                 for j in range(len(p.rows))]
-        runs[budget] = (plain, stream, [p.state.attention_mask for p in parts], trajs)
+        runs[budget] = _plain_and_stream(model, enc, items, cfg)
     ref = runs[None]
     for budget in (4, 3 * len(PROMPTS)):
         got = runs[budget]

@@ -138,24 +138,24 @@ def compile_default(device) -> bool:
     Raises:
         ValueError: ``$KVLIB_COMPILE`` is set to something other than 1/0 (on/off, true/false) or static/dynamic.
     """
-    return _compile_setting() and torch.device(device).type == "cuda"
+    return _COMPILE_VALUES.get(_compile_setting(), True) and torch.device(device).type == "cuda"
 
 
 def compile_dynamic() -> bool:
     """Whether a captured step is compiled once for every batch size and cache capacity (symbolic shapes, the
     default: a new shape costs a CUDA-graph capture, not a compile) or, with ``$KVLIB_COMPILE=static``, once per
     shape (each about 40 s for the embedded models on an H100)."""
-    _compile_setting()
-    return os.environ.get("KVLIB_COMPILE", "").strip().lower() != "static"
+    return _compile_setting() != "static"
 
 
-def _compile_setting() -> bool:
+def _compile_setting() -> str:
+    """``$KVLIB_COMPILE``, normalised ("" when unset), after checking it is one of :data:`_COMPILE_VALUES`."""
     raw = os.environ.get("KVLIB_COMPILE", "").strip().lower()
     if raw and raw not in _COMPILE_VALUES:
         raise ValueError(f"KVLIB_COMPILE={os.environ['KVLIB_COMPILE']!r}: set it to 1 (capture the decode step "
                          "on a GPU, compiled once for all shapes), static (compiled once per batch size and cache "
                          "capacity) or 0 (run it eagerly), or unset it")
-    return _COMPILE_VALUES.get(raw, True)
+    return raw
 
 
 class _WarmedStep(CompiledStep):
