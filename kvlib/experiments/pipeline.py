@@ -412,7 +412,7 @@ def _staging(profile, stage: Path | None = None) -> Path:
     import shutil
 
     if stage is None:
-        stage = ROOT / "build" / "publish" / profile.name / _slug(profile.model)
+        stage = _publish_stage(profile)
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     for kind in ("tables", "figures"):
@@ -422,6 +422,30 @@ def _staging(profile, stage: Path | None = None) -> Path:
                             symlinks=True)
     _write_snapshot(stage)
     return stage
+
+
+def _publish_stage(profile) -> Path:
+    """``build/publish/<profile>/<model>/``: where a publishing run of ``profile`` stages its results."""
+    return ROOT / "build" / "publish" / profile.name / _slug(profile.model)
+
+
+def _claim_stage(args, profile, launch: _Launch) -> str | None:
+    """The lock of a publishing run's stage, taken before the stage is emptied (``build/publish/<profile>/
+    .<model>.lock``, beside it): a second publishing run of the same profile and model stops at once instead of
+    deleting what the first is writing. ``None`` when this process stages nothing (no ``--publish``, a dry run,
+    rank > 0)."""
+    from ..runs.writer_lock import StoreLockedError, acquire
+
+    if not args.publish or args.dry_run or launch.rank != 0:
+        return None
+    stage = _publish_stage(profile)
+    stage.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return acquire(stage.parent / f".{stage.name}.lock", stage)
+    except StoreLockedError as err:
+        raise RunError(f"{err} (a publishing run stages the results of a profile and model in one folder: run the "
+                       "notebooks of both runs in one call, e.g. --only 03 04, or the second one without --publish)"
+                       ) from None
 
 
 SNAPSHOT = "snapshot.json"  # in a publishing stage: {path under the stage: sha256} of the results it started from
@@ -780,12 +804,23 @@ def _todo(only: list[str] | None) -> list[Path]:
 
 
 def _main(args, launch: _Launch | None = None) -> int:
-    from ..runs.writer_lock import StoreLockedError, acquire, release
+    from ..runs.writer_lock import release
 
     launch = _Launch() if launch is None else launch
     todo = _todo(args.only)
     profile, data_dir = _check_request(args)
     lead = launch.rank == 0  # writes the run folder, the timings and publishes; other ranks write a scratch folder
+    claim = _claim_stage(args, profile, launch)
+    try:
+        return _run_claimed(args, profile, data_dir, launch, todo, lead)
+    finally:
+        if claim is not None:
+            release(claim)
+
+
+def _run_claimed(args, profile, data_dir: str, launch: _Launch, todo: list[Path], lead: bool) -> int:
+    from ..runs.writer_lock import StoreLockedError, acquire, release
+
     stage = _stage_of(args, profile, launch)
     out_dir = Path(args.out) if args.out and lead else stage / "notebooks"
     if not args.out and profile.results_dir and not args.publish:  # one run folder for every model of the profile

@@ -178,6 +178,25 @@ def test_f09_two_runs_at_once_do_not_write_the_same_executed_copy(checkout, capl
     assert not (out / "01_write.ipynb").exists()
 
 
+def test_f09_a_second_publishing_run_keeps_the_first_ones_stage(checkout, caplog):
+    code = ("import sys\nfrom pathlib import Path\nfrom kvlib.runs.writer_lock import acquire\n"
+            "stage = Path(sys.argv[1]); stage.mkdir(parents=True, exist_ok=True)\n"
+            "(stage / 'half.md').write_text('being written')\n"
+            "acquire(stage.parent / f'.{stage.name}.lock', stage); print('held', flush=True); sys.stdin.readline()")
+    stage = checkout / "build" / "publish" / "small" / "qwen2.5-0.5b"
+    other = subprocess.Popen([sys.executable, "-c", code, str(stage)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert pipeline.main(["--profile", "small", "--publish", "--only", "02"]) == 2
+        assert (stage / "half.md").read_text() == "being written"  # the first run's stage is untouched
+    finally:
+        other.stdin.close()
+        other.wait(timeout=30)
+    assert f"pid {other.pid}" in caplog.text and "--only 03 04" in caplog.text and _status(checkout) == ""
+    assert pipeline.main(["--profile", "small", "--publish"]) == 0  # the lock went with its process
+
+
 def test_f11_readme_table_markers_stay_inside_tables(tmp_path):
     (tmp_path / "tables").mkdir()
     (tmp_path / "secret.md").write_text("outside\n")
