@@ -195,10 +195,12 @@ def table3_by_model(dirs: dict[str, Path], methods=TABLE3_METHODS) -> pd.DataFra
             if r["method"] == Method.DEER and "trial_tokens" in r:  # a table written before DEER rows were named
                 r["method"] = Method.deer(float(r["trial_tokens"]) if pd.notna(r["trial_tokens"]) else 0.0)
             cell = f"{r['accuracy']:.3f} / {r['mean_tokens']:.0f}"
+            if pd.notna(r.get("at_cap_share", float("nan"))) and pd.notna(r.get("cap", float("nan"))):
+                cell += f" [{100 * r['at_cap_share']:.1f}% at cap {r['cap']:.0f}]"
             if pd.notna(r.get("vs_curve", float("nan"))):
                 cell += f" (vs curve {r['vs_curve']:+.1f} [{r['vs_curve_lo']:+.1f}, {r['vs_curve_hi']:+.1f}])"
             cells[(r["set"], r["method"])] = cell
-        cols[model] = pd.Series(cells, dtype=object)
+        cols[_table3_label(model, df)] = pd.Series(cells, dtype=object)
     out = pd.DataFrame(cols)
     if not len(out):
         return out
@@ -206,6 +208,15 @@ def table3_by_model(dirs: dict[str, Path], methods=TABLE3_METHODS) -> pd.DataFra
     order.update({m: order[Method.DEER] for m in out.index.get_level_values(1) if Method.is_deer(m)}
                  if Method.DEER in order else {})
     return out.loc[sorted(out.index, key=lambda k: (k[0], order.get(k[1], len(order)), k[1]))].fillna("–")
+
+
+def _table3_label(model: str, table: pd.DataFrame) -> str:
+    """The column name of ``model`` in :func:`table3_by_model`: the model, marked when its Table 3 comes from a run
+    that predates the fast cap picked from training answers and the equal-token budget curve (its cells are then
+    not comparable with a current run's: fast answers were cut at a fixed cap, and no curve was measured)."""
+    missing = [what for what, col in (("no cap shares", "at_cap_share"), ("no budget curve", "vs_curve"))
+               if col not in table or table[col].isna().all()]
+    return f"{model} (earlier protocol: {', '.join(missing)})" if missing else model
 
 
 def size_figure(dirs: dict[str, Path], scores=("MaxProb", "Entropy", "KV-CoE-C (V)", "KV-probe", "Output+KV")):

@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 
 __all__ = ["notebooks", "run_notebook", "update_readme", "publish", "main", "NotebookError", "KernelDiedError",
-           "RunError", "failing_line", "source_cell_index", "read_times", "record_time", "time_left",
+           "RunError", "failing_line", "source_cell_index", "read_times", "record_time", "device_name", "time_left",
            "LaunchStopped", "record_phases", "PHASES"]
 
 _log = logging.getLogger("kvlib.experiments.pipeline")  # not __name__: "__main__" under python -m
@@ -274,20 +274,39 @@ def read_times(path: Path) -> dict[tuple[str, str, str], float]:
         return {(r["profile"], r["model"], r["notebook"]): float(r["seconds"]) for r in csv.DictReader(f)}
 
 
-def record_time(path: Path, profile: str, model: str, notebook: str, seconds: float) -> None:
-    """Store the duration of a notebook run (one row per profile, model and notebook; the latest wins)."""
+def record_time(path: Path, profile: str, model: str, notebook: str, seconds: float, device: str = "") -> None:
+    """Store the duration of a notebook run and what ran it (``device``: :func:`device_name`; one row per
+    profile, model and notebook; the latest wins, rows of a record without a device column keep an empty one)."""
     import csv
 
     with _exclusive(path, "timing record", "a+", newline="", encoding="utf-8") as f:  # several runs share it
         f.seek(0)
-        times = {(r["profile"], r["model"], r["notebook"]): float(r["seconds"]) for r in csv.DictReader(f)}
-        times[(profile, model, notebook)] = round(seconds, 1)
+        times = {(r["profile"], r["model"], r["notebook"]): (float(r["seconds"]), r.get("device") or "")
+                 for r in csv.DictReader(f)}
+        times[(profile, model, notebook)] = (round(seconds, 1), device)
         f.seek(0)
         f.truncate()
         w = csv.writer(f)
-        w.writerow(["profile", "model", "notebook", "seconds"])
+        w.writerow(["profile", "model", "notebook", "seconds", "device"])
         for key in sorted(times):
-            w.writerow([*key, times[key]])
+            w.writerow([*key, *times[key]])
+
+
+def device_name(device: str) -> str:
+    """What a run's notebooks ran on, for the timing record: the GPU's name (``"NVIDIA H100 80GB HBM3"``, with
+    ``x N`` for several) read from ``nvidia-smi`` (this process never starts CUDA: its memory is the notebooks'),
+    or ``"CPU (N cores)"``; ``"cuda"`` where ``nvidia-smi`` cannot tell."""
+    import subprocess
+
+    if not str(device).startswith("cuda"):
+        return f"CPU ({os.cpu_count()} cores)"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "cuda"
+    names = [line.strip() for line in out.splitlines() if line.strip()]
+    return "cuda" if not names else names[0] + (f" x {len(names)}" if len(names) > 1 else "")
 
 
 PHASES = "phases"  # timings/phases.csv and .md in a run's tables folder
@@ -632,14 +651,16 @@ def publish(stage: Path, executed: list[tuple[Path, Path]], times: dict, root: P
     over ``tables/`` and ``figures/``, each executed notebook's outputs into its source (``executed``:
     ``(executed copy, source)`` pairs) or, with ``notebooks_dir`` (e.g. ``gpu/qwen2.5-1.5b``: a profile whose
     results sit apart per model), into a copy of it at ``notebooks/<notebooks_dir>/``, the notebook timings
-    (``times``: ``{(profile, model, notebook): seconds}``) into :data:`NOTEBOOK_TIMES`, then the README tables
-    from the checkout's tables. Every notebook's outputs are checked before anything is written; two runs that
-    publish at once take turns. Returns the README tables filled in."""
+    (``times``: ``{(profile, model, notebook): (seconds, device)}``, or bare seconds) into
+    :data:`NOTEBOOK_TIMES`, then the README tables from the checkout's tables. Every notebook's outputs are
+    checked before anything is written; two runs that publish at once take turns.
+    Returns the README tables filled in."""
     root = ROOT if root is None else root
     with _exclusive(root / "build" / ".kvlib-publish.lock", "publishing"):
         changed = _copy_back(stage, executed, root, notebooks_dir)
-        for (profile, model, name), seconds in times.items():
-            record_time(root / NOTEBOOK_TIMES, profile, model, name, seconds)
+        for (profile, model, name), took in times.items():
+            seconds, device = took if isinstance(took, tuple) else (took, "")
+            record_time(root / NOTEBOOK_TIMES, profile, model, name, seconds, device)
         _log.info("published into tables/, figures/ and notebooks/ (%d file(s) changed)", changed)
         return update_readme(root)
 
@@ -750,6 +771,12 @@ def _run_all(args, profile, data_dir: str, launch: _Launch, stage: Path, out_dir
     params = {"PROFILE": args.profile, "MODEL": args.model, "DATA_DIR": data_dir,
               "OUT_DIR": str(stage)}
     executed, this_run = [], {}
+    from ..profiles import resolve_device
+
+    try:
+        device = device_name(resolve_device(profile.device))
+    except RuntimeError:  # CUDA asked for and absent: the notebook says so, the record keeps what was asked
+        device = str(profile.device)
     for k, path in enumerate(todo):
         t0 = time.perf_counter()
         _log.info("==> %s %s; time left for this and the remaining notebooks: %s (last recorded run)",
@@ -770,12 +797,12 @@ def _run_all(args, profile, data_dir: str, launch: _Launch, stage: Path, out_dir
             return None
         seconds = time.perf_counter() - t0
         if lead:
-            record_time(stage / "timings.csv", args.profile, model, path.name, seconds)
+            record_time(stage / "timings.csv", args.profile, model, path.name, seconds, device)
             try:
                 record_phases(profile.output_dirs(stage)[0], args.profile, model, path.name, seconds, phases_file)
             except (OSError, KeyError, ValueError) as err:  # a timing table is never worth failing the run for
                 _log.warning("%s: its phases were not recorded (%s: %s)", path.name, type(err).__name__, err)
-        this_run[(args.profile, model, path.name)] = round(seconds, 1)
+        this_run[(args.profile, model, path.name)] = (round(seconds, 1), device)
         _log.info("<== %s done in %.0f s", path.name, seconds)
     return executed, this_run
 

@@ -112,8 +112,10 @@ def test_the_model_size_table3_keeps_deer_rows_and_the_curve(tmp_path):
 
     d = tmp_path / "m-1b"
     d.mkdir()
-    rows = [{"method": Method.FAST, "set": "gsm8k", "accuracy": 0.1, "mean_tokens": 40.0},
-            {"method": Method.SLOW, "set": "gsm8k", "accuracy": 0.5, "mean_tokens": 300.0},
+    rows = [{"method": Method.FAST, "set": "gsm8k", "accuracy": 0.1, "mean_tokens": 40.0, "cap": 128,
+             "at_cap_share": 0.025},
+            {"method": Method.SLOW, "set": "gsm8k", "accuracy": 0.5, "mean_tokens": 300.0, "cap": 384,
+             "at_cap_share": 0.1},
             {"method": Method.KV_GENERATIVE, "set": "gsm8k", "accuracy": 0.45, "mean_tokens": 200.0, "vs_curve": 2.5,
              "vs_curve_lo": -1.0, "vs_curve_hi": 6.25},
             {"method": Method.deer(0), "set": "gsm8k", "accuracy": 0.5, "mean_tokens": 290.0},
@@ -123,7 +125,18 @@ def test_the_model_size_table3_keeps_deer_rows_and_the_curve(tmp_path):
     assert [m for _, m in out.index] == [Method.FAST, Method.SLOW, Method.KV_GENERATIVE, Method.DEER_NO_TRIAL,
                                          Method.curve_level(1)]
     assert out.loc[("gsm8k", Method.KV_GENERATIVE), "m-1b"] == "0.450 / 200 (vs curve +2.5 [-1.0, +6.2])"
-    assert out.loc[("gsm8k", Method.FAST), "m-1b"] == "0.100 / 40"
+    assert out.loc[("gsm8k", Method.FAST), "m-1b"] == "0.100 / 40 [2.5% at cap 128]"
+    assert out.loc[("gsm8k", Method.SLOW), "m-1b"] == "0.500 / 300 [10.0% at cap 384]"
+    # a model whose table predates the curve and the cap report is marked, beside one that has both
+    old = tmp_path / "m-3b"
+    old.mkdir()
+    pd.DataFrame([{k: v for k, v in r.items() if k not in ("cap", "at_cap_share", "vs_curve", "vs_curve_lo",
+                                                           "vs_curve_hi")} for r in rows[:3]]
+                 ).to_csv(old / "table3_switching.csv", index=False)
+    both = table3_by_model({"m-1b": d, "m-3b": old})
+    assert list(both.columns) == ["m-1b", "m-3b (earlier protocol: no cap shares, no budget curve)"]
+    assert both.loc[("gsm8k", Method.KV_GENERATIVE)].tolist() == ["0.450 / 200 (vs curve +2.5 [-1.0, +6.2])",
+                                                                   "0.450 / 200"]
 
 
 def test_the_fast_cap_is_picked_on_training_answers_and_the_cap_shares_report_it():

@@ -59,6 +59,34 @@ def test_time_left_comes_from_the_last_recorded_runs(tmp_path):
     assert "1 of 2 notebooks" in pipeline.time_left(times, "gpu", "m", ["01.ipynb", "02.ipynb"])
 
 
+def test_the_timing_record_names_what_ran_each_notebook(tmp_path, monkeypatch):
+    import csv
+    import subprocess
+
+    path = tmp_path / "t.csv"
+    path.write_text("profile,model,notebook,seconds\nsmall,m,01.ipynb,12.5\n")  # a record from before devices
+    pipeline.record_time(path, "gpu", "m", "03.ipynb", 519.84, "NVIDIA H100 80GB HBM3")
+    with path.open(newline="") as f:
+        rows = {r["notebook"]: r for r in csv.DictReader(f)}
+    assert rows["01.ipynb"]["device"] == "" and rows["01.ipynb"]["seconds"] == "12.5"
+    assert rows["03.ipynb"]["device"] == "NVIDIA H100 80GB HBM3" and rows["03.ipynb"]["seconds"] == "519.8"
+    assert pipeline.read_times(path)[("gpu", "m", "03.ipynb")] == 519.8
+
+    def smi(cmd, **kw):
+        assert cmd[0] == "nvidia-smi"
+        return subprocess.CompletedProcess(cmd, 0, stdout="NVIDIA H200\nNVIDIA H200\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", smi)
+    assert pipeline.device_name("cuda") == "NVIDIA H200 x 2"
+    assert pipeline.device_name("cpu") == f"CPU ({os.cpu_count()} cores)"
+
+    def missing(cmd, **kw):
+        raise FileNotFoundError(cmd[0])
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert pipeline.device_name("cuda:1") == "cuda"
+
+
 def test_readme_tables_are_copied_from_generated_files(tmp_path):
     (tmp_path / "tables").mkdir()
     (tmp_path / "tables" / "t1.md").write_text("caption\n\n| a |\n|---|\n| 1 |\n")
