@@ -185,7 +185,6 @@ def hidden_coe_extractor(dtype=np.float32):
 _Record = TypeVar("_Record", bound=GenerationRecord)  # answer records stay answer records
 
 
-@phase("hidden-state CoE")
 def token_batches(items: Sequence, sizes: Sequence[int], max_rows: int, max_tokens: int | None) -> list[list]:
     """Consecutive groups of ``items`` with at most ``max_rows`` items and, padded to the longest, at most
     ``max_tokens`` tokens (``rows x max size``; an item longer than that forms a group alone)."""
@@ -200,6 +199,7 @@ def token_batches(items: Sequence, sizes: Sequence[int], max_rows: int, max_toke
     return groups + ([cur] if cur else [])
 
 
+@phase("hidden-state CoE")
 def hidden_coe_pass(model, tokenizer, model_name: str, dataset: str, records: Sequence[_Record], batch_size: int = 8,
                     root=None, progress: bool = True, shard=None, max_tokens: int | None = 1 << 16) -> list[_Record]:
     """Add the original CoE's ``hidden_traj`` to stored answer records by a re-forward (resumable).

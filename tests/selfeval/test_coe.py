@@ -200,7 +200,14 @@ def test_hidden_coe_pass_equals_the_extractor_and_is_computed_once(tmp_path, mon
         return out
 
     monkeypatch.setattr(coe, "hidden_trajectories", slow_forward)
+    from kvlib.core import phases
+
+    monkeypatch.delenv(phases.ENV, raising=False)
+    phases.reset()
     got = coe.hidden_coe_pass(model, tok, "tiny", "toy", plain, batch_size=2, root=tmp_path / "h", progress=False)
+    took, calls = phases.totals()["hidden-state CoE"]  # the phase times the whole pass, re-forwards included
+    assert calls == 1 and took >= 0.05 * -(-len(plain) // 2), phases.totals()
+    phases.reset()
     for a, b in zip(recs, got):
         np.testing.assert_allclose(record_array(b, "hidden_traj"), record_array(a, "hidden_traj"), rtol=1e-4, atol=1e-5)
         # the batch's measured time over its (at most 2) items: the re-forward is inside the timed span
