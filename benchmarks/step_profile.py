@@ -11,7 +11,8 @@ kernel visible). Each step is split into
 - host synchronisation (the host blocked on the device: the per-step copy of the statistics),
 - Python and launch overhead (wall time in which the device is idle),
 
-reported in milliseconds per step with the wall time, and written as a Markdown table.
+reported in milliseconds per step with the wall time and the arm's device-memory peak, and written as a Markdown
+table. Each arm runs in a process of its own, so none inherits another's compiled graphs or memory.
 
   python benchmarks/step_profile.py --shape qwen3-8b --batch 64                 # a GPU: tables/step_profile.md
   python benchmarks/step_profile.py --shape tiny --batch 4 --steps 4 --out /tmp/step_profile.md  # CPU smoke run
@@ -139,6 +140,29 @@ def measure_apart(model, batch: int, prompt: int, steps: int, warm: int, compile
     return row
 
 
+ARMS = {"captured, launched ahead (as decoded)": (True, True), "captured, step by step": (True, False),
+        "eager step": (False, False)}  # (captured, next step launched before the host reads this one)
+
+
+def arm_in_process(arm: str, argv: list[str]) -> dict:
+    """One arm measured in a fresh process (this script with ``--arm``): an arm starts from an empty device, with
+    no compiled graphs, CUDA-graph pools or cached blocks of an earlier one, so its memory peak is its own and a
+    later arm cannot run out of memory on what an earlier one left. A process that dies gives a NaN column."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        done = subprocess.run([sys.executable, __file__, *argv, "--arm", arm, "--row", str(out)],
+                              capture_output=True, text=True)
+        if done.returncode == 0 and out.is_file():
+            return json.loads(out.read_text())
+    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    print(f"arm {arm!r} failed (exit {done.returncode}): {' | '.join(tail)}; that column is NaN")
+    return {"wall": float("nan"), "cache capacity": float("nan"), "peak device memory (GB)": float("nan")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
@@ -148,16 +172,20 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=8)
     ap.add_argument("--out", default="", help="Markdown table (default tables/step_profile.md on a GPU; a CPU run "
                                               "writes nothing unless given one)")
-    args = ap.parse_args()
+    ap.add_argument("--arm", choices=sorted(ARMS), help=argparse.SUPPRESS)  # one arm, in a process of its own
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # where that process writes its column (JSON)
+    args, argv = ap.parse_args(), sys.argv[1:]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = load_model(f"random:{args.shape}", device=device, dtype=dtype)[0]
-    arms = {"eager step": (False, False)}
-    if device == "cuda":  # (captured, next step launched before the host reads this one)
-        arms = {"captured, launched ahead (as decoded)": (True, True), "captured, step by step": (True, False),
-                **arms}
-    cols = {name: measure_apart(model, args.batch, args.prompt, args.steps, args.warm, *a) for name, a in arms.items()}
-    df = pd.DataFrame(cols)
+    if args.arm:
+        import json
+
+        model = load_model(f"random:{args.shape}", device=device, dtype=dtype)[0]
+        row = measure_apart(model, args.batch, args.prompt, args.steps, args.warm, *ARMS[args.arm])
+        Path(args.row).write_text(json.dumps(row), encoding="utf-8")
+        return
+    arms = list(ARMS) if device == "cuda" else ["eager step"]  # the CPU has no captured step
+    df = pd.DataFrame({name: arm_in_process(name, argv) for name in arms})
     df.index.name = "ms per step"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     import transformers

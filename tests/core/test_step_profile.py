@@ -30,3 +30,11 @@ def test_an_arm_that_runs_out_of_device_memory_is_a_nan_column_not_a_lost_run(mo
     monkeypatch.setattr(step_profile, "measure", oom)
     row = step_profile.measure_apart(model, 3, 16, 2, 1, False, False)
     assert row["wall"] != row["wall"] and "peak device memory (GB)" in row   # NaN, and the memory row kept
+
+
+def test_each_arm_runs_in_a_process_of_its_own_and_a_dead_one_is_a_nan_column(capsys):
+    argv = ["--shape", "tiny", "--batch", "2", "--prompt", "8", "--steps", "2", "--warm", "1"]
+    row = step_profile.arm_in_process("eager step", argv)
+    assert row["wall"] > 0 and row["cache capacity"] >= 8 + 2 + 1
+    dead = step_profile.arm_in_process("eager step", [*argv, "--steps", "not-a-number"])
+    assert dead["wall"] != dead["wall"] and "that column is NaN" in capsys.readouterr().out
