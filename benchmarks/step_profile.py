@@ -11,8 +11,10 @@ kernel visible). Each step is split into
 - host synchronisation (the host blocked on the device: the per-step copy of the statistics),
 - Python and launch overhead (wall time in which the device is idle),
 
-reported in milliseconds per step with the wall time and the arm's device-memory peak, and written as a Markdown
-table. Each arm runs in a process of its own, so none inherits another's compiled graphs or memory.
+reported in milliseconds per step with the wall time, the bandwidth floor (the weights and the cache read once per
+step at the copy bandwidth measured in the same process, ``benchmarks/decode_speed.py``), their ratio and the arm's
+device-memory peak, and written as a Markdown table. Each arm runs in a process of its own, so none inherits
+another's compiled graphs or memory.
 
   python benchmarks/step_profile.py --shape qwen3-8b --batch 64                 # a GPU: tables/step_profile.md
   python benchmarks/step_profile.py --shape tiny --batch 4 --steps 4 --out /tmp/step_profile.md  # CPU smoke run
@@ -180,8 +182,14 @@ def main() -> None:
     if args.arm:
         import json
 
+        from decode_speed import copy_bandwidth, floor_ms
+
         model = load_model(f"random:{args.shape}", device=device, dtype=dtype)[0]
+        bandwidth = copy_bandwidth(device, 1 << 28 if device == "cpu" else 1 << 30)
         row = measure_apart(model, args.batch, args.prompt, args.steps, args.warm, *ARMS[args.arm])
+        # the profiled steps read the weights and a cache of prompt + warm-up + (on average) half the steps
+        row["bandwidth floor"] = floor_ms(model, args.batch, args.prompt + args.warm, args.steps, bandwidth)
+        row["wall / floor"] = row["wall"] / row["bandwidth floor"]
         Path(args.row).write_text(json.dumps(row), encoding="utf-8")
         return
     arms = list(ARMS) if device == "cuda" else ["eager step"]  # the CPU has no captured step
@@ -197,7 +205,8 @@ def main() -> None:
                f"{transformers.__version__} (`benchmarks/step_profile.py`). Attention, other kernels and "
                "sampling are device time; host synchronisation is host time blocked on the device; the overhead "
                "is wall time minus device-busy time. Kernels inside a captured graph are attributed only when the "
-               "profiler can see them (NaN otherwise).")
+               "profiler can see them (NaN otherwise). The bandwidth floor reads the weights and the cache once per "
+               "step at the copy bandwidth measured in each arm's process; each arm runs in a process of its own.")
     table = caption + "\n\n" + df.drop(index="cache capacity").round(3).reset_index().to_markdown(index=False) + "\n"
     print(table)
     out = args.out or (str(ROOT / "tables" / "step_profile.md") if device == "cuda" else "")

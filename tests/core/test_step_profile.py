@@ -36,5 +36,6 @@ def test_each_arm_runs_in_a_process_of_its_own_and_a_dead_one_is_a_nan_column(ca
     argv = ["--shape", "tiny", "--batch", "2", "--prompt", "8", "--steps", "2", "--warm", "1"]
     row = step_profile.arm_in_process("eager step", argv)
     assert row["wall"] > 0 and row["cache capacity"] >= 8 + 2 + 1
+    assert row["bandwidth floor"] > 0 and row["wall / floor"] == row["wall"] / row["bandwidth floor"]
     dead = step_profile.arm_in_process("eager step", [*argv, "--steps", "not-a-number"])
     assert dead["wall"] != dead["wall"] and "that column is NaN" in capsys.readouterr().out
