@@ -96,6 +96,10 @@ class Profile:
             cap is picked from them (:func:`kvlib.switching.difficulty.fast_cap`: their 98th percentile rounded up to
             32,
             at least the labels' 128 tokens, at most ``fast_tokens``), so that fewer than 5% reach it.
+        set_tokens: data set -> its own switching budget (fast and slow answers, and the live methods' budget, of
+            that set in notebooks 04 and 05), for a set whose answers need more than ``slow_tokens`` at this model
+            size; its fast answers keep this budget (no fast cap is picked for it) and its training answers, if
+            any, do not enter the pick of the other sets' fast cap.
         batch_size: generation batch size.
         coe_sets: data set -> number of test items for the self-evaluation table (03); ``"all"`` (or
             ``None``) takes the whole test split (the same for the other set sizes).
@@ -127,6 +131,7 @@ class Profile:
     fast_tokens: int
     slow_tokens: int
     batch_size: int
+    set_tokens: dict[str, int] = field(default_factory=dict)
     coe_sets: dict[str, int | str | None] = field(default_factory=dict)
     switch_test_sets: dict[str, int | str | None] = field(default_factory=dict)
     switch_train_sets: dict[str, int | str | None] = field(default_factory=dict)
@@ -148,6 +153,9 @@ class Profile:
     def __post_init__(self):
         if self.fast_tokens < 1 or self.slow_tokens < self.fast_tokens:
             raise ValueError("need 1 <= fast_tokens <= slow_tokens")
+        bad = {k: n for k, n in self.set_tokens.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+        if bad:
+            raise ValueError(f"profile {self.name!r}: set_tokens must map sets to positive token budgets: {bad}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"profile {self.name!r}: batch_size must be a positive integer, not {self.batch_size!r}")
         if self.dtype not in DTYPES:
@@ -268,6 +276,9 @@ PROFILES: dict[str, Profile] = {
         # at 256 rows a decode step of these models left one H200 12-60 % busy (host-bound): more rows per
         # batch, fewer steps
         batch_size=512,
+        # MATH-500 answers need more room at these sizes: with 384 tokens, 55% of the 0.5B model's slow answers and
+        # 49% of its fast ones (cap 256) were cut (H100 run, 2026-12-07; it ignores the fast instruction there)
+        set_tokens={"math500": 1024},
         # every test item of the sets whose answers can be right at these sizes, and the paper's TheoremQA
         # whenever DATA_DIR holds it (left out, and the caption says so, without it); full MATH is not run
         coe_sets={"gsm8k": "all", "svamp": "all", "math500": "all", "theoremqa": "all"},

@@ -33,10 +33,10 @@ def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequ
 
     KV-Generative runs live on ``plan.grid_live_sets`` (every set when ``None``)."""
     rows = []
-    cfg = SwitchConfig.generative(plan.tau, plan.tau_fast, plan.tau_slow, plan.check_every,
-                                  fast_tokens=plan.fast_tokens)
     for (n_tokens, n_layers), clf in classifiers.items():
         for name, items in test_items.items():
+            cfg = SwitchConfig.generative(plan.tau, plan.tau_fast, plan.tau_slow, plan.check_every,
+                                          fast_tokens=plan.caps(name)[0])
             fast, slow = pairs[name]
             slow_mean = float(np.mean([s["n_tokens"] for s in slow]))
             d0 = clf.predict(record_features(slow, clf.spec))
@@ -45,7 +45,7 @@ def budget_grid(model, tokenizer, model_name: str, test_items: Mapping[str, Sequ
             rows.append({**method_row(Method.KV_CLASSIFICATION, name, correct, tokens, slow_mean), **grid})
             if live and (plan.grid_live_sets is None or name in plan.grid_live_sets):
                 recs = adaptive_generate(model, tokenizer, items, clf, cfg, model_name=model_name, dataset=name,
-                                         settings=plan.generation(), root=root, batch_size=plan.batch_size,
+                                         settings=plan.generation(name), root=root, batch_size=plan.batch_size,
                                          progress=progress, references=stored_answers(fast, slow) if plan.replay
                                          else None)
                 rows.append({**live_row(Method.KV_GENERATIVE, name, items, recs, slow_mean), **grid})

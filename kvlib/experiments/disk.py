@@ -76,15 +76,16 @@ def estimate_disk(profile, config) -> dict[str, float]:
     test = _count(profile.switch_test_sets, "test")
     train = _count(profile.switch_train_sets, "train")
     # slow answers: 03's sets and the switching sets (overlapping items counted twice: an upper bound)
-    answers = (coe + test + train) * size["answer"](profile.slow_tokens) + (test + train) * size["answer"](
-        profile.fast_tokens)
+    own = list(getattr(profile, "set_tokens", {}).values())  # a set's own budget may exceed the profile's
+    longest, fast = max([profile.slow_tokens, *own]), max([profile.fast_tokens, *own])
+    answers = (coe + test + train) * size["answer"](longest) + (test + train) * size["answer"](fast)
     live_items = min(test, profile.live_items * max(1, len(profile.switch_test_sets))) if profile.live_items \
         else test
     from .switching import SwitchingPlan
 
     # Table 3's live rows (KV-Generative sweep, DEER, fixed budgets, the budget curve's levels) + Table 4's grid
     runs = len(profile.generative_sweep) + 1 + len(profile.budgets) + SwitchingPlan.curve_levels + 4
-    live = live_items * runs * size["method"](profile.slow_tokens)
+    live = live_items * runs * size["method"](longest)
     parts = {"answers (03-05)": answers, "hidden-state CoE (03)": coe * size["hidden_coe"](0),
              "live methods (04-05)": live}
     return {**parts, "total": sum(parts.values())}

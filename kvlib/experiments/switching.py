@@ -72,6 +72,8 @@ class SwitchingPlan:
 
     Attributes:
         train_sets / test_sets: data set -> items (training split / evaluation split).
+        set_tokens: data set -> its own budget, for its fast and slow answers and its live runs alike (see
+            :meth:`caps`); a set with one is left out of the fast-cap pick.
         fast_tokens / slow_tokens: answer budgets; live runs use ``slow_tokens``. With ``fast_cap_quantile``,
             ``fast_tokens`` is first the generous cap of the training fast answers, and :func:`switching_setup`
             replaces it by the cap it picks from them (:func:`kvlib.switching.difficulty.fast_cap`: that quantile of
@@ -97,6 +99,7 @@ class SwitchingPlan:
     test_sets: Mapping[str, int]
     fast_tokens: int = 64
     slow_tokens: int = 384
+    set_tokens: Mapping[str, int] = field(default_factory=dict)
     batch_size: int = 16
     grid: tuple[tuple[int, int], ...] = PAPER_GRID
     spec: tuple[int, int] | None = None
@@ -127,6 +130,9 @@ class SwitchingPlan:
             raise ValueError("val_fraction must be in (0, 1)")
         if self.fast_cap_quantile is not None and not 0 < self.fast_cap_quantile <= 1:
             raise ValueError("fast_cap_quantile must be in (0, 1] (or None: keep fast_tokens)")
+        bad = {k: n for k, n in self.set_tokens.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+        if bad:
+            raise ValueError(f"set_tokens must map sets to positive token budgets: {bad}")
         if self.curve_levels and self.curve_levels < 5:
             raise ValueError("the budget curve needs at least 5 levels (curve_levels >= 5; 0 for none)")
 
@@ -141,7 +147,8 @@ class SwitchingPlan:
         cap = profile.live_items if max_items == -1 else max_items
         tests = {k: _capped(k, v, cap) for k, v in profile.switch_test_sets.items()}
         base = dict(train_sets=dict(profile.switch_train_sets), test_sets=tests,
-                    fast_tokens=profile.fast_tokens, slow_tokens=profile.slow_tokens, batch_size=profile.batch_size,
+                    fast_tokens=profile.fast_tokens, slow_tokens=profile.slow_tokens,
+                    set_tokens=dict(getattr(profile, "set_tokens", {}) or {}), batch_size=profile.batch_size,
                     generative_sweep=tuple(profile.generative_sweep), budgets=tuple(profile.budgets),
                     grid_live_sets=profile.grid_live_sets, live_sets=profile.live_sets)
         return cls(**{**base, **overrides})
@@ -149,8 +156,15 @@ class SwitchingPlan:
     def with_sizes(self, **kw) -> "SwitchingPlan":
         return replace(self, **kw)
 
-    def generation(self) -> GenerationSettings:
-        return GenerationSettings(max_new_tokens=self.slow_tokens)
+    def caps(self, name: str) -> tuple[int, int]:
+        """``(fast cap, slow cap)`` of set ``name``: its own budget for both when ``set_tokens`` gives one, else
+        ``(fast_tokens, slow_tokens)``."""
+        own = self.set_tokens.get(name)
+        return (own, own) if own is not None else (self.fast_tokens, self.slow_tokens)
+
+    def generation(self, name: str | None = None) -> GenerationSettings:
+        """The live methods' settings: the slow cap of set ``name`` (:meth:`caps`), or ``slow_tokens``."""
+        return GenerationSettings(max_new_tokens=self.slow_tokens if name is None else self.caps(name)[1])
 
 
 def _capped(name: str, n, cap: int | None):
@@ -183,7 +197,7 @@ def answer_pairs(model, tokenizer, model_name: str, items_by_set: Mapping[str, S
     for name, items in items_by_set.items():
         fast, slow = (answer_records(model, tokenizer, model_name, name, items, mode=mode, max_new_tokens=budget,
                                      root=root, batch_size=plan.batch_size, progress=progress)
-                      for mode, budget in (("fast", plan.fast_tokens), ("slow", plan.slow_tokens)))
+                      for mode, budget in zip(("fast", "slow"), plan.caps(name)))
         out[name] = (fast, slow)
     return out
 
@@ -424,8 +438,8 @@ class _SetAnswers:
 def _fixed_routes(ev: _Evaluation, s: _SetAnswers, plan: SwitchingPlan) -> None:
     """Always fast and always slow: the stored answers themselves."""
     n = len(s.items)
-    for method, to_slow, cap in ((Method.FAST, np.zeros(n), plan.fast_tokens),
-                                 (Method.SLOW, np.ones(n), plan.slow_tokens)):
+    fast_cap, slow_cap = plan.caps(s.name)
+    for method, to_slow, cap in ((Method.FAST, np.zeros(n), fast_cap), (Method.SLOW, np.ones(n), slow_cap)):
         c, t = route(s.fast, s.slow, to_slow)
         ev.add(method_row(method, s.name, c, t, s.slow_mean, slow_share=to_slow.mean(), cap=cap,
                           at_cap_share=float(np.mean(t >= cap))), _item_rows(method, s.name, s.ids, c, t))
@@ -496,7 +510,7 @@ def _live_rows(ev: _Evaluation, s: _SetAnswers, model, tokenizer, classifier: Di
     if plan.live_sets is not None and s.name not in plan.live_sets:
         return
     for tau, tf, ts in _sweep(plan):
-        cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.fast_tokens)
+        cfg = SwitchConfig.generative(tau, tf, ts, plan.check_every, fast_tokens=plan.caps(s.name)[0])
         with phase("KV-Generative"):
             recs = adaptive_generate(model, tokenizer, s.items, classifier, cfg, dataset=s.name, references=refs,
                                      **common)
@@ -547,12 +561,12 @@ def evaluate_switching(model, tokenizer, model_name: str, test_items: Mapping[st
     is named for what ran (:meth:`Method.deer`). See :class:`SwitchingResult`.
     """
     ev = _Evaluation()
-    common = dict(model_name=model_name, settings=plan.generation(), root=root, batch_size=plan.batch_size,
-                  progress=progress)
     for name, items in test_items.items():
         s = _SetAnswers(name, items, *pairs[name])
         prefill = _offline_rows(ev, s, tokenizer, classifier, plan)
         if live:
+            common = dict(model_name=model_name, settings=plan.generation(name), root=root,
+                          batch_size=plan.batch_size, progress=progress)
             _live_rows(ev, s, model, tokenizer, classifier, plan, prefill, common)
     items_frame = pd.DataFrame(ev.outcomes)
     table = pd.DataFrame(ev.rows)
@@ -652,8 +666,9 @@ def switching_setup(profile, model, tokenizer, seed: int = 0, smoke: bool = Fals
     generated: the training fast answers are generated at the profile's generous ``fast_tokens``, the training
     labels read them cut at the picked cap, and the evaluation fast answers are generated at it."""
     plan = switching_plan(profile, seed=seed, smoke=smoke)
-    _log.info("%s, %s: train %s, test %s, fast/slow budgets %d/%d, grid (N, L) %s", profile.name, profile.model,
-              dict(plan.train_sets), dict(plan.test_sets), plan.fast_tokens, plan.slow_tokens, list(plan.grid))
+    _log.info("%s, %s: train %s, test %s, fast/slow budgets %d/%d%s, grid (N, L) %s", profile.name, profile.model,
+              dict(plan.train_sets), dict(plan.test_sets), plan.fast_tokens, plan.slow_tokens,
+              "".join(f", {k} {v}/{v}" for k, v in plan.set_tokens.items()), list(plan.grid))
     train_items = switching_items(plan.train_sets, "train", seed=seed, data_dir=data_dir)
     test_items = switching_items(plan.test_sets, "test", seed=seed, data_dir=data_dir)
     train_pairs = answer_pairs(model, tokenizer, profile.model, train_items, plan, root=root, progress=progress)
@@ -664,7 +679,7 @@ def switching_setup(profile, model, tokenizer, seed: int = 0, smoke: bool = Fals
         _log.info("fast cap %d tokens: the %g quantile of %d training fast answers generated with <= %d, rounded up "
                   "to 32, at least %d and at most %d", plan.fast_tokens, plan.fast_cap_quantile,
                   sum(len(v) for v in generous.values()), plan.fast_generous, SHORT_ANSWER, plan.fast_generous)
-        train_pairs = {k: (cap_records(fast, plan.fast_tokens), slow) for k, (fast, slow) in train_pairs.items()}
+        train_pairs = {k: (cap_records(fast, plan.caps(k)[0]), slow) for k, (fast, slow) in train_pairs.items()}
     test_pairs = answer_pairs(model, tokenizer, profile.model, test_items, plan, root=root, progress=progress)
     frame, train_records = label_frame(train_pairs)
     test_frame, test_records = label_frame(test_pairs)
@@ -678,7 +693,9 @@ def pick_fast_cap(plan: SwitchingPlan, train_fast: Mapping[str, Sequence[AnswerR
     lengths (generated at the plan's ``fast_tokens``, the generous cap, which moves to ``fast_generous``)."""
     if plan.fast_cap_quantile is None:
         return plan
-    lengths = [r["n_tokens"] for recs in train_fast.values() for r in recs]
+    lengths = [r["n_tokens"] for name, recs in train_fast.items() if name not in plan.set_tokens for r in recs]
+    if not lengths:  # every training set has its own budget: there is no shared cap to pick
+        return plan
     cap = fast_cap(lengths, plan.fast_cap_quantile, minimum=SHORT_ANSWER, ceiling=plan.fast_tokens)
     return plan.with_sizes(fast_tokens=cap, fast_generous=plan.fast_tokens)
 
@@ -693,11 +710,13 @@ def cap_shares(run: SwitchingRun) -> pd.DataFrame:
         for name, (fast, slow) in pairs.items():
             ft = np.array([r["n_tokens"] for r in fast], float)
             st = np.array([r["n_tokens"] for r in slow], float)
-            row = {"split": split, "set": name, "n": len(ft), "fast cap": plan.fast_tokens,
-                   "fast at cap": float(np.mean(ft >= plan.fast_tokens)), "fast mean tokens": float(ft.mean()),
-                   "slow cap": plan.slow_tokens, "slow at cap": float(np.mean(st >= plan.slow_tokens)),
+            fast_cap, slow_cap = plan.caps(name)
+            row = {"split": split, "set": name, "n": len(ft), "fast cap": fast_cap,
+                   "fast at cap": float(np.mean(ft >= fast_cap)), "fast mean tokens": float(ft.mean()),
+                   "slow cap": slow_cap, "slow at cap": float(np.mean(st >= slow_cap)),
                    "slow mean tokens": float(st.mean())}
-            if split == "train" and run.train_fast_generous is not None and plan.fast_generous is not None:
+            if (split == "train" and run.train_fast_generous is not None and plan.fast_generous is not None
+                    and name not in plan.set_tokens):
                 gen = np.array([r["n_tokens"] for r in run.train_fast_generous[name]], float)
                 row.update({"generous fast cap": plan.fast_generous,
                             "fast at generous cap": float(np.mean(gen >= plan.fast_generous))})
@@ -780,8 +799,11 @@ def caption(model_name: str, profile: str, plan, test_items: Mapping, classifier
     picked = (f" (the {getattr(plan, 'fast_cap_quantile', 0):g} quantile of the training fast answers generated "
               f"with <= {generous}, rounded up to 32, at least {SHORT_ANSWER} and at most {generous})"
               if generous is not None else "")
+    own = getattr(plan, "set_tokens", {}) or {}
+    own_note = "".join(f" ({set_label(k)}: fast, slow and adaptive <= {v}, its own budget)" for k, v in own.items()
+                       if k in test_items or k in plan.train_sets)
     return (f"{run_label(model_name, profile, hardware)}; greedy; fast answers <= {plan.fast_tokens}{picked} and "
-            f"slow/adaptive <= {plan.slow_tokens} new tokens; {_protocol_note(form)}evaluation sets: "
+            f"slow/adaptive <= {plan.slow_tokens} new tokens{own_note}; {_protocol_note(form)}evaluation sets: "
             f"{sets}; classifier trained on the "
             f"train splits of {train} (split by question, evaluation questions excluded), {feats}"
             f"tau={plan.tau:g}, tau_fast={plan.tau_fast:g}, tau_slow={plan.tau_slow:g}, check every "

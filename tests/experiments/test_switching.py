@@ -282,3 +282,48 @@ def test_the_setup_of_notebooks_04_and_05_and_their_captions(tiny, tmp_path, cap
     table4 = budget_sweep.caption(run, {(32, 8): clf})
     assert "features:" not in table4 and "Live methods" not in table4
     assert table4.endswith(f"cells: accuracy / mean generated tokens. {Method.KV_GENERATIVE} runs live on: SVAMP.")
+
+
+def test_a_set_with_its_own_budget_keeps_it_for_every_answer_and_stays_out_of_the_fast_cap_pick(tiny, tmp_path):
+    """``set_tokens``: a set whose answers need more room (MATH-500 at these model sizes) gets its own budget for its
+    fast and slow answers and for every live method (Tables 3 and 4), its training answers do not move the other
+    sets' fast cap, and the cap shares and the caption say so."""
+    from dataclasses import replace
+
+    from kvlib.experiments.switching import best_spec, evaluate_switching, fit_classifiers, switching_setup
+    from kvlib.profiles import get_profile
+    from kvlib.switching.difficulty import fast_cap
+
+    model, tok = tiny
+    base = get_profile("smoke")
+    own = 12  # between the smoke profile's fast (8) and slow (24) budgets
+    profile = replace(base, set_tokens={"svamp": own})
+    run = switching_setup(profile, model, tok, smoke=True, root=tmp_path, progress=False)
+    plan = run.plan
+    assert plan.caps("svamp") == (own, own) and plan.caps("mawps") == (plan.fast_tokens, base.slow_tokens)
+    assert plan.generation("svamp").max_new_tokens == own and plan.generation().max_new_tokens == base.slow_tokens
+    mawps = [r["n_tokens"] for r in run.train_fast_generous["mawps"]]
+    assert plan.fast_tokens == fast_cap(mawps, plan.fast_cap_quantile, ceiling=base.fast_tokens)  # svamp left out
+    for pairs in (run.train_pairs, run.test_pairs):
+        fast, slow = pairs["svamp"]
+        assert max(r["n_tokens"] for r in fast + slow) <= own
+        assert any(r["n_tokens"] == own for r in slow), "the random model's slow answers run to their cap"
+    shares = run.cap_shares().set_index(["split", "set"])
+    assert shares.loc[("evaluation", "svamp"), ["fast cap", "slow cap"]].tolist() == [own, own]
+    assert shares.loc[("train", "mawps"), "slow cap"] == base.slow_tokens
+    assert np.isnan(shares.loc[("train", "svamp"), "generous fast cap"])
+    plan = plan.with_sizes(grid=((32, 3),))  # the tiny model has 3 layers
+    clfs = fit_classifiers(run.frame, run.train_records, plan, exclude_questions=run.evaluation_questions,
+                           tokenizer=tok, reuse=tmp_path / "fits")
+    clf = clfs[best_spec(clfs)]
+    assert f"(SVAMP: fast, slow and adaptive <= {own}, its own budget)" in run.caption(clf, "t")
+    res = evaluate_switching(model, tok, "m", run.test_items, run.test_pairs, clf, plan, root=tmp_path,
+                             progress=False)
+    by = res.table.set_index("method")
+    assert by.loc[Method.FAST, "cap"] == own == by.loc[Method.SLOW, "cap"]
+    live = res.items[~res.items["method"].isin([Method.FAST, Method.SLOW, Method.KV_CLASSIFICATION, Method.RANDOM,
+                                                Method.ORACLE])]
+    capped = live[live["method"].eq(Method.KV_GENERATIVE) | live["method"].map(Method.is_deer)]
+    assert len(capped) and capped["tokens"].max() == own  # the set's budget, not the profile's slow one (24)
+    grid = budget_grid(model, tok, "m", run.test_items, run.test_pairs, clfs, plan, root=tmp_path, progress=False)
+    assert grid.loc[grid["method"] == Method.KV_GENERATIVE, "mean_tokens"].max() == own  # Table 4 too

@@ -47,6 +47,19 @@ def test_f06_a_batch_size_below_one_is_a_clear_error(bad):
         replace(PROFILES["smoke"], batch_size=bad)
 
 
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "1024"])
+def test_f06_a_set_budget_below_one_is_a_clear_error(bad):
+    from dataclasses import replace
+
+    from kvlib.experiments.switching import SwitchingPlan
+    from kvlib.profiles import PROFILES
+
+    with pytest.raises(ValueError, match="set_tokens must map sets to positive token budgets"):
+        replace(PROFILES["smoke"], set_tokens={"math500": bad})
+    with pytest.raises(ValueError, match="set_tokens must map sets to positive token budgets"):
+        SwitchingPlan(train_sets={"svamp": 4}, test_sets={"math500": 4}, set_tokens={"math500": bad})
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_f06_generate_refuses_a_batch_size_below_one_before_any_work(tmp_path, bad):
     from kvlib import GenerationSettings, Prompt, generate, open_store, tiny_model
