@@ -29,13 +29,23 @@ import pandas as pd
 from .labels import Method
 from .report import set_label
 
-__all__ = ["budget_levels", "curve_methods", "curve_points", "versus_curve", "switching_verdict", "VS_CURVE"]
+__all__ = ["budget_levels", "curve_methods", "curve_points", "versus_curve", "switching_verdict", "sweep_vs_random",
+           "VS_CURVE", "VS_RANDOM"]
 
 VS_CURVE = ("Accuracy difference (points x100) of each method to the forced-answer budget curve (always-fast, the "
             "slow answer cut at each budget and forced to answer, always-slow) at the method's own mean token count: "
             "the curve interpolated linearly between its two neighbouring points; paired bootstrap 95% interval over "
             "items (the method's and the curve's tokens and accuracy recomputed in each draw). Empty where the "
             "method's tokens lie outside the curve.")
+
+
+VS_RANDOM = ("Each router's threshold sweep against random routing: random routing that sends a share p of the items "
+             "to their slow answer has, in expectation, p times the slow answer's accuracy and tokens plus (1 - p) "
+             "times the fast answer's, the straight line from the fast to the slow point. For each sweep point "
+             "between the two ends, its accuracy minus that line's at the point's mean tokens (points x100); "
+             "above = more than 0.5 points over the line, below = more than 0.5 under it. From the Pareto points "
+             "(no per-item data, so no interval: a gain of a point or two is within the bootstrap spread of Table "
+             "3's rows).")
 
 
 def budget_levels(fast_mean: float, slow_mean: float, n: int = 5) -> list[int]:
@@ -169,3 +179,34 @@ def switching_verdict(vs: pd.DataFrame, methods: Sequence[str] = (Method.KV_CLAS
     head = (f"KV switching beats the equal-token forced-answer budget curve on {wins} of {n_sets} set(s) "
             f"(95% interval above 0).")
     return " ".join([head, *parts])
+
+
+def sweep_vs_random(points: pd.DataFrame, methods: Sequence[str] = (Method.KV_CLASSIFICATION,),
+                    margin: float = 0.5) -> pd.DataFrame:
+    """Per set and router, its threshold sweep against random routing (:data:`VS_RANDOM`), from the Pareto points
+    of Table 3 (``method, set, param, accuracy, mean_tokens``, with the ``fast`` and ``slow`` points).
+
+    Returns one row per set and method: ``sweep points`` (strictly between the fast and the slow tokens), how many
+    lie ``above`` / ``below`` the random-routing line by more than ``margin`` points, the ``largest gain`` and the
+    ``mean gain`` over the line (points x100) and the mean tokens where the largest gain lies; a set without both
+    ends or without sweep points between them is left out."""
+    rows = []
+    for name, df in points.groupby("set", sort=False):
+        ends = {m: df[df["method"] == m] for m in (Method.FAST, Method.SLOW)}
+        if any(e.empty for e in ends.values()):
+            continue
+        (fa, ft), (sa, st) = ((float(e["accuracy"].iloc[0]), float(e["mean_tokens"].iloc[0])) for e in ends.values())
+        if st <= ft:
+            continue
+        for method in methods:
+            sweep = df[(df["method"] == method) & (df["mean_tokens"] > ft) & (df["mean_tokens"] < st)]
+            if sweep.empty:
+                continue
+            tok = sweep["mean_tokens"].to_numpy(float)
+            gain = 100 * (sweep["accuracy"].to_numpy(float) - (fa + (tok - ft) / (st - ft) * (sa - fa)))
+            rows.append({"set": name, "method": method, "sweep points": len(gain),
+                         "above": int(np.sum(gain > margin)), "below": int(np.sum(gain < -margin)),
+                         "largest gain": float(gain.max()), "at tokens": float(tok[gain.argmax()]),
+                         "mean gain": float(gain.mean())})
+    return pd.DataFrame(rows, columns=["set", "method", "sweep points", "above", "below", "largest gain",
+                                       "at tokens", "mean gain"])

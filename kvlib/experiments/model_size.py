@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from .budget_curve import VS_RANDOM
 from .labels import Method
-from .report import flat_columns
+from .report import flat_columns, set_label
 
 __all__ = ["model_dirs", "table1_by_model", "table1_readings", "table2_by_model", "differences_by_model",
-           "table3_by_model", "size_figure", "caption", "flat_table", "KEY_COMPARISONS", "CAPTIONS"]
+           "table3_by_model", "sweep_vs_random_by_model", "size_figure", "caption", "flat_table", "KEY_COMPARISONS",
+           "CAPTIONS"]
 
 TABLE2_SCORES = ("MaxProb", "PPL", "Entropy", "Length", "CoE-C", "CoE-C [paper]", "KV-CoE-R (V)", "KV-CoE-C (V)",
                  "KV-CoE-C (K)", "KV-CoE-C (V, prompt+answer)", "KV-probe", "Output-probe", "Output+KV")
@@ -33,7 +35,8 @@ CAPTIONS = {"table1": "Table 1: accuracy per representation, few-shot (MTEB, mea
                                "the paired whole-split intervals are in each model's table1_differences).",
             "table2": "Table 2: AUROC x100 [95% CI].",
             "differences": "AUROC differences x100 with paired bootstrap 95% intervals.",
-            "table3": "Table 3: accuracy / mean generated tokens."}
+            "table3": "Table 3: accuracy / mean generated tokens.",
+            "sweep_vs_random": VS_RANDOM}
 TABLE3_METHODS = (Method.FAST, Method.SLOW, Method.KV_CLASSIFICATION, Method.KV_GENERATIVE, Method.DEER,
                   Method.RANDOM, Method.ORACLE)
 
@@ -208,6 +211,23 @@ def table3_by_model(dirs: dict[str, Path], methods=TABLE3_METHODS) -> pd.DataFra
     order.update({m: order[Method.DEER] for m in out.index.get_level_values(1) if Method.is_deer(m)}
                  if Method.DEER in order else {})
     return out.loc[sorted(out.index, key=lambda k: (k[0], order.get(k[1], len(order)), k[1]))].fillna("–")
+
+
+def sweep_vs_random_by_model(dirs: dict[str, Path]) -> pd.DataFrame:
+    """:func:`kvlib.experiments.budget_curve.sweep_vs_random` of each model's Table 3 Pareto points
+    (``table3_pareto_points.csv``), one block per model (a ``model`` column first; the model's Table 3 label, as
+    :func:`table3_by_model` names it); a model without the points is absent."""
+    from .budget_curve import sweep_vs_random
+
+    parts = []
+    for model, points in _read(dirs, "table3_pareto_points").items():
+        table = _read({model: dirs[model]}, "table3_switching").get(model, pd.DataFrame())
+        found = sweep_vs_random(points)
+        parts.append(found.assign(set=found["set"].map(set_label)).assign(model=_table3_label(model, table)))
+    if not parts:
+        return pd.DataFrame()
+    out = pd.concat(parts, ignore_index=True)
+    return out[["model", *[c for c in out.columns if c != "model"]]]
 
 
 def _table3_label(model: str, table: pd.DataFrame) -> str:

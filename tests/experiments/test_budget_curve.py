@@ -172,3 +172,29 @@ def test_the_fast_cap_is_picked_on_training_answers_and_the_cap_shares_report_it
     assert shares.loc["train", "fast at cap"] == np.mean(lengths >= picked.fast_tokens)
     assert shares.loc["train", "fast at generous cap"] == np.mean(lengths >= 512)
     assert shares.loc["train", "generous fast cap"] == 512
+
+
+def test_a_threshold_sweep_is_read_against_the_random_routing_line(tmp_path):
+    from kvlib.experiments.budget_curve import sweep_vs_random
+    from kvlib.experiments.model_size import sweep_vs_random_by_model
+
+    rows = [(Method.FAST, "", 0.1, 10.0), (Method.SLOW, "", 0.5, 110.0),
+            (Method.KV_CLASSIFICATION, "tau=0", 0.5, 110.0),  # an end of the line: not a sweep point
+            (Method.KV_CLASSIFICATION, "tau=30", 0.35, 60.0),  # the line is at 0.30 there: +5 points
+            (Method.KV_CLASSIFICATION, "tau=50", 0.302, 60.0),  # +0.2: within the margin
+            (Method.KV_CLASSIFICATION, "tau=70", 0.30, 85.0),  # the line is at 0.40: -10 points
+            (Method.ORACLE, "", 0.6, 50.0)]  # not a sweep
+    points = pd.DataFrame([{"method": m, "set": "gsm8k", "param": p, "accuracy": a, "mean_tokens": t}
+                           for m, p, a, t in rows])
+    points = pd.concat([points, points[points["method"] == Method.FAST].assign(set="svamp")])  # no slow end: left out
+    out = sweep_vs_random(points)
+    assert out[["set", "sweep points", "above", "below"]].values.tolist() == [["gsm8k", 3, 1, 1]]
+    r = out.iloc[0]
+    assert r["largest gain"] == pytest.approx(5.0) and r["at tokens"] == 60.0
+    assert r["mean gain"] == pytest.approx((5.0 + 0.2 - 10.0) / 3)
+    d = tmp_path / "m-1b"
+    d.mkdir()
+    points.to_csv(d / "table3_pareto_points.csv", index=False)
+    by = sweep_vs_random_by_model({"m-1b": d})
+    assert by.columns[0] == "model" and by["set"].tolist() == ["GSM8K"]
+    assert by["model"].iloc[0] == "m-1b (earlier protocol: no cap shares, no budget curve)"  # no Table 3 beside it
