@@ -137,7 +137,7 @@ def _coe(model: str, folder: Path, baselines: tuple[str, ...], score: str = "KV-
 def _switching(model: str, folder: Path) -> tuple[str, str]:
     vs = _read(folder, "table3_vs_budget")
     if vs is None:
-        return NOT_MEASURED, f"{model}: no equal-token budget curve yet"
+        return NOT_MEASURED, f"{model}: no equal-token budget curve yet{_versus_random(folder)}"
     kv = vs[vs["method"].isin(["KV-Generative", "KV-Classification"])].dropna(subset=["difference", "lo", "hi"])
     if kv.empty:
         return NOT_MEASURED, f"{model}: no KV method within the budget curve's token range"
@@ -147,7 +147,23 @@ def _switching(model: str, folder: Path) -> tuple[str, str]:
     verdict = (HOLDS if above > len(kv) / 2 and below == 0 else FAILS if below > len(kv) / 2
                else NOT_SHOWN if above == 0 else MIXED)
     return verdict, (f"{model}: accuracy points vs stopping the answer at the same mean tokens: above on {above}, "
-                     f"level on {same}, below on {below} of {len(kv)} ({'; '.join(cells)})")
+                     f"level on {same}, below on {below} of {len(kv)} ({'; '.join(cells)})"
+                     f"{_versus_random(folder)}")
+
+
+def _versus_random(folder: Path) -> str:
+    """``"; ... threshold sweep vs random routing: ..."``: the KV-Classification sweep read against random routing
+    (:func:`kvlib.experiments.budget_curve.sweep_vs_random`, from ``table3_pareto_points``), or ``""``."""
+    from .budget_curve import sweep_vs_random
+
+    points = _read(folder, "table3_pareto_points")
+    found = sweep_vs_random(points) if points is not None else None
+    if found is None or found.empty:
+        return ""
+    counts = "; ".join(f"{r['set']} {r['above']} above, {r['below']} below of {r['sweep points']}"
+                       for _, r in found.iterrows())
+    return (f"; KV-Classification's threshold sweep vs random routing at the same share of slow answers "
+            f"(more than 0.5 points over / under its line): {counts}")
 
 
 def _overhead(root: Path) -> tuple[str, str]:

@@ -67,6 +67,17 @@ def test_switching_is_judged_against_the_equal_token_curve(tmp_path, cells, expe
     rows = verdicts({"m": tmp_path}, root=tmp_path, repo=tmp_path)
     assert rows[3].verdict.startswith(expected)
     assert "cannot be tested here" in rows[3].verdict          # the thinking-model setting is named
+    assert "threshold sweep vs random routing" not in rows[3].evidence  # no Pareto points written here
+
+
+def test_the_switching_evidence_counts_the_sweep_against_random_routing(tmp_path):
+    _t3(tmp_path, [(-1, 1)])
+    pd.DataFrame([{"method": m, "set": "gsm8k", "param": "", "accuracy": a, "mean_tokens": t} for m, a, t in
+                  (("fast", 0.1, 10.0), ("slow", 0.5, 110.0), ("KV-Classification", 0.35, 60.0),
+                   ("KV-Classification", 0.2, 85.0))]).to_csv(tmp_path / "table3_pareto_points.csv", index=False)
+    rows = verdicts({"m": tmp_path}, root=tmp_path, repo=tmp_path)
+    assert rows[3].verdict.startswith(NOT_SHOWN)  # the sweep is evidence beside the rule, not part of it
+    assert "threshold sweep vs random routing" in rows[3].evidence and "gsm8k 1 above, 1 below of 2" in rows[3].evidence
 
 
 def test_missing_tables_are_not_measured_and_the_table_renders(tmp_path):
