@@ -438,8 +438,8 @@ class _SetAnswers:
 def _fixed_routes(ev: _Evaluation, s: _SetAnswers, plan: SwitchingPlan) -> None:
     """Always fast and always slow: the stored answers themselves."""
     n = len(s.items)
-    fast_cap, slow_cap = plan.caps(s.name)
-    for method, to_slow, cap in ((Method.FAST, np.zeros(n), fast_cap), (Method.SLOW, np.ones(n), slow_cap)):
+    fast_limit, slow_limit = plan.caps(s.name)
+    for method, to_slow, cap in ((Method.FAST, np.zeros(n), fast_limit), (Method.SLOW, np.ones(n), slow_limit)):
         c, t = route(s.fast, s.slow, to_slow)
         ev.add(method_row(method, s.name, c, t, s.slow_mean, slow_share=to_slow.mean(), cap=cap,
                           at_cap_share=float(np.mean(t >= cap))), _item_rows(method, s.name, s.ids, c, t))
@@ -710,10 +710,10 @@ def cap_shares(run: SwitchingRun) -> pd.DataFrame:
         for name, (fast, slow) in pairs.items():
             ft = np.array([r["n_tokens"] for r in fast], float)
             st = np.array([r["n_tokens"] for r in slow], float)
-            fast_cap, slow_cap = plan.caps(name)
-            row = {"split": split, "set": name, "n": len(ft), "fast cap": fast_cap,
-                   "fast at cap": float(np.mean(ft >= fast_cap)), "fast mean tokens": float(ft.mean()),
-                   "slow cap": slow_cap, "slow at cap": float(np.mean(st >= slow_cap)),
+            fast_limit, slow_limit = plan.caps(name)
+            row = {"split": split, "set": name, "n": len(ft), "fast cap": fast_limit,
+                   "fast at cap": float(np.mean(ft >= fast_limit)), "fast mean tokens": float(ft.mean()),
+                   "slow cap": slow_limit, "slow at cap": float(np.mean(st >= slow_limit)),
                    "slow mean tokens": float(st.mean())}
             if (split == "train" and run.train_fast_generous is not None and plan.fast_generous is not None
                     and name not in plan.set_tokens):
