@@ -2,6 +2,7 @@
 source checkout (a git repository holding pyproject.toml, notebooks/, tables/, figures/ and a README) whose
 notebooks write through :meth:`kvlib.profiles.Profile.output_dirs` as the real ones do."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -161,38 +162,37 @@ def test_f08_a_killed_kernel_leaves_an_executed_copy_without_completed_cells_aft
     assert status == ["failed", "pending", "pending"]
 
 
-def test_f09_two_runs_at_once_do_not_write_the_same_executed_copy(checkout, caplog):
-    code = ("import sys, time\nfrom pathlib import Path\nfrom kvlib.runs.writer_lock import acquire\n"
-            "out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)\n"
-            "acquire(out / '.kvlib-run.lock', out); print('held', flush=True); sys.stdin.readline()")
-    out = checkout / "build" / "smoke" / "random_tiny" / "notebooks"
-    other = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+@contextlib.contextmanager
+def _lock_held_elsewhere(lock, folder, before: str = ""):
+    """Another process that creates ``folder``, runs ``before`` there (``folder`` is ``f``), takes ``lock`` as a
+    writer of it and holds it until the block ends; yields that process."""
+    code = ("import sys\nfrom pathlib import Path\nfrom kvlib.runs.writer_lock import acquire\n"
+            "f = Path(sys.argv[1]); f.mkdir(parents=True, exist_ok=True)\n"
+            f"{before}\nacquire(Path(sys.argv[2]), f); print('held', flush=True); sys.stdin.readline()")
+    other = subprocess.Popen([sys.executable, "-c", code, str(folder), str(lock)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert other.stdout.readline().strip() == "held"
-        assert pipeline.main(["--profile", "smoke", "--model", "random:tiny"]) == 2
+        yield other
     finally:
         other.stdin.close()
         other.wait(timeout=30)
+
+
+def test_f09_two_runs_at_once_do_not_write_the_same_executed_copy(checkout, caplog):
+    out = checkout / "build" / "smoke" / "random_tiny" / "notebooks"
+    with _lock_held_elsewhere(out / ".kvlib-run.lock", out) as other:
+        assert pipeline.main(["--profile", "smoke", "--model", "random:tiny"]) == 2
     assert f"pid {other.pid}" in caplog.text and "another --out" in caplog.text
     assert not (out / "01_write.ipynb").exists()
 
 
 def test_f09_a_second_publishing_run_keeps_the_first_ones_stage(checkout, caplog):
-    code = ("import sys\nfrom pathlib import Path\nfrom kvlib.runs.writer_lock import acquire\n"
-            "stage = Path(sys.argv[1]); stage.mkdir(parents=True, exist_ok=True)\n"
-            "(stage / 'half.md').write_text('being written')\n"
-            "acquire(stage.parent / f'.{stage.name}.lock', stage); print('held', flush=True); sys.stdin.readline()")
     stage = checkout / "build" / "publish" / "small" / "qwen2.5-0.5b"
-    other = subprocess.Popen([sys.executable, "-c", code, str(stage)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert other.stdout.readline().strip() == "held"
+    lock = stage.parent / f".{stage.name}.lock"
+    with _lock_held_elsewhere(lock, stage, before="(f / 'half.md').write_text('being written')") as other:
         assert pipeline.main(["--profile", "small", "--publish", "--only", "02"]) == 2
         assert (stage / "half.md").read_text() == "being written"  # the first run's stage is untouched
-    finally:
-        other.stdin.close()
-        other.wait(timeout=30)
     assert f"pid {other.pid}" in caplog.text and "--only 03 04" in caplog.text and _status(checkout) == ""
     assert pipeline.main(["--profile", "small", "--publish"]) == 0  # the lock went with its process
 
