@@ -25,9 +25,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 __all__ = ["Profile", "get_profile", "PROFILES", "COMMITTED", "is_checkout", "resolve_device", "resolve_dtype",
-           "hardware_label", "cpu_has_bf16"]
+           "hardware_label", "cpu_has_bf16", "check_set_tokens"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_set_tokens(set_tokens, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``set_tokens`` maps every set to a positive int token budget (``where`` starts
+    the message, e.g. ``"profile 'gpu': "``)."""
+    bad = {k: n for k, n in set_tokens.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
+    if bad:
+        raise ValueError(f"{where}set_tokens must map sets to positive token budgets: {bad}")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -153,9 +161,7 @@ class Profile:
     def __post_init__(self):
         if self.fast_tokens < 1 or self.slow_tokens < self.fast_tokens:
             raise ValueError("need 1 <= fast_tokens <= slow_tokens")
-        bad = {k: n for k, n in self.set_tokens.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
-        if bad:
-            raise ValueError(f"profile {self.name!r}: set_tokens must map sets to positive token budgets: {bad}")
+        check_set_tokens(self.set_tokens, f"profile {self.name!r}: ")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"profile {self.name!r}: batch_size must be a positive integer, not {self.batch_size!r}")
         if self.dtype not in DTYPES:

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.phases import phase
+from ..profiles import check_set_tokens
 from ..switching.kv_switch import SwitchConfig, adaptive_generate
 from ..switching.difficulty import (PAPER_GRID, SHORT_ANSWER, DifficultyClassifier, FeatureSpec, TrainConfig,
                                     baseline_rmse, cap_records, difficulty_label, fast_cap, question_key,
@@ -130,9 +131,7 @@ class SwitchingPlan:
             raise ValueError("val_fraction must be in (0, 1)")
         if self.fast_cap_quantile is not None and not 0 < self.fast_cap_quantile <= 1:
             raise ValueError("fast_cap_quantile must be in (0, 1] (or None: keep fast_tokens)")
-        bad = {k: n for k, n in self.set_tokens.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}
-        if bad:
-            raise ValueError(f"set_tokens must map sets to positive token budgets: {bad}")
+        check_set_tokens(self.set_tokens)
         if self.curve_levels and self.curve_levels < 5:
             raise ValueError("the budget curve needs at least 5 levels (curve_levels >= 5; 0 for none)")
 
